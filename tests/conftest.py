@@ -1,0 +1,139 @@
+"""Shared fixtures: real SQLite and PostgreSQL databases, Redis, settings.
+
+Every test module that touches the database runs on both backends through the
+parametrised `db_url` fixture. PostgreSQL and Redis must answer: a missing
+service fails the run with a clear message, it never skips.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from tracker import migrate
+from tracker.clients import NewClient, create_client
+from tracker.config import Settings, load_settings
+from tracker.db import make_engine
+from tracker.models import Base
+
+PG_ADMIN_URL = os.environ.get(
+    "TRACKER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("TRACKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def _service_missing(what: str, url: str, exc: Exception) -> pytest.UsageError:
+    return pytest.UsageError(
+        f"{what} does not answer at {url} ({exc}). The tests need it: start it "
+        f"(bash .ci/run does) or point TRACKER_TEST_{what.upper()}_URL elsewhere."
+    )
+
+
+@pytest.fixture(scope="session")
+def postgresql_database_url() -> Iterator[str]:
+    """A private, migrated PostgreSQL database for this test session."""
+    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"tracker_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        raise _service_missing("postgres", PG_ADMIN_URL, exc) from exc
+    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    migrate.upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path: Path = tmp_path_factory.mktemp("sqlite") / "tracker.db"
+    url = f"sqlite:///{path}"
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The URL of an empty, migrated database; the test runs once per backend."""
+    url: str = request.getfixturevalue(f"{request.param}_database_url")
+    engine = _engine_for(url)
+    _empty(engine)
+    return url
+
+
+_engines: dict[str, Engine] = {}
+
+
+def _engine_for(url: str) -> Engine:
+    if url not in _engines:
+        _engines[url] = make_engine(url)
+    return _engines[url]
+
+
+def _empty(engine: Engine) -> None:
+    tables = [table.name for table in reversed(Base.metadata.sorted_tables)]
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+        else:
+            for table in tables:
+                conn.exec_driver_sql(f"DELETE FROM {table}")
+
+
+@pytest.fixture
+def engine(db_url: str) -> Engine:
+    return _engine_for(db_url)
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    """A session; the test commits (or not) as the code under test expects."""
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    """Settings on the test database; tests derive variants with `settings.model_copy`."""
+    return load_settings(
+        database_url=db_url,
+        webhook_allow_private=True,
+        upstream_token="test-token",
+        _env_file=None,
+    )
+
+
+@pytest.fixture
+def client(session: Session) -> NewClient:
+    new = create_client(session, "acme")
+    session.commit()
+    return new
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database of the tests' own, emptied before each test."""
+    conn = redis.Redis.from_url(REDIS_URL)
+    try:
+        conn.flushdb()
+    except redis.exceptions.ConnectionError as exc:
+        raise _service_missing("redis", REDIS_URL, exc) from exc
+    yield REDIS_URL
+    conn.close()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish() -> None:
+    for engine in _engines.values():
+        engine.dispose()

@@ -1,0 +1,167 @@
+"""The `tracker` command: run the service's roles, manage clients, tasks and deliveries."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tracker.config import ConfigError, Settings, get_settings
+from tracker.errors import TrackerError
+
+app = typer.Typer(
+    help=(
+        "tracker watches AceData generation tasks and sends signed webhooks when they "
+        "complete, fail or time out. Start with `tracker up` (the whole service) or "
+        "`tracker demo` (the whole loop against a local simulator)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+clients_app = typer.Typer(help="Applications that register tasks: API keys and webhook secrets.")
+tasks_app = typer.Typer(help="Tracked tasks: register one from the shell, list, show history.")
+app.add_typer(clients_app, name="clients", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks", no_args_is_help=True)
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def load_cli_settings() -> Settings:
+    """The settings, or a clean exit naming the bad variable."""
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def cli_transaction() -> Iterator[Session]:
+    """One committed unit of work; tracker errors end the command with their message."""
+    from tracker.db import transaction
+
+    load_cli_settings()
+    try:
+        with transaction() as session:
+            yield session
+    except TrackerError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+
+
+def print_json(value: object) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the history database (`alembic upgrade head` on TRACKER_DATABASE_URL)."""
+    from tracker import migrate as migrations
+
+    settings = load_cli_settings()
+    migrations.upgrade(settings.database_url)
+    console.print("[green]database is up to date[/green]")
+
+
+@clients_app.command("create")
+def clients_create(
+    name: Annotated[str, typer.Argument(help="A name for the application, e.g. `shop-backend`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Create a client; prints its API key and webhook secret once (they cannot be shown again)."""
+    from tracker.clients import create_client
+
+    with cli_transaction() as session:
+        new = create_client(session, name)
+    if as_json:
+        print_json({"name": name, "api_key": new.api_key, "webhook_secret": new.webhook_secret})
+        return
+    console.print(f"client [bold]{name}[/bold] created. Store these now, they are shown once:")
+    console.print(f"  API key:        {new.api_key}")
+    console.print(f"  webhook secret: {new.webhook_secret}")
+
+
+@clients_app.command("list")
+def clients_list() -> None:
+    """List clients with their key prefix and signing secrets in force."""
+    from tracker.clients import active_secrets
+    from tracker.models import Client
+
+    with cli_transaction() as session:
+        clients = session.scalars(select(Client).order_by(Client.name)).all()
+        table = Table("name", "API key", "secrets in force", "created")
+        for client in clients:
+            table.add_row(
+                client.name,
+                client.api_key_prefix + "…",
+                str(len(active_secrets(client))),
+                client.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            )
+    console.print(table)
+
+
+@clients_app.command("rotate-secret")
+def clients_rotate_secret(
+    name: Annotated[str, typer.Argument(help="The client whose webhook secret to rotate.")],
+) -> None:
+    """Add a new webhook secret; the old one keeps signing for TRACKER_SECRET_ROTATION_GRACE s."""
+    from tracker.clients import get_client, rotate_secret
+
+    settings = load_cli_settings()
+    with cli_transaction() as session:
+        client = get_client(session, name)
+        secret = rotate_secret(session, client, grace_seconds=settings.secret_rotation_grace)
+    console.print(f"new webhook secret for [bold]{name}[/bold] (shown once): {secret}")
+    console.print(
+        f"the old secret stays valid for {settings.secret_rotation_grace} s; during that "
+        "time every webhook carries both signatures."
+    )
+
+
+@tasks_app.command("add")
+def tasks_add(
+    task_id: Annotated[str, typer.Argument(help="The upstream task id to track.")],
+    client_name: Annotated[str, typer.Option("--client", help="The client that owns it.")],
+    service: Annotated[str, typer.Option(help="Upstream service.")] = "luma",
+    callback: Annotated[
+        str | None, typer.Option(help="Webhook URL; without it nothing is sent.")
+    ] = None,
+    timeout: Annotated[
+        int | None, typer.Option(help="Seconds before timed_out; default TRACKER_TASK_TIMEOUT.")
+    ] = None,
+) -> None:
+    """Register a task for tracking, as `POST /v1/tasks` would."""
+    from pydantic import ValidationError
+
+    from tracker.clients import get_client
+    from tracker.registry import register_task
+    from tracker.schemas import TaskRegistration
+
+    try:
+        registration = TaskRegistration(
+            task_id=task_id, service=service, callback_url=callback, timeout_seconds=timeout
+        )
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            err_console.print(f"[red]error:[/red] {field}: {error['msg']}")
+        raise typer.Exit(2) from None
+    with cli_transaction() as session:
+        client = get_client(session, client_name)
+        result = register_task(session, client, registration)
+    verb = "registered" if result.created else "already registered"
+    console.print(f"{verb}: {service}/{task_id} (state {result.task.state})")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m tracker`
+    app()

@@ -1,0 +1,95 @@
+"""Clients: API keys (stored only as hashes) and webhook signing secrets with rotation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tracker.errors import ClientExists, ClientNotFound
+from tracker.models import Client, WebhookSecret
+from tracker.timeutil import utcnow
+
+API_KEY_PREFIX = "trk_"
+SECRET_PREFIX = "whsec_"
+
+
+@dataclass(frozen=True)
+class NewClient:
+    """A client as created: the only moment its API key can be shown."""
+
+    client: Client
+    api_key: str
+    webhook_secret: str
+
+
+def hash_api_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    """`whsec_` and base64 of 32 random bytes, as Standard Webhooks libraries expect."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def create_client(session: Session, name: str, *, now: datetime | None = None) -> NewClient:
+    """Create a client with a fresh API key and webhook secret."""
+    now = now or utcnow()
+    if session.scalar(select(Client.id).where(Client.name == name)) is not None:
+        raise ClientExists(f"a client named {name!r} exists already; choose another name")
+    api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    secret = new_webhook_secret()
+    client = Client(
+        name=name,
+        api_key_hash=hash_api_key(api_key),
+        api_key_prefix=api_key[:10],
+        created_at=now,
+    )
+    client.secrets.append(WebhookSecret(secret=secret, created_at=now, expires_at=None))
+    session.add(client)
+    session.flush()
+    return NewClient(client=client, api_key=api_key, webhook_secret=secret)
+
+
+def get_client(session: Session, name: str) -> Client:
+    client = session.scalar(select(Client).where(Client.name == name))
+    if client is None:
+        raise ClientNotFound(f"no client named {name!r}; `tracker clients list` shows them")
+    return client
+
+
+def authenticate(session: Session, api_key: str) -> Client | None:
+    """The client holding `api_key`, or None. Looked up by hash, confirmed in constant time."""
+    digest = hash_api_key(api_key)
+    client = session.scalar(select(Client).where(Client.api_key_hash == digest))
+    if client is None or not hmac.compare_digest(client.api_key_hash, digest):
+        return None
+    return client
+
+
+def active_secrets(client: Client, *, now: datetime | None = None) -> list[str]:
+    """Secrets that sign webhooks now, newest first (two during a rotation's grace period)."""
+    now = now or utcnow()
+    valid = [s for s in client.secrets if s.expires_at is None or s.expires_at > now]
+    return [s.secret for s in sorted(valid, key=lambda s: s.id, reverse=True)]
+
+
+def rotate_secret(
+    session: Session, client: Client, *, grace_seconds: float, now: datetime | None = None
+) -> str:
+    """Add a new secret; the current ones stay valid for `grace_seconds` more."""
+    now = now or utcnow()
+    expires = now + timedelta(seconds=grace_seconds)
+    for old in client.secrets:
+        if old.expires_at is None or old.expires_at > expires:
+            old.expires_at = expires
+    secret = new_webhook_secret()
+    client.secrets.append(WebhookSecret(secret=secret, created_at=now, expires_at=None))
+    session.flush()
+    return secret

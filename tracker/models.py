@@ -1,0 +1,274 @@
+"""The history database: clients, tracked tasks, their transitions, webhook deliveries.
+
+These tables are an interface too (users query them with SQL), so names are
+stable and change only through Alembic migrations. See the README's
+"History database" section for the meaning of every column.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from tracker.states import ACTIVE_STATES, DELIVERY_STATUSES, TASK_STATES
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored in UTC and always read back timezone-aware (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime given to the database (got {value!r})")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+JSONValue = JSON().with_variant(JSONB(), "postgresql")
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
+
+
+def _in(values: frozenset[str] | tuple[str, ...]) -> str:
+    return ", ".join(f"'{value}'" for value in sorted(values))
+
+
+ACTIVE_STATES_SQL = f"state IN ({_in(ACTIVE_STATES)})"
+
+
+class Client(Base):
+    """An application that registers tasks and receives webhooks."""
+
+    __tablename__ = "clients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+
+    secrets: Mapped[list[WebhookSecret]] = relationship(
+        back_populates="client", order_by="WebhookSecret.id", cascade="all, delete-orphan"
+    )
+
+
+class WebhookSecret(Base):
+    """A signing secret of a client; an old one keeps signing until `expires_at`."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"), index=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+
+    client: Mapped[Client] = relationship(back_populates="secrets")
+
+
+class Task(Base):
+    """One registration: a client watching one upstream task of one service."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("service", "task_id", "client_id"),
+        CheckConstraint(f"state IN ({_in(TASK_STATES)})", name="state"),
+        # Due polls: only active tasks have a next_poll_at.
+        Index(
+            "ix_tasks_due",
+            "next_poll_at",
+            postgresql_where=text("next_poll_at IS NOT NULL"),
+            sqlite_where=text("next_poll_at IS NOT NULL"),
+        ),
+        Index(
+            "ix_tasks_deadline",
+            "deadline_at",
+            postgresql_where=text(ACTIVE_STATES_SQL),
+            sqlite_where=text(ACTIVE_STATES_SQL),
+        ),
+        # Keyset listing per client, newest first, with and without filters.
+        Index("ix_tasks_client_created", "client_id", "created_at", "id"),
+        Index("ix_tasks_client_state_created", "client_id", "state", "created_at", "id"),
+        Index("ix_tasks_client_service_created", "client_id", "service", "created_at", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    task_id: Mapped[str] = mapped_column(String(128))
+    service: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    upstream_state: Mapped[str | None] = mapped_column(String(64))
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONValue)
+    events: Mapped[list[str]] = mapped_column(JSONValue)
+    timeout_seconds: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    deadline_at: Mapped[datetime]
+    polls: Mapped[int] = mapped_column(Integer, default=0)
+    failure_code: Mapped[str | None] = mapped_column(String(64))
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    record: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
+    # Poll scheduling: NULL once terminal.
+    next_poll_at: Mapped[datetime | None]
+    claimed_until: Mapped[datetime | None]
+    misses: Mapped[int] = mapped_column(Integer, default=0)
+
+    client: Mapped[Client] = relationship()
+    transitions: Mapped[list[TaskTransition]] = relationship(
+        back_populates="task", order_by="TaskTransition.id", cascade="all, delete-orphan"
+    )
+    deliveries: Mapped[list[WebhookDelivery]] = relationship(
+        back_populates="task", order_by="WebhookDelivery.created_at", cascade="all, delete-orphan"
+    )
+
+    @property
+    def failure(self) -> dict[str, str] | None:
+        if self.failure_code is None:
+            return None
+        return {"code": self.failure_code, "message": self.failure_message or ""}
+
+
+class TaskTransition(Base):
+    """One change of a task's state, as observed; oldest first by `id`."""
+
+    __tablename__ = "task_transitions"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    task_row_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    upstream_state: Mapped[str | None] = mapped_column(String(64))
+    observed_at: Mapped[datetime] = mapped_column(index=True)
+    record: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
+
+    task: Mapped[Task] = relationship(back_populates="transitions")
+
+
+class WebhookDelivery(Base):
+    """The outbox: one webhook event for one registration, attempted until it settles."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_in(DELIVERY_STATUSES)})", name="status"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index("ix_webhook_deliveries_client_created", "client_id", "created_at", "id"),
+        Index(
+            "ix_webhook_deliveries_client_status_created",
+            "client_id",
+            "status",
+            "created_at",
+            "id",
+        ),
+    )
+
+    # The `webhook-id` header: the same on every attempt of this event.
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    task_row_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    callback_url: Mapped[str] = mapped_column(String(2048))
+    # The exact body sent on every attempt (UTF-8 JSON), fixed when the event happened.
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    claimed_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    failure_code: Mapped[str | None] = mapped_column(String(64))
+    failure_message: Mapped[str | None] = mapped_column(Text)
+
+    task: Mapped[Task] = relationship(back_populates="deliveries")
+    attempt_log: Mapped[list[WebhookAttempt]] = relationship(
+        back_populates="delivery", order_by="WebhookAttempt.attempt", cascade="all, delete-orphan"
+    )
+
+    @property
+    def failure(self) -> dict[str, str] | None:
+        if self.failure_code is None:
+            return None
+        return {"code": self.failure_code, "message": self.failure_message or ""}
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt of a delivery, successful or not."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (UniqueConstraint("delivery_id", "attempt"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE")
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime]
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    delivery: Mapped[WebhookDelivery] = relationship(back_populates="attempt_log")
+
+
+class UpstreamCredential(Base):
+    """Per upstream token: the shared request budget, 429 pauses and rejections."""
+
+    __tablename__ = "upstream_credentials"
+
+    # A fingerprint of the token, never the token itself.
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    refilled_at: Mapped[datetime]
+    paused_until: Mapped[datetime | None]
+    rejected_at: Mapped[datetime | None]
+    rejected_reason: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,84 @@
+"""The registration contract (SPEC section 3), shared by the API, the CLI and `register_task`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tracker.config import SEVEN_DAYS
+from tracker.states import DEFAULT_EVENTS
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+SERVICE_PATTERN = r"^[a-z0-9-]{1,32}$"
+MAX_METADATA_BYTES = 16 * 1024
+MAX_CALLBACK_URL = 2048
+
+EventName = Literal["task.running", "task.completed", "task.failed", "task.timed_out"]
+
+
+class TaskRegistration(BaseModel):
+    """What a client asks the tracker to watch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str = Field(
+        pattern=TASK_ID_PATTERN,
+        description="The upstream task id: 1-128 characters of A-Z a-z 0-9 . _ : -",
+        examples=["50fc6182-fa86-4c7d-ac12-2fa27ec2f151"],
+    )
+    service: str = Field(
+        "luma", pattern=SERVICE_PATTERN, description="Upstream service, e.g. luma, suno, kling."
+    )
+    callback_url: str | None = Field(
+        None,
+        max_length=MAX_CALLBACK_URL,
+        description="Where webhooks go (http or https). Without it, no webhook is sent.",
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="A JSON object (<= 16 KiB) echoed in every webhook."
+    )
+    events: list[EventName] = Field(
+        default_factory=lambda: list(DEFAULT_EVENTS),  # type: ignore[arg-type]
+        description="Events to send; default all but task.running.",
+    )
+    timeout_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=SEVEN_DAYS,
+        description="Seconds before the task is timed_out; default TRACKER_TASK_TIMEOUT.",
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _check_callback_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"is not a valid URL: {exc} (got {value!r})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"must be an absolute http:// or https:// URL with a host (got {value!r})"
+            )
+        if any(ch.isspace() for ch in value):
+            raise ValueError(f"must not contain white space (got {value!r})")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes of JSON (got {size})")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _dedupe_events(cls, value: list[str]) -> list[str]:
+        return sorted(set(value))
