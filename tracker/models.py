@@ -15,7 +15,6 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
-    Float,
     ForeignKey,
     Index,
     Integer,
@@ -267,8 +266,9 @@ class UpstreamCredential(Base):
 
     # A fingerprint of the token, never the token itself.
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tokens: Mapped[float] = mapped_column(Float)
-    refilled_at: Mapped[datetime]
+    # The request budget as a schedule: the earliest moment of the next request
+    # (GCRA). Used when the broker is not Redis; with Redis the schedule lives there.
+    next_request_at: Mapped[datetime]
     paused_until: Mapped[datetime | None]
     rejected_at: Mapped[datetime | None]
     rejected_reason: Mapped[str | None] = mapped_column(Text)

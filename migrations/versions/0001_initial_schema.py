@@ -33,8 +33,7 @@ def upgrade() -> None:
     op.create_table(
         "upstream_credentials",
         sa.Column("key", sa.String(length=64), nullable=False),
-        sa.Column("tokens", sa.Float(), nullable=False),
-        sa.Column("refilled_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("next_request_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("paused_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("rejected_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("rejected_reason", sa.Text(), nullable=True),
