@@ -1,0 +1,237 @@
+"""Polling functions over a real database: claims, batching, applying answers, deadlines."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tracker.clients import NewClient, create_client
+from tracker.config import Settings
+from tracker.models import Task, TaskTransition, WebhookDelivery
+from tracker.polling import (
+    PollBatch,
+    apply_batch_answer,
+    claim_due_tasks,
+    claim_limit,
+    fail_not_found,
+    next_poll_at,
+    plan_batches,
+    time_out_overdue_tasks,
+)
+from tracker.registry import register_task
+from tracker.schemas import TaskRegistration
+from tracker.timeutil import utcnow
+
+HOOK = "http://127.0.0.1:9/hook"
+
+
+def register(
+    session: Session, settings: Settings, owner: NewClient, task_id: str, **fields: Any
+) -> Task:
+    fields.setdefault("callback_url", HOOK)
+    registration = TaskRegistration(task_id=task_id, **fields)
+    return register_task(session, owner.client, registration, settings=settings).task
+
+
+def record(task_id: str, state: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": task_id, "created_at": 1725077411.961, "request": {}}
+    if state == "completed":
+        body["response"] = {
+            "success": True,
+            "task_id": task_id,
+            "state": "completed",
+            "video_url": f"https://cdn.example/{task_id}.mp4",
+        }
+        body["finished_at"] = 1725077566.241
+    elif state == "failed":
+        body["response"] = {
+            "success": False,
+            "task_id": task_id,
+            "state": "failed",
+            "error": {"code": "bad_prompt", "message": "prompt refused"},
+        }
+    elif state is not None:
+        body["response"] = {"success": True, "task_id": task_id, "state": state}
+    return body
+
+
+def transitions(session: Session, task: Task) -> list[tuple[str | None, str]]:
+    rows = session.execute(
+        select(TaskTransition.from_state, TaskTransition.to_state)
+        .where(TaskTransition.task_row_id == task.id)
+        .order_by(TaskTransition.id)
+    )
+    return [(a, b) for a, b in rows]
+
+
+def test_claim_takes_due_tasks_once_until_the_lease_expires(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    for n in range(3):
+        register(session, settings, client, f"t{n}")
+    session.commit()
+    now = utcnow() + timedelta(seconds=1)
+    first = claim_due_tasks(session, now=now, limit=10, lease_seconds=60)
+    session.commit()
+    assert sorted(first) == [("luma", "t0"), ("luma", "t1"), ("luma", "t2")]
+    assert claim_due_tasks(session, now=now, limit=10, lease_seconds=60) == []
+    later = now + timedelta(seconds=61)
+    assert len(claim_due_tasks(session, now=later, limit=2, lease_seconds=60)) == 2
+
+
+def test_plan_batches_takes_each_upstream_id_once_per_service() -> None:
+    claimed = [("luma", "a"), ("luma", "b"), ("luma", "a"), ("suno", "a"), ("luma", "c")]
+    assert plan_batches(claimed, 2) == [
+        PollBatch("luma", ("a", "b")),
+        PollBatch("luma", ("c",)),
+        PollBatch("suno", ("a",)),
+    ]
+
+
+def test_claim_limit_is_what_the_budget_serves_until_the_next_tick(settings: Settings) -> None:
+    tuned = settings.model_copy(update={"upstream_rps": 2, "poll_interval": 5, "batch_size": 10})
+    assert claim_limit(tuned) == 100
+
+
+def test_answer_moves_each_task_and_writes_history_and_outbox(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    done = register(session, settings, client, "done", events=["task.running", "task.completed"])
+    bad = register(session, settings, client, "bad")
+    slow = register(session, settings, client, "slow")
+    session.commit()
+    now = utcnow()
+    answer = {"done": record("done", "completed"), "bad": record("bad", "failed")}
+    answer["slow"] = record("slow", "processing")
+    applied = apply_batch_answer(
+        session, PollBatch("luma", ("done", "bad", "slow")), answer, now=now, settings=settings
+    )
+    session.commit()
+    assert applied.transitions == 3
+    assert (done.state, bad.state, slow.state) == ("completed", "failed", "running")
+    assert bad.failure == {"code": "bad_prompt", "message": "prompt refused"}
+    assert done.next_poll_at is None
+    assert done.finished_at == now
+    assert slow.next_poll_at is not None
+    assert transitions(session, done) == [(None, "pending"), ("pending", "completed")]
+    events = session.scalars(select(WebhookDelivery.event).order_by(WebhookDelivery.event)).all()
+    # `slow` went running, but only `done` subscribed to task.running; nobody else gets it.
+    assert events == ["task.completed", "task.failed"]
+
+
+def test_unchanged_answer_writes_no_history(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    task = register(session, settings, client, "t1")
+    session.commit()
+    batch = PollBatch("luma", ("t1",))
+    for _ in range(3):
+        apply_batch_answer(
+            session, batch, {"t1": record("t1", "processing")}, now=utcnow(), settings=settings
+        )
+        session.commit()
+    session.refresh(task)
+    assert task.polls == 3
+    assert task.state == "running"
+    assert transitions(session, task) == [(None, "pending"), ("pending", "running")]
+
+
+def test_same_upstream_id_of_three_clients_each_gets_its_own_transitions(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    others = [create_client(session, name) for name in ("beta", "gamma")]
+    tasks = [register(session, settings, owner, "shared") for owner in [client, *others]]
+    session.commit()
+    apply_batch_answer(
+        session,
+        PollBatch("luma", ("shared",)),
+        {"shared": record("shared", "completed")},
+        now=utcnow(),
+        settings=settings,
+    )
+    session.commit()
+    for task in tasks:
+        assert transitions(session, task) == [(None, "pending"), ("pending", "completed")]
+    assert session.scalar(select(func.count()).select_from(WebhookDelivery)) == 3
+
+
+def test_missing_ids_count_misses_then_ask_for_confirmation(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    tuned = settings.model_copy(update={"not_found_after": 2})
+    task = register(session, tuned, client, "ghost")
+    session.commit()
+    batch = PollBatch("luma", ("ghost",))
+    first = apply_batch_answer(session, batch, {}, now=utcnow(), settings=tuned)
+    session.commit()
+    assert first.missing == []
+    second = apply_batch_answer(session, batch, {}, now=utcnow(), settings=tuned)
+    session.commit()
+    assert second.missing == ["ghost"]
+    session.refresh(task)
+    assert (task.state, task.misses) == ("pending", 2)
+    fail_not_found(session, "luma", "ghost", now=utcnow(), misses=2)
+    session.commit()
+    assert task.state == "failed"
+    assert task.failure is not None
+    assert task.failure["code"] == "not_found"
+
+
+def test_an_answer_resets_the_miss_counter(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    task = register(session, settings, client, "t1")
+    session.commit()
+    batch = PollBatch("luma", ("t1",))
+    apply_batch_answer(session, batch, {}, now=utcnow(), settings=settings)
+    apply_batch_answer(session, batch, {"t1": record("t1", None)}, now=utcnow(), settings=settings)
+    session.commit()
+    session.refresh(task)
+    assert task.misses == 0
+
+
+def test_overdue_tasks_time_out_with_a_webhook(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    task = register(session, settings, client, "stuck", timeout_seconds=1)
+    register(session, settings, client, "fresh")
+    session.commit()
+    ids = time_out_overdue_tasks(session, now=utcnow() + timedelta(seconds=2))
+    session.commit()
+    assert task.state == "timed_out"
+    assert len(ids) == 1
+    assert session.get(WebhookDelivery, ids[0]).event == "task.timed_out"  # type: ignore[union-attr]
+
+
+def test_polls_back_off_with_age(settings: Settings) -> None:
+    now = utcnow()
+    fresh = next_poll_at(now, now, settings) - now
+    old = next_poll_at(now - timedelta(hours=1), now, settings) - now
+    assert fresh == timedelta(seconds=settings.poll_interval)
+    assert old == timedelta(seconds=settings.max_poll_interval)
+
+
+def test_terminal_event_supersedes_pending_running_event(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    register(session, settings, client, "t1", events=["task.running", "task.completed"])
+    session.commit()
+    batch = PollBatch("luma", ("t1",))
+    apply_batch_answer(
+        session, batch, {"t1": record("t1", "processing")}, now=utcnow(), settings=settings
+    )
+    session.commit()
+    apply_batch_answer(
+        session, batch, {"t1": record("t1", "completed")}, now=utcnow(), settings=settings
+    )
+    session.commit()
+    rows = session.execute(
+        select(WebhookDelivery.event, WebhookDelivery.status).order_by(WebhookDelivery.created_at)
+    ).all()
+    assert [tuple(r) for r in rows] == [
+        ("task.running", "superseded"),
+        ("task.completed", "pending"),
+    ]

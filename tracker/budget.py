@@ -1,0 +1,186 @@
+"""The upstream request budget, shared by every worker: at most TRACKER_UPSTREAM_RPS per token.
+
+The budget is a schedule (GCRA): each request reserves the next free slot, slots
+are 1/rps seconds apart, and a worker sleeps until its slot. A 429 from the
+upstream pauses the whole token until its Retry-After. The schedule lives in
+Redis when the broker is Redis (one atomic script) and otherwise in the
+`upstream_credentials` table (one short write transaction). Whether the upstream
+rejected the token (401/403) is always kept in the database, where `/readyz` reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import redis
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from tracker.db import is_postgresql
+from tracker.models import UpstreamCredential
+from tracker.timeutil import utcnow
+
+
+# Slots sit 5 % further apart than 1/rps, so that requests delayed unevenly on their
+# way (scheduling, network) still arrive at no more than rps in any one-second window.
+SCHEDULE_MARGIN = 1.05
+
+
+class BudgetUnavailable(Exception):
+    """No request slot within the wait this caller accepts, or the token is paused."""
+
+    def __init__(self, message: str, *, retry_at: datetime) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+
+
+def credential_key(token: str | None) -> str:
+    """A stable fingerprint of the upstream token: budgets are per token, and never store it."""
+    return "tok_" + hashlib.sha256((token or "").encode()).hexdigest()[:24]
+
+
+class Budget(Protocol):
+    def reserve(self, *, max_wait: float) -> float:
+        """Reserve the next request slot; seconds to wait for it. Raises BudgetUnavailable."""
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request of this token for `seconds` (the upstream said 429)."""
+
+
+class RedisBudget:
+    """The schedule in Redis: exact across processes, one round trip per request."""
+
+    # KEYS: schedule, pause. ARGV: interval, max_wait (both seconds).
+    # Returns the wait in seconds as a string, or "-<seconds>" when refused.
+    _RESERVE = """
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+    local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if paused > now then return '-' .. tostring(paused - now) end
+    local slot = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+    local wait = slot - now
+    if wait > tonumber(ARGV[2]) then return '-' .. tostring(wait) end
+    redis.call('SET', KEYS[1], tostring(slot + tonumber(ARGV[1])), 'EX', 3600)
+    return tostring(wait)
+    """
+    _PAUSE = """
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+    local untl = now + tonumber(ARGV[1])
+    local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+    if untl > cur then redis.call('SET', KEYS[1], tostring(untl), 'EX', 3600) end
+    return tostring(untl)
+    """
+
+    def __init__(self, url: str, key: str, rps: float) -> None:
+        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._keys = [f"tracker:budget:{key}:schedule", f"tracker:budget:{key}:paused"]
+        self._interval = SCHEDULE_MARGIN / rps
+        self._reserve = self._redis.register_script(self._RESERVE)
+        self._pause = self._redis.register_script(self._PAUSE)
+
+    def reserve(self, *, max_wait: float) -> float:
+        answer = self._reserve(keys=self._keys, args=[self._interval, max_wait])
+        wait = float(answer)
+        if wait < 0 or answer.startswith(b"-"):
+            raise BudgetUnavailable(
+                f"no upstream request slot within {max_wait:.1f}s",
+                retry_at=utcnow() + timedelta(seconds=abs(wait)),
+            )
+        return wait
+
+    def pause(self, seconds: float) -> None:
+        self._pause(keys=[self._keys[1]], args=[seconds])
+
+
+class DatabaseBudget:
+    """The schedule in `upstream_credentials`: for the embedded broker, no Redis needed."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        key: str,
+        rps: float,
+        *,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._sessions = sessions
+        self._key = key
+        self._interval = timedelta(seconds=SCHEDULE_MARGIN / rps)
+        self._now = now
+
+    def reserve(self, *, max_wait: float) -> float:
+        with self._sessions.begin() as session:
+            now = self._now()
+            row = _locked_credential(session, self._key, now)
+            if row.paused_until is not None and row.paused_until > now:
+                raise BudgetUnavailable(
+                    "upstream token paused after a 429", retry_at=row.paused_until
+                )
+            slot = max(row.next_request_at, now)
+            wait = (slot - now).total_seconds()
+            if wait > max_wait:
+                raise BudgetUnavailable(
+                    f"no upstream request slot within {max_wait:.1f}s", retry_at=slot
+                )
+            row.next_request_at = slot + self._interval
+            return wait
+
+    def pause(self, seconds: float) -> None:
+        with self._sessions.begin() as session:
+            now = self._now()
+            row = _locked_credential(session, self._key, now)
+            until = now + timedelta(seconds=seconds)
+            if row.paused_until is None or row.paused_until < until:
+                row.paused_until = until
+
+
+def _locked_credential(session: Session, key: str, now: datetime) -> UpstreamCredential:
+    """The credential row, locked for this transaction; created on first use."""
+    insert = pg_insert if is_postgresql(session) else sqlite_insert
+    session.execute(
+        insert(UpstreamCredential)
+        .values(key=key, next_request_at=now)
+        .on_conflict_do_nothing(index_elements=["key"])
+    )
+    query = select(UpstreamCredential).where(UpstreamCredential.key == key)
+    if is_postgresql(session):
+        query = query.with_for_update()
+    return session.scalars(query.execution_options(populate_existing=True)).one()
+
+
+def wait_for_slot(
+    budget: Budget, *, max_wait: float, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Block until this caller's reserved request slot has come."""
+    wait = budget.reserve(max_wait=max_wait)
+    if wait > 0:
+        sleep(wait)
+
+
+def mark_rejected(session: Session, key: str, reason: str, *, now: datetime) -> bool:
+    """Record that the upstream rejected the token; True if this is news (log it once)."""
+    row = _locked_credential(session, key, now)
+    news = row.rejected_at is None
+    row.rejected_at, row.rejected_reason = now, reason
+    return news
+
+
+def clear_rejected(session: Session, key: str) -> bool:
+    """The token works again; True if it had been rejected."""
+    row = session.get(UpstreamCredential, key)
+    if row is None or row.rejected_at is None:
+        return False
+    row.rejected_at = row.rejected_reason = None
+    return True
+
+
+def rejected_since(session: Session, key: str) -> datetime | None:
+    row = session.get(UpstreamCredential, key)
+    return None if row is None else row.rejected_at

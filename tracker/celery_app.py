@@ -1,0 +1,61 @@
+"""The Celery app and the beat schedule, configured from Settings.
+
+The broker is a doorbell, not the truth (SPEC section 1): every piece of work is
+a row with a due time, and the beat's ticks find due rows again if messages are
+lost. Without TRACKER_BROKER_URL the broker is embedded (kombu's SQLAlchemy
+transport on a SQLite file), so `tracker up` needs no server.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from tracker.config import Settings, get_settings
+
+POLL_QUEUE = "polls"
+DELIVERY_QUEUE = "deliveries"
+SCHEDULE_QUEUE = "ticks"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("tracker", broker=settings.effective_broker_url, include=["tracker.jobs"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        timezone="UTC",
+        enable_utc=True,
+        broker_connection_retry_on_startup=True,
+        # Jobs carry ids and re-read rows; each is safe to run twice (leases,
+        # status checks), so a job lost with its worker is simply run again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=4,
+        worker_hijack_root_logger=False,
+        task_default_queue=SCHEDULE_QUEUE,
+        task_routes={
+            "tracker.poll_batch": {"queue": POLL_QUEUE},
+            "tracker.deliver": {"queue": DELIVERY_QUEUE},
+        },
+        beat_schedule={
+            "dispatch-polls": {
+                "task": "tracker.dispatch_polls",
+                "schedule": settings.poll_interval,
+                "options": {"expires": settings.poll_interval * 2},
+            },
+            "sweep": {
+                "task": "tracker.sweep",
+                "schedule": settings.sweep_interval,
+                "options": {"expires": settings.sweep_interval * 2},
+            },
+        },
+    )
+    if settings.uses_embedded_broker:
+        # The SQLite transport polls its table; a short interval keeps latency low.
+        app.conf.broker_transport_options = {"polling_interval": 0.2}
+    return app
+
+
+celery_app = make_celery(get_settings())

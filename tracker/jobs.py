@@ -1,0 +1,146 @@
+"""Thin Celery jobs: ids in, call polling and delivery functions, ring doorbells, out.
+
+Jobs re-read every row they touch ("asserting the world is the job's
+responsibility") and are safe to run twice, so a lost or duplicated message
+costs at most a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from tracker.budget import (
+    Budget,
+    DatabaseBudget,
+    RedisBudget,
+    credential_key,
+    rejected_since,
+    wait_for_slot,
+)
+from tracker.celery_app import celery_app
+from tracker.config import Settings, get_settings
+from tracker.db import session_factory
+from tracker.polling import (
+    MAX_BUDGET_WAIT,
+    PollBatch,
+    claim_due_tasks,
+    claim_limit,
+    plan_batches,
+    run_poll_batch,
+    time_out_overdue_tasks,
+)
+from tracker.timeutil import utcnow
+from tracker.upstream import UpstreamClient
+
+log = logging.getLogger("tracker.jobs")
+
+# Deliveries due longer ago than this are rung again by the sweep: their doorbell was lost.
+OVERDUE_DELIVERY_GRACE = 10.0
+SWEEP_DELIVERY_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What one worker process shares between jobs: settings, sessions, upstream, budget."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    upstream: UpstreamClient
+    budget: Budget
+    credential: str
+
+
+@lru_cache(maxsize=1)
+def worker_context() -> WorkerContext:
+    settings = get_settings()
+    sessions = session_factory()
+    token = settings.upstream_token.get_secret_value() if settings.upstream_token else None
+    credential = credential_key(token)
+    budget: Budget
+    if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
+        budget = RedisBudget(settings.broker_url, credential, settings.upstream_rps)
+    else:
+        budget = DatabaseBudget(sessions, credential, settings.upstream_rps)
+    upstream = UpstreamClient.from_settings(
+        settings,
+        max_retries=0,  # the engine gives failed batches back with a delay instead
+        before_request=lambda: wait_for_slot(budget, max_wait=MAX_BUDGET_WAIT),
+    )
+    return WorkerContext(settings, sessions, upstream, budget, credential)
+
+
+def ring_delivery_doorbells(delivery_ids: Iterable[str]) -> None:
+    """Ask a worker to attempt these deliveries now; the sweep covers a lost message."""
+    for delivery_id in delivery_ids:
+        try:
+            deliver.apply_async((delivery_id,))
+        except Exception:  # the broker is down: the rows are due, the sweep will find them
+            log.warning("could not enqueue delivery %s; the sweep will retry", delivery_id)
+
+
+@celery_app.task(name="tracker.dispatch_polls")
+def dispatch_polls() -> int:
+    """Beat tick: lease due tasks and enqueue one poll job per batch of distinct ids."""
+    ctx = worker_context()
+    settings = ctx.settings
+    now = utcnow()
+    with ctx.sessions.begin() as session:
+        rejected_at = rejected_since(session, ctx.credential)
+        if (
+            rejected_at is not None
+            and (now - rejected_at).total_seconds() < settings.max_poll_interval
+        ):
+            return 0  # the token was rejected: probe again only once per max poll interval
+        claimed = claim_due_tasks(
+            session, now=now, limit=claim_limit(settings), lease_seconds=settings.poll_lease
+        )
+    batches = plan_batches(claimed, settings.batch_size)
+    for batch in batches:
+        poll_batch.apply_async((batch.service, list(batch.task_ids)))
+    return len(batches)
+
+
+@celery_app.task(name="tracker.poll_batch")
+def poll_batch(service: str, task_ids: list[str]) -> None:
+    ctx = worker_context()
+    outcome = run_poll_batch(
+        ctx.sessions,
+        ctx.upstream,
+        ctx.budget,
+        PollBatch(service, tuple(task_ids)),
+        settings=ctx.settings,
+        credential=ctx.credential,
+    )
+    ring_delivery_doorbells(outcome.applied.delivery_ids)
+
+
+@celery_app.task(name="tracker.sweep")
+def sweep() -> None:
+    """Beat tick: time out overdue tasks and ring again for deliveries whose doorbell was lost."""
+    from datetime import timedelta
+
+    from tracker.delivery import due_delivery_ids
+
+    ctx = worker_context()
+    now = utcnow()
+    with ctx.sessions.begin() as session:
+        timed_out = time_out_overdue_tasks(session, now=now)
+    ring_delivery_doorbells(timed_out)
+    with ctx.sessions.begin() as session:
+        overdue = due_delivery_ids(
+            session, now=now - timedelta(seconds=OVERDUE_DELIVERY_GRACE), limit=SWEEP_DELIVERY_LIMIT
+        )
+    ring_delivery_doorbells(overdue)
+
+
+@celery_app.task(name="tracker.deliver")
+def deliver(delivery_id: str) -> None:
+    from tracker.delivery import attempt_delivery
+
+    ctx = worker_context()
+    attempt_delivery(ctx.sessions, delivery_id, settings=ctx.settings)

@@ -1,0 +1,381 @@
+"""Polling: claim due tasks, batch distinct upstream ids, apply the answers.
+
+One tick: `claim_due_tasks` leases the due registrations in one statement,
+`plan_batches` groups them by service and takes each upstream id once however
+many clients watch it, and each batch is polled by `run_poll_batch`:
+budget slot, one `retrieve_batch` call, then `apply_batch_answer` in one
+transaction (state changes, history rows, outbox rows, next poll times).
+Nothing here knows about Celery or HTTP routes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from tracker.budget import (
+    Budget,
+    BudgetUnavailable,
+    clear_rejected,
+    mark_rejected,
+)
+from tracker.config import Settings
+from tracker.db import is_postgresql
+from tracker.errors import UpstreamAuthError, UpstreamError, UpstreamRateLimited
+from tracker.history import record_transition
+from tracker.models import Task
+from tracker.states import (
+    ACTIVE_STATES,
+    FAILED,
+    TIMED_OUT,
+    Failure,
+    can_transition,
+    is_terminal,
+    normalise,
+)
+from tracker.timeutil import utcnow
+
+log = logging.getLogger("tracker.polling")
+
+# Polls back off in proportion to a task's age: a task running for 10 minutes is
+# polled every 30 s (5 % of its age), bounded by the poll interval settings.
+BACKOFF_SHARE_OF_AGE = 0.05
+# How long a poll waits for its upstream slot before giving the batch back.
+MAX_BUDGET_WAIT = 10.0
+DEFAULT_RATE_LIMIT_PAUSE = 5.0
+
+
+class TaskUpstream(Protocol):
+    """The part of `tracker.upstream.UpstreamClient` polling needs."""
+
+    def retrieve(self, service: str, task_id: str) -> dict[str, Any] | None: ...
+
+    def retrieve_batch(self, service: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class PollBatch:
+    """Distinct upstream ids of one service, polled with one `retrieve_batch` call."""
+
+    service: str
+    task_ids: tuple[str, ...]
+
+
+@dataclass
+class BatchApplied:
+    """What applying one answer did."""
+
+    observed: int = 0
+    transitions: int = 0
+    delivery_ids: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # reached TRACKER_NOT_FOUND_AFTER
+
+
+@dataclass
+class PollOutcome:
+    """What one poll job did; `error` names the upstream problem, if any."""
+
+    applied: BatchApplied = field(default_factory=BatchApplied)
+    error: str | None = None
+
+
+def claim_limit(settings: Settings) -> int:
+    """Registrations one tick may claim: what the upstream budget can serve until the next tick."""
+    requests = max(1, int(settings.upstream_rps * settings.poll_interval))
+    return requests * settings.batch_size
+
+
+def next_poll_at(created_at: datetime, now: datetime, settings: Settings) -> datetime:
+    """Fresh tasks are polled every poll interval; older ones back off to the maximum."""
+    age = (now - created_at).total_seconds()
+    interval = min(
+        settings.max_poll_interval, max(settings.poll_interval, age * BACKOFF_SHARE_OF_AGE)
+    )
+    return now + timedelta(seconds=interval)
+
+
+def claim_due_tasks(
+    session: Session, *, now: datetime, limit: int, lease_seconds: float
+) -> list[tuple[str, str]]:
+    """Lease up to `limit` due registrations in one statement; their (service, task_id)."""
+    due = (
+        select(Task.id)
+        .where(
+            Task.next_poll_at <= now,
+            or_(Task.claimed_until.is_(None), Task.claimed_until < now),
+        )
+        .order_by(Task.next_poll_at)
+        .limit(limit)
+    )
+    if is_postgresql(session):
+        due = due.with_for_update(skip_locked=True)
+    claimed = session.execute(
+        update(Task)
+        .where(Task.id.in_(due.scalar_subquery()))
+        .values(claimed_until=now + timedelta(seconds=lease_seconds))
+        .returning(Task.service, Task.task_id)
+        .execution_options(synchronize_session=False)
+    )
+    return [(service, task_id) for service, task_id in claimed]
+
+
+def plan_batches(claimed: Iterable[tuple[str, str]], batch_size: int) -> list[PollBatch]:
+    """Group claimed registrations by service, each upstream id once, `batch_size` per batch."""
+    by_service: dict[str, dict[str, None]] = defaultdict(dict)
+    for service, task_id in claimed:
+        by_service[service][task_id] = None  # a dict keeps first-seen order, unlike a set
+    batches = []
+    for service, ids in by_service.items():
+        distinct = list(ids)
+        for start in range(0, len(distinct), batch_size):
+            batches.append(PollBatch(service, tuple(distinct[start : start + batch_size])))
+    return batches
+
+
+def _active_registrations(session: Session, service: str, task_ids: Sequence[str]) -> list[Task]:
+    query = select(Task).where(
+        Task.service == service, Task.task_id.in_(task_ids), Task.state.in_(ACTIVE_STATES)
+    )
+    if is_postgresql(session):
+        query = query.with_for_update()
+    return list(session.scalars(query.order_by(Task.id)))
+
+
+def apply_batch_answer(
+    session: Session,
+    batch: PollBatch,
+    records: Mapping[str, dict[str, Any]],
+    *,
+    now: datetime,
+    settings: Settings,
+) -> BatchApplied:
+    """Apply one `retrieve_batch` answer to every active registration of the batch's ids."""
+    applied = BatchApplied()
+    unchanged: list[dict[str, Any]] = []
+    for task in _active_registrations(session, batch.service, batch.task_ids):
+        applied.observed += 1
+        record = records.get(task.task_id)
+        if record is None:
+            misses = task.misses + 1
+            if misses >= settings.not_found_after and task.task_id not in applied.missing:
+                applied.missing.append(task.task_id)
+            unchanged.append(
+                {
+                    "id": task.id,
+                    "misses": misses,
+                    "next_poll_at": next_poll_at(task.created_at, now, settings),
+                    "claimed_until": None,
+                }
+            )
+            continue
+        observation = normalise(record)
+        if observation.state is not None and can_transition(task.state, observation.state):
+            task.polls += 1
+            task.misses = 0
+            applied.delivery_ids += [
+                delivery.id
+                for delivery in record_transition(
+                    session,
+                    task,
+                    observation.state,
+                    observed_at=now,
+                    upstream_state=observation.upstream_state,
+                    record=record,
+                    failure=observation.failure,
+                )
+            ]
+            applied.transitions += 1
+            if not is_terminal(task.state):
+                task.next_poll_at = next_poll_at(task.created_at, now, settings)
+                task.claimed_until = None
+        elif observation.upstream_state not in (None, task.upstream_state):
+            # A new upstream word, same state (queued -> pending): keep it, no history row.
+            task.upstream_state, task.record, task.updated_at = (
+                observation.upstream_state,
+                record,
+                now,
+            )
+            task.polls += 1
+            task.misses = 0
+            task.next_poll_at = next_poll_at(task.created_at, now, settings)
+            task.claimed_until = None
+        else:
+            unchanged.append(
+                {
+                    "id": task.id,
+                    "polls": task.polls + 1,
+                    "misses": 0,
+                    "next_poll_at": next_poll_at(task.created_at, now, settings),
+                    "claimed_until": None,
+                }
+            )
+    if unchanged:
+        # One executemany for every task the answer did not change.
+        session.execute(update(Task), unchanged)
+    return applied
+
+
+def fail_not_found(
+    session: Session, service: str, task_id: str, *, now: datetime, misses: int
+) -> list[str]:
+    """Fail every active registration of an id the upstream no longer knows."""
+    failure = Failure(
+        "not_found",
+        f"the upstream has no task {task_id!r} of service {service!r}: it was missing from "
+        f"{misses} batch answers and a single retrieve confirmed it",
+    )
+    delivery_ids: list[str] = []
+    for task in _active_registrations(session, service, [task_id]):
+        delivery_ids += [
+            d.id for d in record_transition(session, task, FAILED, observed_at=now, failure=failure)
+        ]
+    return delivery_ids
+
+
+def release_batch(session: Session, batch: PollBatch, *, retry_at: datetime) -> None:
+    """Give a batch's leases back, to be polled again at `retry_at` (upstream trouble)."""
+    session.execute(
+        update(Task)
+        .where(
+            Task.service == batch.service,
+            Task.task_id.in_(batch.task_ids),
+            Task.state.in_(ACTIVE_STATES),
+        )
+        .values(claimed_until=None, next_poll_at=retry_at)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def time_out_overdue_tasks(session: Session, *, now: datetime, limit: int = 500) -> list[str]:
+    """Tasks past their deadline become `timed_out`; returns the new delivery ids."""
+    query = (
+        select(Task)
+        .where(Task.deadline_at <= now, Task.state.in_(ACTIVE_STATES))
+        .order_by(Task.deadline_at)
+        .limit(limit)
+    )
+    if is_postgresql(session):
+        query = query.with_for_update(skip_locked=True)
+    delivery_ids: list[str] = []
+    for task in session.scalars(query):
+        failure = Failure(
+            "timed_out", f"no terminal state within {task.timeout_seconds} s of registration"
+        )
+        delivery_ids += [
+            d.id
+            for d in record_transition(session, task, TIMED_OUT, observed_at=now, failure=failure)
+        ]
+    return delivery_ids
+
+
+def run_poll_batch(
+    sessions: sessionmaker[Session],
+    upstream: TaskUpstream,
+    budget: Budget,
+    batch: PollBatch,
+    *,
+    settings: Settings,
+    credential: str,
+    now: Callable[[], datetime] = utcnow,
+) -> PollOutcome:
+    """Poll one batch: budget, one upstream call, then one transaction applying the answer.
+
+    Upstream trouble never fails a task: the batch's leases are given back with a
+    delay (a 429 also pauses the whole token; a rejected token is recorded for
+    `/readyz` and logged once).
+    """
+    outcome = PollOutcome()
+    try:
+        records = upstream.retrieve_batch(batch.service, batch.task_ids)
+    except (BudgetUnavailable, UpstreamError) as exc:
+        outcome.error = _handle_upstream_trouble(
+            sessions, budget, batch, exc, settings, credential, now()
+        )
+        return outcome
+
+    with sessions.begin() as session:
+        if clear_rejected(session, credential):
+            log.warning("upstream accepts the token again; polling resumes")
+        outcome.applied = apply_batch_answer(session, batch, records, now=now(), settings=settings)
+
+    for task_id in outcome.applied.missing:
+        outcome.applied.delivery_ids += _confirm_missing(
+            sessions, upstream, budget, batch.service, task_id, settings, credential, now
+        )
+    return outcome
+
+
+def _confirm_missing(
+    sessions: sessionmaker[Session],
+    upstream: TaskUpstream,
+    budget: Budget,
+    service: str,
+    task_id: str,
+    settings: Settings,
+    credential: str,
+    now: Callable[[], datetime],
+) -> list[str]:
+    """A single `retrieve` decides whether an id missing from batch answers exists."""
+    single = PollBatch(service, (task_id,))
+    try:
+        record = upstream.retrieve(service, task_id)
+    except (BudgetUnavailable, UpstreamError) as exc:
+        _handle_upstream_trouble(sessions, budget, single, exc, settings, credential, now())
+        return []
+    with sessions.begin() as session:
+        if record is None:
+            log.info("task not found upstream", extra={"service": service, "task_id": task_id})
+            return fail_not_found(
+                session, service, task_id, now=now(), misses=settings.not_found_after
+            )
+        return apply_batch_answer(
+            session, single, {task_id: record}, now=now(), settings=settings
+        ).delivery_ids
+
+
+def _handle_upstream_trouble(
+    sessions: sessionmaker[Session],
+    budget: Budget,
+    batch: PollBatch,
+    exc: Exception,
+    settings: Settings,
+    credential: str,
+    now: datetime,
+) -> str:
+    """Give the batch back with the right delay for what went wrong; returns the error's name."""
+    if isinstance(exc, BudgetUnavailable):
+        retry_at = exc.retry_at
+        kind = "budget"
+    elif isinstance(exc, UpstreamRateLimited):
+        pause = exc.retry_after if exc.retry_after is not None else DEFAULT_RATE_LIMIT_PAUSE
+        budget.pause(pause)
+        retry_at = now + timedelta(seconds=pause)
+        kind = "rate_limited"
+        log.warning("upstream answered 429; pausing the token for %.1f s", pause)
+    elif isinstance(exc, UpstreamAuthError):
+        retry_at = now + timedelta(seconds=settings.max_poll_interval)
+        kind = "auth_rejected"
+    else:
+        retry_at = now + timedelta(
+            seconds=min(settings.max_poll_interval, 2 * settings.poll_interval)
+        )
+        kind = "upstream_error"
+        log.warning("upstream error for %d ids: %s", len(batch.task_ids), exc)
+    with sessions.begin() as session:
+        if isinstance(exc, UpstreamAuthError) and mark_rejected(
+            session, credential, str(exc), now=now
+        ):
+            log.error(
+                "the upstream rejected TRACKER_UPSTREAM_TOKEN (%s); polling is paused and "
+                "/readyz answers 503 until a request with the token succeeds again",
+                exc,
+            )
+        release_batch(session, batch, retry_at=retry_at)
+    return kind
