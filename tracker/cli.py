@@ -73,6 +73,91 @@ def migrate() -> None:
     console.print("[green]database is up to date[/green]")
 
 
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int, typer.Option(help="Jobs at once; threads suit jobs that wait on the network.")
+    ] = 16,
+    pool: Annotated[str, typer.Option(help="Celery pool: threads, prefork or solo.")] = "threads",
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated queues: ticks (beat), polls, deliveries.")
+    ] = "ticks,polls,deliveries",
+) -> None:
+    """Run a worker: polls the upstream and delivers webhooks. Run as many as you like."""
+    from tracker.roles import run_worker
+
+    settings = load_cli_settings()
+    run_worker(
+        concurrency=concurrency,
+        pool=pool,
+        queues=[q.strip() for q in queues.split(",") if q.strip()],
+        loglevel=settings.log_level,
+    )
+
+
+@app.command()
+def beat() -> None:
+    """Run the scheduler: a poll tick every TRACKER_POLL_INTERVAL, a sweep every few seconds."""
+    from tracker.roles import run_beat
+
+    settings = load_cli_settings()
+    run_beat(loglevel=settings.log_level)
+
+
+@app.command()
+def up(
+    with_simulator: Annotated[
+        bool,
+        typer.Option(
+            "--with-simulator",
+            help="Also start the simulator on port 8099 and poll it instead of AceData.",
+        ),
+    ] = False,
+) -> None:
+    """Run the whole service: migrate, then API, worker and beat together (Ctrl-C stops all)."""
+    import os
+
+    from tracker import migrate as migrations
+    from tracker.roles import Supervisor
+
+    settings = load_cli_settings()
+    env = dict(os.environ)
+    if with_simulator:
+        env["TRACKER_UPSTREAM_URL"] = "http://127.0.0.1:8099"
+        env.setdefault("TRACKER_UPSTREAM_TOKEN", "simulator")
+    elif settings.upstream_token is None:
+        err_console.print(
+            "[yellow]TRACKER_UPSTREAM_TOKEN is not set:[/yellow] the upstream will reject "
+            "every poll. Set it, or try `tracker up --with-simulator` to poll the local "
+            "simulator instead of AceData."
+        )
+    migrations.upgrade(settings.database_url)
+    supervisor = Supervisor(env=env)
+    if with_simulator:
+        supervisor.start("simulator", ["simulator", "--port", "8099"])
+    supervisor.start("api", ["api"])
+    supervisor.start("worker", ["worker"])
+    supervisor.start("beat", ["beat"])
+    console.print(f"API       http://{settings.api_host}:{settings.api_port}  (docs at /docs)")
+    if settings.metrics_port:
+        console.print(f"metrics   worker at http://127.0.0.1:{settings.metrics_port}/metrics")
+    console.print(f"database  {settings.database_url}")
+    broker = "embedded (" + settings.effective_broker_url + ")"
+    console.print(f"broker    {settings.broker_url or broker}")
+    if with_simulator:
+        console.print("upstream  simulator at http://127.0.0.1:8099")
+    console.print("Ctrl-C stops everything.")
+    try:
+        exited = supervisor.wait()
+        err_console.print(f"[red]{exited} exited; stopping the others[/red]")
+        code = 1
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        supervisor.stop()
+    raise typer.Exit(code)
+
+
 @clients_app.command("create")
 def clients_create(
     name: Annotated[str, typer.Argument(help="A name for the application, e.g. `shop-backend`.")],
