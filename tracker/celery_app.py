@@ -53,8 +53,8 @@ def make_celery(settings: Settings) -> Celery:
         },
     )
     if settings.uses_embedded_broker:
-        # The SQLite transport polls its table; a short interval keeps latency low.
-        app.conf.broker_transport_options = {"polling_interval": 0.2}
+        # Several processes share the SQLite queue file: wait for its lock, don't fail.
+        app.conf.broker_transport_options = {"connect_args": {"timeout": 30}}
     return app
 
 
