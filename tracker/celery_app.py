@@ -8,9 +8,13 @@ transport on a SQLite file), so `tracker up` needs no server.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import setup_logging
 
 from tracker.config import Settings, get_settings
+from tracker.logs import configure_logging
 
 POLL_QUEUE = "polls"
 DELIVERY_QUEUE = "deliveries"
@@ -59,3 +63,9 @@ def make_celery(settings: Settings) -> Celery:
 
 
 celery_app = make_celery(get_settings())
+
+
+@setup_logging.connect
+def _use_tracker_logging(**_: Any) -> None:
+    """Workers and beats log like every other role (JSON lines, secrets masked)."""
+    configure_logging(get_settings())
