@@ -1,0 +1,81 @@
+"""docker-compose.yml cannot run here (no Docker engine): its structure is checked instead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tracker.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return loaded
+
+
+def test_services_are_the_documented_ones(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {
+        "postgres",
+        "redis",
+        "migrate",
+        "api",
+        "worker",
+        "beat",
+        "simulator",
+    }
+    assert compose["services"]["simulator"]["profiles"] == ["dev"]
+
+
+def test_every_tracker_command_exists_in_the_cli(compose: dict[str, Any]) -> None:
+    runner = CliRunner()
+    for name, service in compose["services"].items():
+        if "command" not in service or name in {"postgres", "redis"}:
+            continue
+        args = list(service["command"])
+        result = runner.invoke(app, [*args, "--help"])
+        assert result.exit_code == 0, f"service {name}: `tracker {' '.join(args)}` is not a command"
+
+
+def test_data_services_have_health_checks_and_named_volumes(compose: dict[str, Any]) -> None:
+    for name in ("postgres", "redis"):
+        service = compose["services"][name]
+        assert service["healthcheck"]["test"], f"{name} has no health check"
+        volume = service["volumes"][0].split(":")[0]
+        assert volume in compose["volumes"], f"{name} does not use a named volume"
+
+
+def test_roles_wait_for_migration_and_healthy_services(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["migrate"]["restart"] == "no"
+    for role in ("api", "worker", "beat"):
+        depends = services[role]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["redis"]["condition"] == "service_healthy"
+
+
+def test_worker_can_be_scaled(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    # A fixed name or host port would make `--scale worker=N` fail.
+    assert "container_name" not in worker
+    assert "ports" not in worker
+
+
+def test_settings_come_from_the_environment(compose: dict[str, Any]) -> None:
+    env = compose["services"]["api"]["environment"]
+    for variable in ("TRACKER_DATABASE_URL", "TRACKER_BROKER_URL", "TRACKER_UPSTREAM_TOKEN"):
+        assert variable in env
+    assert compose["services"]["api"]["env_file"][0]["path"] == ".env"
+
+
+def test_dockerfile_installs_the_package_and_runs_the_cli() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install ." in dockerfile
+    assert 'ENTRYPOINT ["tracker"]' in dockerfile
