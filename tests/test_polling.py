@@ -12,6 +12,7 @@ from tracker.clients import NewClient, create_client
 from tracker.config import Settings
 from tracker.models import Task, TaskTransition, WebhookDelivery
 from tracker.polling import (
+    Claim,
     PollBatch,
     apply_batch_answer,
     claim_due_tasks,
@@ -76,14 +77,20 @@ def test_claim_takes_due_tasks_once_until_the_lease_expires(
     now = utcnow() + timedelta(seconds=1)
     first = claim_due_tasks(session, now=now, limit=10, lease_seconds=60)
     session.commit()
-    assert sorted(first) == [("luma", "t0"), ("luma", "t1"), ("luma", "t2")]
+    assert sorted((c.service, c.task_id) for c in first) == [
+        ("luma", "t0"),
+        ("luma", "t1"),
+        ("luma", "t2"),
+    ]
     assert claim_due_tasks(session, now=now, limit=10, lease_seconds=60) == []
     later = now + timedelta(seconds=61)
     assert len(claim_due_tasks(session, now=later, limit=2, lease_seconds=60)) == 2
 
 
 def test_plan_batches_takes_each_upstream_id_once_per_service() -> None:
-    claimed = [("luma", "a"), ("luma", "b"), ("luma", "a"), ("suno", "a"), ("luma", "c")]
+    now = utcnow()
+    pairs = [("luma", "a"), ("luma", "b"), ("luma", "a"), ("suno", "a"), ("luma", "c")]
+    claimed = [Claim(service, task_id, now) for service, task_id in pairs]
     assert plan_batches(claimed, 2) == [
         PollBatch("luma", ("a", "b")),
         PollBatch("luma", ("c",)),

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from tracker.metrics import TRANSITIONS
 from tracker.models import Task, TaskTransition, WebhookDelivery
 from tracker.states import (
     DELIVERY_PENDING,
@@ -100,6 +101,8 @@ def record_transition(
             record=record,
         )
     )
+
+    TRANSITIONS.labels(to_state=to_state).inc()
 
     event = EVENT_FOR_STATE.get(to_state)
     if event is None or event not in task.events or not task.callback_url:

@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from tracker import metrics
 from tracker.budget import (
     Budget,
     DatabaseBudget,
@@ -99,6 +100,8 @@ def dispatch_polls() -> int:
         claimed = claim_due_tasks(
             session, now=now, limit=claim_limit(settings), lease_seconds=settings.poll_lease
         )
+    for claim in claimed:
+        metrics.POLL_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
     batches = plan_batches(claimed, settings.batch_size)
     for batch in batches:
         poll_batch.apply_async((batch.service, list(batch.task_ids)))

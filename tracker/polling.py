@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -58,6 +58,14 @@ class TaskUpstream(Protocol):
     def retrieve(self, service: str, task_id: str) -> dict[str, Any] | None: ...
 
     def retrieve_batch(self, service: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]: ...
+
+
+class Claim(NamedTuple):
+    """A leased registration: which upstream id, and when its poll was due."""
+
+    service: str
+    task_id: str
+    due_at: datetime
 
 
 @dataclass(frozen=True)
@@ -103,8 +111,8 @@ def next_poll_at(created_at: datetime, now: datetime, settings: Settings) -> dat
 
 def claim_due_tasks(
     session: Session, *, now: datetime, limit: int, lease_seconds: float
-) -> list[tuple[str, str]]:
-    """Lease up to `limit` due registrations in one statement; their (service, task_id)."""
+) -> list[Claim]:
+    """Lease up to `limit` due registrations in one statement."""
     due = (
         select(Task.id)
         .where(
@@ -120,17 +128,19 @@ def claim_due_tasks(
         update(Task)
         .where(Task.id.in_(due.scalar_subquery()))
         .values(claimed_until=now + timedelta(seconds=lease_seconds))
-        .returning(Task.service, Task.task_id)
+        .returning(Task.service, Task.task_id, Task.next_poll_at)
         .execution_options(synchronize_session=False)
     )
-    return [(service, task_id) for service, task_id in claimed]
+    return [Claim(*row) for row in claimed]
 
 
-def plan_batches(claimed: Iterable[tuple[str, str]], batch_size: int) -> list[PollBatch]:
+def plan_batches(claimed: Iterable[Claim], batch_size: int) -> list[PollBatch]:
     """Group claimed registrations by service, each upstream id once, `batch_size` per batch."""
     by_service: dict[str, dict[str, None]] = defaultdict(dict)
-    for service, task_id in claimed:
-        by_service[service][task_id] = None  # a dict keeps first-seen order, unlike a set
+    for claim in claimed:
+        by_service[claim.service][claim.task_id] = (
+            None  # a dict keeps first-seen order, unlike a set
+        )
     batches = []
     for service, ids in by_service.items():
         distinct = list(ids)
