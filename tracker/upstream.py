@@ -1,0 +1,279 @@
+"""The AceData task API client: `retrieve` and `retrieve_batch` on `POST {base}/{service}/tasks`.
+
+One pooled `requests.Session`; every request has a (connect, read) timeout and
+follows no redirect. The vendor's error body
+`{"success": false, "error": {"code", "message"}, "trace_id"}` becomes a typed
+`tracker.errors.UpstreamError` carrying status, code, message and trace id:
+
+    401/403                              UpstreamAuthError
+    429                                  UpstreamRateLimited (with `retry_after`)
+    5xx, timeout, connection error       UpstreamServerError
+    3xx, other 4xx, a 2xx off the shape  UpstreamBadAnswer
+
+429 and server errors are retried up to `max_retries` times with the vendor's
+published backoff (1, 2, 4, 8, 16 s, +-20 % jitter), never sooner than a 429's
+Retry-After; other 4xx are never retried. Records are matched by their `id`,
+never by position: the vendor does not promise order or completeness.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from tracker import __version__
+from tracker.config import Settings
+from tracker.errors import (
+    UpstreamAuthError,
+    UpstreamBadAnswer,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamServerError,
+)
+
+VENDOR_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
+BACKOFF_JITTER = 0.2
+# Error codes that mean "no such task" on a single retrieve (the vendor does not document one).
+NOT_FOUND_CODES = frozenset({"not_found", "task_not_found"})
+EXCERPT_CHARS = 200
+
+Record = dict[str, Any]
+
+
+class UpstreamClient:
+    """Reads task records from one AceData base URL with one token."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        max_retries: int = 5,
+        backoff: Sequence[float] = VENDOR_BACKOFF,
+        max_batch: int = 50,
+        pool_size: int = 32,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        before_request: Callable[[], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1 (got {max_batch!r})")
+        if not backoff:
+            raise ValueError("backoff needs at least one delay, e.g. (1, 2, 4, 8, 16)")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = (connect_timeout, read_timeout)
+        self.max_retries = max_retries
+        self.backoff = tuple(backoff)
+        self.max_batch = max_batch
+        self.sleep = sleep
+        self.before_request = before_request
+        self.headers = {
+            "accept": "application/json",
+            "content-type": "application/json",
+            "user-agent": f"tracker/{__version__}",
+        }
+        if token is not None:
+            self.headers["authorization"] = f"Bearer {token}"
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        self.session = session
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> UpstreamClient:
+        """A client for TRACKER_UPSTREAM_URL and its token; `kwargs` override the rest."""
+        token = settings.upstream_token.get_secret_value() if settings.upstream_token else None
+        kwargs.setdefault("read_timeout", settings.upstream_timeout)
+        kwargs.setdefault("max_batch", settings.batch_size)
+        return cls(settings.upstream_url, token, **kwargs)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.session.close()
+
+    def retrieve(self, service: str, task_id: str) -> Record | None:
+        """One task record, or None if the upstream does not know the id."""
+        try:
+            answer = self._post(service, {"id": task_id, "action": "retrieve"})
+        except UpstreamError as exc:
+            # Unconfirmed how the vendor says "unknown id": `{}`, a 404 or a not_found code.
+            if exc.status == 404 or exc.code in NOT_FOUND_CODES:
+                return None
+            raise
+        if not isinstance(answer, dict):
+            raise self._off_shape(service, "a task record (a JSON object)", answer)
+        return answer if answer.get("id") else None
+
+    def retrieve_batch(self, service: str, ids: Sequence[str]) -> dict[str, Record]:
+        """The records of `ids` keyed by their `id`; ids the answer left out are absent."""
+        wanted = list(dict.fromkeys(ids))
+        records: dict[str, Record] = {}
+        for start in range(0, len(wanted), self.max_batch):
+            chunk = wanted[start : start + self.max_batch]
+            answer = self._post(service, {"ids": chunk, "action": "retrieve_batch"})
+            items = answer.get("items") if isinstance(answer, dict) else None
+            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+                raise self._off_shape(service, '{"items": [task records], "count": N}', answer)
+            asked = set(chunk)
+            for item in items:
+                if item.get("id") in asked:
+                    records[item["id"]] = item
+        return records
+
+    def _post(self, service: str, body: dict[str, Any]) -> Any:
+        url = f"{self.base_url}/{service}/tasks"
+        retries = 0
+        while True:
+            try:
+                return self._attempt(url, body)
+            except (UpstreamRateLimited, UpstreamServerError) as exc:
+                if retries >= self.max_retries:
+                    raise
+                self.sleep(self._retry_delay(retries, exc))
+                retries += 1
+
+    def _retry_delay(self, retries: int, exc: UpstreamError) -> float:
+        base = self.backoff[min(retries, len(self.backoff) - 1)]
+        delay = base * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
+        if isinstance(exc, UpstreamRateLimited) and exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        return delay
+
+    def _attempt(self, url: str, body: dict[str, Any]) -> Any:
+        if self.before_request is not None:
+            self.before_request()
+        try:
+            response = self.session.post(
+                url, json=body, headers=self.headers, timeout=self.timeout, allow_redirects=False
+            )
+        except requests.Timeout as exc:
+            raise UpstreamServerError(
+                f"{url} did not answer within {self.timeout} s (connect, read) ({exc}); "
+                "retry later, or raise TRACKER_UPSTREAM_TIMEOUT if answers are just slow",
+                code="timeout",
+            ) from exc
+        except requests.RequestException as exc:
+            raise UpstreamServerError(
+                f"could not reach {url} ({exc}); check TRACKER_UPSTREAM_URL and the network",
+                code="connection_error",
+            ) from exc
+        with response:
+            return _parse_answer(url, response)
+
+    def _off_shape(self, service: str, expected: str, answer: Any) -> UpstreamBadAnswer:
+        return UpstreamBadAnswer(
+            f"{self.base_url}/{service}/tasks answered {_excerpt(answer)} where {expected} was "
+            "expected; check that TRACKER_UPSTREAM_URL points at the AceData task API",
+            status=200,
+        )
+
+
+def _parse_answer(url: str, response: requests.Response) -> Any:
+    """The JSON body of a 2xx answer; any other answer raised as its typed error."""
+    status = response.status_code
+    if 200 <= status < 300:
+        try:
+            answer = response.json()
+        except ValueError:
+            raise UpstreamBadAnswer(
+                f"{url} answered {status} with a body that is not JSON "
+                f"({_excerpt(response.text)}); check TRACKER_UPSTREAM_URL",
+                status=status,
+            ) from None
+        if _is_error_body(answer):  # an error wrapped in a 2xx: not a record either
+            code, message, trace_id = _vendor_error(answer)
+            raise UpstreamBadAnswer(
+                f"{url} answered {status} with error {code}: {message}",
+                code=code,
+                status=status,
+                trace_id=trace_id,
+            )
+        return answer
+    try:
+        code, message, trace_id = _vendor_error(response.json())
+    except ValueError:
+        code, message, trace_id = None, _excerpt(response.text), None
+    said = f"{url} answered {status}" + (f" {code}" if code else "") + f": {message}"
+    details: dict[str, Any] = {"code": code, "status": status, "trace_id": trace_id}
+    if status in (401, 403):
+        raise UpstreamAuthError(
+            f"{said}; the token was rejected: check TRACKER_UPSTREAM_TOKEN", **details
+        )
+    if status == 429:
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        wait = f"retry after {retry_after:g} s" if retry_after is not None else "slow down"
+        raise UpstreamRateLimited(
+            f"{said}; {wait}, or lower TRACKER_UPSTREAM_RPS if this persists",
+            retry_after=retry_after,
+            **details,
+        )
+    if status >= 500:
+        raise UpstreamServerError(f"{said}; the upstream is in trouble, retry later", **details)
+    if 300 <= status < 400:
+        location = response.headers.get("location")
+        raise UpstreamBadAnswer(
+            f"{url} answered {status}, a redirect to {location!r}, and redirects are not "
+            "followed: point TRACKER_UPSTREAM_URL at the final address",
+            **details,
+        )
+    raise UpstreamBadAnswer(f"{said}; the request was refused and will not be retried", **details)
+
+
+def _is_error_body(answer: Any) -> bool:
+    return (
+        isinstance(answer, dict)
+        and answer.get("success") is False
+        and isinstance(answer.get("error"), dict)
+        and "id" not in answer
+        and "items" not in answer
+    )
+
+
+def _vendor_error(body: Any) -> tuple[str | None, str, str | None]:
+    """(code, message, trace_id) of the vendor's error body, whatever of it is there."""
+    if not isinstance(body, dict):
+        return None, _excerpt(body), None
+    error = body.get("error")
+    trace_id = body.get("trace_id")
+    trace = trace_id if isinstance(trace_id, str) else None
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message")
+        return (
+            code if isinstance(code, str) else None,
+            message if isinstance(message, str) else _excerpt(error),
+            trace,
+        )
+    return None, _excerpt(body), trace
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:  # "-0000": the date is UTC without saying so
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, moment.timestamp() - time.time())
+
+
+def _excerpt(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return repr(text[:EXCERPT_CHARS] + ("…" if len(text) > EXCERPT_CHARS else ""))
