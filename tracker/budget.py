@@ -23,9 +23,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.db import is_postgresql
+from tracker.metrics import BUDGET_WAIT
 from tracker.models import UpstreamCredential
 from tracker.timeutil import utcnow
-
 
 # Slots sit 5 % further apart than 1/rps, so that requests delayed unevenly on their
 # way (scheduling, network) still arrive at no more than rps in any one-second window.
@@ -160,6 +160,7 @@ def wait_for_slot(
 ) -> None:
     """Block until this caller's reserved request slot has come."""
     wait = budget.reserve(max_wait=max_wait)
+    BUDGET_WAIT.observe(wait)
     if wait > 0:
         sleep(wait)
 
