@@ -65,7 +65,7 @@ def make_celery(settings: Settings) -> Celery:
 celery_app = make_celery(get_settings())
 
 
-@setup_logging.connect
+@setup_logging.connect  # type: ignore[untyped-decorator]
 def _use_tracker_logging(**_: Any) -> None:
     """Workers and beats log like every other role (JSON lines, secrets masked)."""
     configure_logging(get_settings())

@@ -158,6 +158,31 @@ def up(
     raise typer.Exit(code)
 
 
+@app.command()
+def demo(
+    tasks: Annotated[int, typer.Option(min=2, max=8, help="How many video tasks to run.")] = 6,
+    max_duration: Annotated[
+        float, typer.Option(help="Longest simulated generation, in seconds.")
+    ] = 12.0,
+    stall_timeout: Annotated[
+        int, typer.Option(help="Deadline of the task that stalls, in seconds.")
+    ] = 20,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 180.0,
+) -> None:
+    """The whole loop on this machine: simulator, tracker and a webhook receiver, live."""
+    from tracker.demo import run_demo
+
+    raise typer.Exit(
+        run_demo(
+            console,
+            tasks=tasks,
+            max_duration=max_duration,
+            stall_timeout=stall_timeout,
+            timeout=timeout,
+        )
+    )
+
+
 @clients_app.command("create")
 def clients_create(
     name: Annotated[str, typer.Argument(help="A name for the application, e.g. `shop-backend`.")],

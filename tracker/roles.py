@@ -57,15 +57,17 @@ class Supervisor:
     """Child processes started together and stopped together (Ctrl-C stops them all)."""
 
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    log_dir: Path | None = None  # None: children write to this terminal
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, args: Sequence[str], *, quiet: bool = False) -> None:
-        output = subprocess.DEVNULL if quiet else None
+    def start(self, name: str, args: Sequence[str]) -> None:
+        """Start `tracker ARGS` as child `name` (its output to log_dir/NAME.log, if set)."""
+        output = (self.log_dir / f"{name}.log").open("ab") if self.log_dir else None
         self.children[name] = subprocess.Popen(
             [sys.executable, "-m", "tracker", *args],
             env=dict(self.env),
             stdout=output,
-            stderr=output,
+            stderr=subprocess.STDOUT if output else None,
         )
 
     def first_exit(self) -> str | None:
