@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from tests.receiver import Receiver
 from tracker import migrate
 from tracker.clients import NewClient, create_client
 from tracker.config import Settings, load_settings
@@ -137,3 +138,11 @@ def redis_url() -> Iterator[str]:
 def pytest_sessionfinish() -> None:
     for engine in _engines.values():
         engine.dispose()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A real webhook receiver on 127.0.0.1: `script()` its answers, read its `requests`."""
+    server = Receiver()
+    yield server
+    server.close()

@@ -17,15 +17,37 @@ countdowns. Nothing here knows about Celery.
 
 from __future__ import annotations
 
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, exists, or_, select
-from sqlalchemy.orm import Session, aliased
+import requests
+from sqlalchemy import ColumnElement, Engine, exists, or_, select
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from tracker.clients import active_secrets
+from tracker.config import Settings
 from tracker.db import is_postgresql
 from tracker.errors import Conflict, DeliveryNotFound
-from tracker.models import WebhookDelivery
-from tracker.states import DELIVERY_PENDING, DELIVERY_SUPERSEDED
+from tracker.models import Client, WebhookAttempt, WebhookDelivery
+from tracker.netguard import Resolver
+from tracker.sender import WebhookAnswer, send_webhook
+from tracker.states import (
+    DELIVERY_FAILED,
+    DELIVERY_PENDING,
+    DELIVERY_SUCCEEDED,
+    DELIVERY_SUPERSEDED,
+)
+from tracker.timeutil import utcnow
+
+log = logging.getLogger("tracker.delivery")
+
+# Scheduled delays vary by +-20 %, so receivers that failed together are not retried together.
+RETRY_JITTER = 0.2
+MANUAL_RETRY_HINT = "`tracker deliveries retry {id}` or `POST /v1/deliveries/{id}/retry`"
 
 
 def _lease_free(now: datetime) -> ColumnElement[bool]:
@@ -141,3 +163,231 @@ def redeliver(
     delivery.updated_at = now
     session.flush()
     return delivery
+
+
+def next_retry_delay(
+    schedule: Sequence[float],
+    attempts_made: int,
+    *,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float | None:
+    """Seconds before the next attempt once `attempts_made` failed; None: the schedule is done.
+
+    `schedule[k]` is the delay before attempt k+1, jittered by +-20 %. A
+    receiver's `Retry-After` is honoured, clamped between the scheduled delay
+    and twice it, so no receiver can push a delivery out for days.
+    """
+    if attempts_made >= len(schedule):
+        return None
+    nominal = schedule[attempts_made]
+    delay = nominal * (rng or random).uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
+    if retry_after is not None:
+        delay = min(max(delay, retry_after), 2 * nominal)
+    return delay
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What one call of `attempt_delivery` did.
+
+    `attempted` is False when nothing was sent and `skipped` says why:
+    `not_found`, `not_pending`, `not_due`, `claimed` (another worker has it)
+    or `waiting_for_older` (an older event of the task is pending or in flight).
+    """
+
+    delivery_id: str
+    attempted: bool
+    status: str | None = None  # the delivery's status afterwards
+    attempt: int | None = None
+    status_code: int | None = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    """What an attempt needs from the database, read in the claiming transaction."""
+
+    id: str
+    callback_url: str
+    payload: str
+    secrets: tuple[str, ...]
+    lease: datetime  # the claim's `claimed_until`: proves the row is still ours afterwards
+
+
+Sessions = Engine | sessionmaker[Session]
+
+
+@contextmanager
+def _transaction(sessions: Sessions) -> Iterator[Session]:
+    if isinstance(sessions, Engine):
+        with Session(sessions, expire_on_commit=False) as session, session.begin():
+            yield session
+    else:
+        with sessions.begin() as session:
+            yield session
+
+
+def attempt_delivery(
+    sessions: Sessions,
+    delivery_id: str,
+    *,
+    settings: Settings,
+    http: requests.Session | None = None,
+    resolver: Resolver | None = None,
+    now_fn: Callable[[], datetime] = utcnow,
+) -> DeliveryOutcome:
+    """One attempt of a due delivery: claim, send outside any transaction, record the outcome.
+
+    Safe to call twice for the same id at once (a duplicated job): the lease lets
+    one call send, the other returns `attempted=False`.
+    """
+    with _transaction(sessions) as session:
+        now = now_fn()
+        delivery = claim_delivery(
+            session, delivery_id, now=now, lease_seconds=settings.webhook_lease
+        )
+        if delivery is None:
+            return _not_claimed(session, delivery_id, now)
+        client = session.get(Client, delivery.client_id)
+        secrets = active_secrets(client, now=now) if client is not None else []
+        lease = delivery.claimed_until
+        assert lease is not None  # claim_delivery has just set it
+        claimed = _Claimed(
+            delivery.id, delivery.callback_url, delivery.payload, tuple(secrets), lease
+        )
+
+    answer = send_webhook(
+        claimed.callback_url,
+        claimed.id,
+        claimed.payload,
+        claimed.secrets,
+        timeout=settings.webhook_timeout,
+        allow_private=settings.webhook_allow_private,
+        http=http,
+        resolver=resolver,
+        now_fn=now_fn,
+    )
+
+    with _transaction(sessions) as session:
+        return _record_attempt(session, claimed, answer, settings=settings, now=now_fn())
+
+
+def _not_claimed(session: Session, delivery_id: str, now: datetime) -> DeliveryOutcome:
+    """Explain why a delivery could not be claimed, for logs and the caller."""
+    delivery = session.get(WebhookDelivery, delivery_id)
+    if delivery is None:
+        return DeliveryOutcome(delivery_id, attempted=False, skipped="not_found")
+    if delivery.status != DELIVERY_PENDING:
+        reason = "not_pending"
+    elif delivery.next_attempt_at is None or delivery.next_attempt_at > now:
+        reason = "not_due"
+    elif delivery.claimed_until is not None and delivery.claimed_until > now:
+        reason = "claimed"
+    else:
+        reason = "waiting_for_older"
+    return DeliveryOutcome(
+        delivery_id,
+        attempted=False,
+        status=delivery.status,
+        next_attempt_at=delivery.next_attempt_at,
+        skipped=reason,
+    )
+
+
+def _record_attempt(
+    session: Session, claimed: _Claimed, answer: WebhookAnswer, *, settings: Settings, now: datetime
+) -> DeliveryOutcome:
+    """Log the attempt; apply the outcome rules if the row is still ours, then free it."""
+    query = select(WebhookDelivery).where(WebhookDelivery.id == claimed.id)
+    if is_postgresql(session):
+        query = query.with_for_update()
+    delivery = session.scalar(query.execution_options(populate_existing=True))
+    if delivery is None:  # the task (and its outbox) was deleted meanwhile
+        return DeliveryOutcome(claimed.id, attempted=True, error=answer.error)
+    delivery.attempts += 1
+    session.add(
+        WebhookAttempt(
+            delivery_id=delivery.id,
+            attempt=delivery.attempts,
+            started_at=answer.started_at,
+            duration_ms=answer.duration_ms,
+            status_code=answer.status_code,
+            response_excerpt=answer.excerpt,
+            error=answer.error,
+        )
+    )
+    still_ours = delivery.claimed_until == claimed.lease
+    if still_ours:
+        delivery.claimed_until = None
+        if delivery.status == DELIVERY_PENDING:
+            _apply_outcome(delivery, answer, settings=settings, now=now)
+    # Otherwise it was superseded, retried by hand or taken over meanwhile: only logged.
+    delivery.updated_at = now
+    session.flush()
+    log.info(
+        "webhook attempt",
+        extra={
+            "delivery_id": delivery.id,
+            "attempt": delivery.attempts,
+            "status_code": answer.status_code,
+            "delivery_status": delivery.status,
+            "duration_ms": answer.duration_ms,
+            "error": answer.error,
+        },
+    )
+    return DeliveryOutcome(
+        delivery.id,
+        attempted=True,
+        status=delivery.status,
+        attempt=delivery.attempts,
+        status_code=answer.status_code,
+        error=answer.error,
+        next_attempt_at=delivery.next_attempt_at,
+    )
+
+
+def _apply_outcome(
+    delivery: WebhookDelivery, answer: WebhookAnswer, *, settings: Settings, now: datetime
+) -> None:
+    """The outcome rules of SPEC section 4 for a pending delivery that was just attempted."""
+    delivery.last_status_code = answer.status_code
+    if answer.succeeded:
+        delivery.status = DELIVERY_SUCCEEDED
+        delivery.delivered_at = now
+        delivery.next_attempt_at = None
+        delivery.failure_code = delivery.failure_message = None
+        return
+    hint = MANUAL_RETRY_HINT.format(id=delivery.id)
+    if answer.refused is not None:
+        _fail(delivery, answer.refused.code, f"{answer.refused.message}; then retry: {hint}")
+        return
+    if answer.status_code == 410:
+        _fail(
+            delivery,
+            "gone",
+            "the receiver answered 410 Gone: it does not want this webhook, so it is not "
+            f"retried; if that was a mistake, fix the receiver and retry: {hint}",
+        )
+        return
+    delay = next_retry_delay(
+        settings.webhook_retry_schedule, delivery.attempts, retry_after=answer.retry_after
+    )
+    if delay is None:
+        _fail(
+            delivery,
+            "retries_exhausted",
+            f"gave up after {delivery.attempts} attempts (TRACKER_WEBHOOK_RETRY_SCHEDULE); "
+            f"last error: {answer.error}. Fix the receiver, then retry: {hint}",
+        )
+        return
+    delivery.next_attempt_at = now + timedelta(seconds=delay)
+
+
+def _fail(delivery: WebhookDelivery, code: str, message: str) -> None:
+    delivery.status = DELIVERY_FAILED
+    delivery.next_attempt_at = None
+    delivery.failure_code = code
+    delivery.failure_message = message

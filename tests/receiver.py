@@ -1,0 +1,138 @@
+"""A real webhook receiver on loopback for tests: scripted answers, every request recorded.
+
+    receiver = Receiver()                    # listens on 127.0.0.1, a free port
+    receiver.script("/hook", Reply(500), Reply(500), Reply(200))
+    url = receiver.url("/hook")              # http://127.0.0.1:<port>/hook
+    ...
+    receiver.requests                        # [Received(method, path, headers, body, at)]
+    receiver.close()
+
+Each path answers its scripted replies in order, then `Reply()` (200) for ever.
+A reply can wait before answering (`delay`) or drip its status line one byte
+at a time (`drip`), to play slow and hostile receivers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b"ok"
+    delay: float = 0.0  # seconds to wait before answering (ended early by close())
+    drip: float = 0.0  # seconds between bytes of the status line, if > 0
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as the receiver saw it; `headers` has lower-case names."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float  # time.monotonic() when the request was read
+
+
+class Receiver:
+    """A threaded HTTP server on 127.0.0.1 that answers as scripted and records requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self._scripts: defaultdict[str, deque[Reply]] = defaultdict(deque)
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._closing = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, path: str = "/hook", *, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def script(self, path: str, *replies: Reply) -> None:
+        """Queue answers for `path`, used in order before the default 200."""
+        with self._lock:
+            self._scripts[path].extend(replies)
+
+    def requests_to(self, path: str) -> list[Received]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
+    def wait_for(self, count: int, *, timeout: float = 5.0) -> list[Received]:
+        """Block until `count` requests arrived (any path); all of them so far."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(self.requests) >= count, timeout):
+                raise AssertionError(
+                    f"expected {count} requests within {timeout} s, got {len(self.requests)}"
+                )
+            return list(self.requests)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _next_reply(self, path: str) -> Reply:
+        with self._lock:
+            queue = self._scripts.get(path)
+            return queue.popleft() if queue else Reply()
+
+    def _record(self, request: Received) -> None:
+        with self._arrived:
+            self.requests.append(request)
+            self._arrived.notify_all()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                receiver._record(
+                    Received(
+                        "POST",
+                        self.path,
+                        {name.lower(): value for name, value in self.headers.items()},
+                        body,
+                        time.monotonic(),
+                    )
+                )
+                self._answer(receiver._next_reply(self.path))
+
+            def _answer(self, reply: Reply) -> None:
+                if reply.delay and receiver._closing.wait(reply.delay):
+                    return
+                if reply.drip:
+                    for byte in f"HTTP/1.1 {reply.status} Slow\r\n".encode():
+                        if receiver._closing.wait(reply.drip):
+                            return
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # keep test output clean
+
+        return Handler

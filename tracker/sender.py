@@ -1,0 +1,183 @@
+"""Send one webhook request: vet the address, sign, POST within a deadline, keep the answer.
+
+`send_webhook` never raises: every outcome, a refused address included, is a
+`WebhookAnswer` for the attempt log. The database side (claims, outcome rules,
+the retry schedule) is `tracker.delivery`'s.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+
+import requests
+import urllib3
+
+from tracker.netguard import (
+    AttemptDeadline,
+    CallbackRefused,
+    PinnedAddressAdapter,
+    Resolver,
+    UnresolvableHost,
+    system_resolver,
+    vet_callback,
+)
+from tracker.signing import webhook_headers
+
+# The attempt log keeps this much of each answer.
+EXCERPT_BYTES = 2048
+# Connections kept open per receiver address by one worker process: about its thread count.
+HTTP_POOL_SIZE = 64
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+@dataclass(frozen=True)
+class WebhookAnswer:
+    """What one request got: a status code and excerpt, or an error; `refused` if never sent."""
+
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None = None
+    excerpt: str | None = None
+    error: str | None = None
+    retry_after: float | None = None  # seconds, from a 429 or 503 answer
+    refused: CallbackRefused | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
+    """`Retry-After` in seconds (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, (moment - now).total_seconds())
+
+
+_http_lock = threading.Lock()
+_http: requests.Session | None = None
+
+
+def http_session() -> requests.Session:
+    """The worker process's pooled HTTP session for webhooks, created on first use."""
+    global _http
+    with _http_lock:
+        if _http is None:
+            session = requests.Session()
+            # Proxy variables and .netrc must not reroute or alter a vetted request.
+            session.trust_env = False
+            adapter = PinnedAddressAdapter(
+                pool_connections=HTTP_POOL_SIZE, pool_maxsize=HTTP_POOL_SIZE, max_retries=0
+            )
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            _http = session
+        return _http
+
+
+def send_webhook(
+    callback_url: str,
+    msg_id: str,
+    payload: str,
+    secrets: Sequence[str],
+    *,
+    timeout: float,
+    allow_private: bool,
+    http: requests.Session | None = None,
+    resolver: Resolver | None = None,
+    now_fn: Callable[[], datetime],
+) -> WebhookAnswer:
+    """POST `payload` to the vetted address of `callback_url`, signed, within `timeout` seconds."""
+    started_at = now_fn()
+    start = time.perf_counter()
+
+    def elapsed_ms() -> int:
+        return round((time.perf_counter() - start) * 1000)
+
+    try:
+        target = vet_callback(
+            callback_url, allow_private=allow_private, resolver=resolver or system_resolver
+        )
+    except CallbackRefused as exc:
+        return WebhookAnswer(started_at, elapsed_ms(), error=exc.message, refused=exc)
+    except UnresolvableHost as exc:
+        return WebhookAnswer(
+            started_at, elapsed_ms(), error=f"{exc}; check the host name of the callback URL"
+        )
+
+    body = payload.encode()
+    headers = webhook_headers(secrets, msg_id, int(started_at.timestamp()), body)
+    headers["Host"] = target.host_header
+    response: requests.Response | None = None
+    complete = False
+    excerpt = error = None
+    with AttemptDeadline(timeout) as deadline:
+        try:
+            response = (http or http_session()).post(
+                target.url,
+                data=body,
+                headers=headers,
+                auth=target.auth,
+                timeout=(timeout, timeout),
+                allow_redirects=False,
+                stream=True,
+            )
+            raw = response.raw.read(EXCERPT_BYTES + 1, decode_content=True)
+            complete = len(raw) <= EXCERPT_BYTES
+            excerpt = raw[:EXCERPT_BYTES].decode("utf-8", errors="replace")
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            error = _describe(exc, target.address, timeout)
+        if deadline.expired:
+            error = _timeout_message(timeout)
+    if response is None:
+        return WebhookAnswer(started_at, elapsed_ms(), error=error)
+    # A fully read answer gives its connection back to the pool; a longer one is dropped.
+    if complete and error is None:
+        response.raw.release_conn()
+    else:
+        response.close()
+
+    code = response.status_code
+    if error is None and 300 <= code < 400:
+        error = (
+            f"the receiver answered {code} (redirect to {response.headers.get('location')!r}); "
+            "redirects are not followed: register the final URL as callback_url"
+        )
+    elif error is None and not 200 <= code < 300:
+        error = f"the receiver answered {code}; it must answer 2xx to acknowledge the webhook"
+    retry_after = None
+    if code in RETRY_AFTER_STATUSES:
+        retry_after = parse_retry_after(response.headers.get("retry-after"), now=started_at)
+    return WebhookAnswer(started_at, elapsed_ms(), code, excerpt, error, retry_after)
+
+
+def _timeout_message(timeout: float) -> str:
+    return (
+        f"no complete answer within {timeout:g} s (TRACKER_WEBHOOK_TIMEOUT); the receiver "
+        "should answer 2xx at once and do slow work afterwards"
+    )
+
+
+def _describe(exc: Exception, address: str, timeout: float) -> str:
+    """The attempt log's error text for a request that got no answer."""
+    if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError):
+        return _timeout_message(timeout)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return f"TLS failed with {address}: {exc}; the receiver needs a valid certificate"
+    if isinstance(exc, requests.ConnectionError):
+        return f"could not connect to {address}: {exc}; is the receiver running and reachable?"
+    return f"request to {address} failed: {type(exc).__name__}: {exc}"
