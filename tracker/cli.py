@@ -31,6 +31,8 @@ clients_app = typer.Typer(help="Applications that register tasks: API keys and w
 tasks_app = typer.Typer(help="Tracked tasks: register one from the shell, list, show history.")
 app.add_typer(clients_app, name="clients", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks", no_args_is_help=True)
+deliveries_app = typer.Typer(help="Webhook deliveries: list them, retry one by hand.")
+app.add_typer(deliveries_app, name="deliveries", no_args_is_help=True)
 
 console = Console()
 err_console = Console(stderr=True)
