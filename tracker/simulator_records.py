@@ -1,0 +1,162 @@
+"""The simulator's tasks and the records it answers for them, shaped like AceData's.
+
+A simulated task is a few facts fixed at creation (when, how long, how it ends);
+its record is computed from them at request time, so a hundred thousand tasks
+cost nothing until asked about. Over its `duration` a task goes through:
+
+    0 %  .. 20 %    no `response` yet
+    20 % .. 50 %    `response.state == "pending"`
+    50 % .. 100 %   `response.state == "processing"`
+    100 %           settled: `completed` (with video and thumbnail) or `failed`;
+                    `finished_at` appears. A `stall` task stays processing forever.
+
+Keys and nesting follow the examples of `upstream/luma-tasks-api.txt`
+(`_id, id, api_id, application_id, created_at, credential_id, request,
+trace_id, user_id, response, finished_at`). With `timing_fields`, settled
+records also carry `started_at` and `elapsed`, which NOTES.md lists but the
+example does not show.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Outcome = Literal["completed", "failed", "stall"]
+Settled = Literal["completed", "failed"]
+Phase = Literal["no_response", "pending", "processing", "completed", "failed"]
+PHASES: tuple[Phase, ...] = ("no_response", "pending", "processing", "completed", "failed")
+
+RESPONSE_AFTER = 0.2  # share of the duration before a response appears
+PROCESSING_AFTER = 0.5  # share of the duration before the state says processing
+CDN = "https://platform.cdn.acedata.cloud"
+VIDEO_WIDTH, VIDEO_HEIGHT = 1360, 752
+TRACE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "tracker-simulator/trace_id")
+VIDEO_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "tracker-simulator/video_id")
+FAILURE = {
+    "code": "generation_failed",
+    "message": "The video could not be generated from this prompt; try another prompt.",
+}
+
+
+def random_uuid(rng: random.Random) -> str:
+    """A version-4 UUID string drawn from `rng`, so a seeded simulator repeats itself."""
+    bits = (
+        rng.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48) | (0x4000 << 64) | (0x8000 << 48)
+    )
+    hex_ = f"{bits:032x}"  # formatted by hand: uuid.UUID() is what made seeding slow
+    return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """The ids AceData stamps on every record of one caller."""
+
+    api_id: str
+    application_id: str
+    credential_id: str
+    user_id: str
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> Account:
+        return cls(random_uuid(rng), random_uuid(rng), random_uuid(rng), random_uuid(rng))
+
+
+@dataclass(slots=True)
+class SimulatedTask:
+    """One task: its record is a function of these facts and the time of asking."""
+
+    id: str
+    service: str
+    object_id: str  # the record's `_id`, a MongoDB ObjectId in AceData's records
+    created_at: float
+    duration: float
+    outcome: Outcome
+    request: dict[str, Any]
+
+    @property
+    def trace_id(self) -> str:
+        """The generation call's trace id, derived from the task id (cheap to seed)."""
+        return str(uuid.uuid5(TRACE_NAMESPACE, self.id))
+
+    @property
+    def video_id(self) -> str:
+        return str(uuid.uuid5(VIDEO_NAMESPACE, self.id))
+
+    @property
+    def settled_at(self) -> float | None:
+        """When the task settles (completed or failed); None for a stall."""
+        return None if self.outcome == "stall" else self.created_at + self.duration
+
+    def phase(self, now: float) -> Phase:
+        """Where the task is at `now`."""
+        elapsed = now - self.created_at
+        if self.outcome != "stall" and elapsed >= self.duration:
+            return self.outcome
+        if elapsed < RESPONSE_AFTER * self.duration:
+            return "no_response"
+        return "pending" if elapsed < PROCESSING_AFTER * self.duration else "processing"
+
+    def finish(self, outcome: Settled, now: float) -> None:
+        """Settle the task with `outcome` now."""
+        self.outcome = outcome
+        self.duration = max(0.0, now - self.created_at)
+
+
+def build_record(
+    task: SimulatedTask, account: Account, now: float, *, timing_fields: bool = False
+) -> dict[str, Any]:
+    """The task record AceData would answer for `task` at `now`."""
+    record: dict[str, Any] = {
+        "_id": task.object_id,
+        "id": task.id,
+        "api_id": account.api_id,
+        "application_id": account.application_id,
+        "created_at": round(task.created_at, 3),
+        "credential_id": account.credential_id,
+        "request": task.request,
+        "trace_id": task.trace_id,
+        "user_id": account.user_id,
+    }
+    phase = task.phase(now)
+    if phase == "no_response":
+        return record
+    started_at = task.created_at + RESPONSE_AFTER * task.duration
+    if timing_fields:
+        record["started_at"] = round(started_at, 3)
+    record["response"] = _response(task, phase)
+    settled_at = task.settled_at
+    if phase in ("completed", "failed") and settled_at is not None:
+        record["finished_at"] = round(settled_at, 3)
+        if timing_fields:
+            record["elapsed"] = round(settled_at - started_at, 3)
+    return record
+
+
+def _response(task: SimulatedTask, phase: Phase) -> dict[str, Any]:
+    if phase in ("pending", "processing"):
+        return {"success": True, "task_id": task.id, "state": phase}
+    if phase == "failed":
+        return {"success": False, "task_id": task.id, "state": "failed", "error": dict(FAILURE)}
+    prompt = task.request.get("prompt")
+    media = f"{CDN}/{task.service}/{task.id}"
+    return {
+        "success": True,
+        "task_id": task.id,
+        "video_id": task.video_id,
+        "prompt": prompt if isinstance(prompt, str) else "",
+        "video_url": f"{media}.mp4",
+        "video_height": VIDEO_HEIGHT,
+        "video_width": VIDEO_WIDTH,
+        "state": "completed",
+        "thumbnail_url": f"{media}.jpg",
+        "thumbnail_width": VIDEO_WIDTH,
+        "thumbnail_height": VIDEO_HEIGHT,
+    }
+
+
+def error_body(code: str, message: str, trace_id: str) -> dict[str, Any]:
+    """The vendor's error body."""
+    return {"success": False, "error": {"code": code, "message": message}, "trace_id": trace_id}
