@@ -185,6 +185,90 @@ def demo(
     )
 
 
+@app.command()
+def simulator(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8099,
+    token: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="TOKEN",
+            help="Accept only this bearer token (repeat for several). Default: any.",
+        ),
+    ] = None,
+    duration: Annotated[
+        str | None,
+        typer.Option(metavar="MIN:MAX", help="Seconds a new task takes to settle. Default 5:20."),
+    ] = None,
+    failure_share: Annotated[
+        float | None, typer.Option(help="Share of new tasks that fail (0-1). Default 0.1.")
+    ] = None,
+    stall_share: Annotated[
+        float | None, typer.Option(help="Share of new tasks that never finish. Default 0.")
+    ] = None,
+    latency: Annotated[
+        float | None, typer.Option(help="Seconds added before every answer. Default 0.")
+    ] = None,
+    error_429_share: Annotated[
+        float | None,
+        typer.Option("--error-429-share", help="Share of requests answered 429. Default 0."),
+    ] = None,
+    error_500_share: Annotated[
+        float | None,
+        typer.Option("--error-500-share", help="Share of requests answered 500. Default 0."),
+    ] = None,
+    batch_cap: Annotated[
+        int | None,
+        typer.Option(help="Most items per retrieve_batch answer; the rest are left out."),
+    ] = None,
+    rate_limit_rps: Annotated[
+        int | None,
+        typer.Option(help="Requests per second per token; more answer 429. Default: no limit."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed, to repeat a run exactly.")] = None,
+) -> None:
+    """A local stand-in for AceData's task APIs, to test against without spending credits.
+
+    Create a task with `POST /luma/videos` (any JSON body), then poll it with
+    `POST /luma/tasks` as AceData documents (`retrieve`, `retrieve_batch`).
+    Tasks settle after a random duration, as completed or failed. Change knobs
+    at run time with `PUT /_sim/config`; see counters at `GET /_sim/stats`.
+    """
+    from pydantic import ValidationError
+
+    from tracker.simulator import SimulatorConfig, serve
+
+    knobs: dict[str, object] = {
+        "tokens": token or None,
+        "failure_share": failure_share,
+        "stall_share": stall_share,
+        "latency": latency,
+        "error_429_share": error_429_share,
+        "error_500_share": error_500_share,
+        "batch_cap": batch_cap,
+        "rate_limit_rps": rate_limit_rps,
+        "seed": seed,
+    }
+    if duration is not None:
+        shortest, _, longest = duration.partition(":")
+        knobs["duration_min"], knobs["duration_max"] = shortest, longest or shortest
+    try:
+        config = SimulatorConfig.model_validate(
+            {name: value for name, value in knobs.items() if value is not None}
+        )
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "options"
+            err_console.print(f"[red]error:[/red] {field}: {error['msg']}")
+        raise typer.Exit(2) from None
+    console.print(f"simulator on http://{host}:{port}  (Ctrl-C stops it)")
+    console.print(f"  create a task  POST http://{host}:{port}/luma/videos")
+    console.print(f"  poll it        POST http://{host}:{port}/luma/tasks")
+    console.print(f"  counters       GET  http://{host}:{port}/_sim/stats")
+    console.print(f"  API docs       http://{host}:{port}/docs")
+    serve(host, port, config)
+
+
 @clients_app.command("create")
 def clients_create(
     name: Annotated[str, typer.Argument(help="A name for the application, e.g. `shop-backend`.")],
