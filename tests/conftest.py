@@ -19,11 +19,13 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from tests.receiver import Receiver
+from tests.sim import SimulatorHandle
 from tracker import migrate
 from tracker.clients import NewClient, create_client
 from tracker.config import Settings, load_settings
 from tracker.db import make_engine
 from tracker.models import Base
+from tracker.simulator import serving_in_thread
 
 PG_ADMIN_URL = os.environ.get(
     "TRACKER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -146,3 +148,19 @@ def receiver() -> Iterator[Receiver]:
     server = Receiver()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def simulator_url() -> Iterator[str]:
+    """The simulator, served from a background thread for the whole session; its base URL."""
+    with serving_in_thread() as url:
+        yield url
+
+
+@pytest.fixture
+def simulator(simulator_url: str) -> Iterator[SimulatorHandle]:
+    """The simulator on loopback, reset for this test: knobs, seeding, stats (tests/sim.py)."""
+    handle = SimulatorHandle(simulator_url)
+    handle.reset()
+    yield handle
+    handle.close()

@@ -15,12 +15,15 @@ errors use the vendor's body `{"success": false, "error": {"code", "message"},
 Admin routes (no auth), for tests, benchmarks and curious users:
 
     GET  /_sim/stats              counters: requests by action and HTTP status,
-                                  retrieve_batch calls, items answered, over_budget,
-                                  max_rate_per_second, tasks by phase
+                                  retrieve_batch calls, ids asked (items_requested) and
+                                  records answered (items_answered) by served calls,
+                                  over_budget (429s of rate_limit_rps),
+                                  max_rate_per_second (any sliding second), tasks by phase
     GET  /_sim/config             the knobs in force
     PUT  /_sim/config             change knobs: a JSON object of `SimulatorConfig` fields
     POST /_sim/tasks              seed tasks: {"tasks": [{"id", "service", "outcome",
-                                  "duration", "prompt"}, ...]}, every field optional
+                                  "duration", "prompt", "age"}, ...]}, every field
+                                  optional (`age`: seconds since it was created)
                                   -> {"ids": [...]}
     GET  /_sim/tasks              every task: id, service, outcome, phase, settled_at
     GET  /_sim/tasks/{id}         one task with its current record

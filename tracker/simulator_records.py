@@ -4,17 +4,19 @@ A simulated task is a few facts fixed at creation (when, how long, how it ends);
 its record is computed from them at request time, so a hundred thousand tasks
 cost nothing until asked about. Over its `duration` a task goes through:
 
-    0 %  .. 20 %    no `response` yet
-    20 % .. 50 %    `response.state == "pending"`
-    50 % .. 100 %   `response.state == "processing"`
-    100 %           settled: `completed` (with video and thumbnail) or `failed`;
-                    `finished_at` appears. A `stall` task stays processing forever.
+    no `response` yet                  the first 10 % of the duration, at most 2 s
+    `response.state == "pending"`      until 25 % of the duration, at most 5 s
+    `response.state == "processing"`   until the duration is over
+    settled                            `completed` (with video and thumbnail) or
+                                       `failed`; `finished_at` appears.
+A `stall` task stays processing forever. Queueing is short and generating is
+long, as with Luma, so a ten-minute task is soon seen running.
 
 Keys and nesting follow the examples of `upstream/luma-tasks-api.txt`
 (`_id, id, api_id, application_id, created_at, credential_id, request,
-trace_id, user_id, response, finished_at`). With `timing_fields`, settled
-records also carry `started_at` and `elapsed`, which NOTES.md lists but the
-example does not show.
+trace_id, user_id, response, finished_at`). With `timing_fields`, records
+also carry `started_at` (once there is a response) and `elapsed` (once
+settled), which NOTES.md lists but the example does not show.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ Settled = Literal["completed", "failed"]
 Phase = Literal["no_response", "pending", "processing", "completed", "failed"]
 PHASES: tuple[Phase, ...] = ("no_response", "pending", "processing", "completed", "failed")
 
-RESPONSE_AFTER = 0.2  # share of the duration before a response appears
-PROCESSING_AFTER = 0.5  # share of the duration before the state says processing
+# When a response appears and when it says processing: a share of the duration, capped.
+RESPONSE_AFTER, RESPONSE_AFTER_CAP = 0.10, 2.0
+PROCESSING_AFTER, PROCESSING_AFTER_CAP = 0.25, 5.0
 CDN = "https://platform.cdn.acedata.cloud"
 VIDEO_WIDTH, VIDEO_HEIGHT = 1360, 752
 TRACE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "tracker-simulator/trace_id")
@@ -86,6 +89,11 @@ class SimulatedTask:
         return str(uuid.uuid5(VIDEO_NAMESPACE, self.id))
 
     @property
+    def started_after(self) -> float:
+        """Seconds from creation until the record has a `response`."""
+        return min(RESPONSE_AFTER * self.duration, RESPONSE_AFTER_CAP)
+
+    @property
     def settled_at(self) -> float | None:
         """When the task settles (completed or failed); None for a stall."""
         return None if self.outcome == "stall" else self.created_at + self.duration
@@ -95,9 +103,10 @@ class SimulatedTask:
         elapsed = now - self.created_at
         if self.outcome != "stall" and elapsed >= self.duration:
             return self.outcome
-        if elapsed < RESPONSE_AFTER * self.duration:
+        if elapsed < self.started_after:
             return "no_response"
-        return "pending" if elapsed < PROCESSING_AFTER * self.duration else "processing"
+        processing_after = min(PROCESSING_AFTER * self.duration, PROCESSING_AFTER_CAP)
+        return "pending" if elapsed < processing_after else "processing"
 
     def finish(self, outcome: Settled, now: float) -> None:
         """Settle the task with `outcome` now."""
@@ -123,7 +132,7 @@ def build_record(
     phase = task.phase(now)
     if phase == "no_response":
         return record
-    started_at = task.created_at + RESPONSE_AFTER * task.duration
+    started_at = task.created_at + task.started_after
     if timing_fields:
         record["started_at"] = round(started_at, 3)
     record["response"] = _response(task, phase)

@@ -96,6 +96,7 @@ class TaskSeed(BaseModel):
     outcome: Outcome | None = None
     duration: Seconds | None = Field(None, description="Seconds to settle; 0: settled already.")
     prompt: str | None = None
+    age: Seconds = Field(0.0, description="Seconds since the task was created, e.g. 10: running.")
 
 
 class SimulatorState:
@@ -116,6 +117,7 @@ class SimulatorState:
             self.by_action: Counter[str] = Counter()
             self.by_status: Counter[int] = Counter()
             self.batch_calls = 0
+            self.items_requested = 0
             self.items_answered = 0
             self.over_budget = 0
             self.max_rate = 0
@@ -152,12 +154,12 @@ class SimulatorState:
         duration = seed.duration
         if duration is None:
             duration = rng.uniform(config.duration_min, config.duration_max)
-        now = time.time()
+        created_at = time.time() - seed.age
         task = SimulatedTask(
             id=seed.id or random_uuid(rng),
             service=service,
-            object_id=f"{int(now):08x}{rng.getrandbits(64):016x}",
-            created_at=now,
+            object_id=f"{int(created_at):08x}{rng.getrandbits(64):016x}",
+            created_at=created_at,
             duration=duration,
             outcome=outcome,
             request=request,
@@ -217,6 +219,7 @@ class SimulatorState:
             if config.batch_cap is not None:
                 tasks = tasks[: config.batch_cap]
             self.batch_calls += 1
+            self.items_requested += len(ids)
             self.items_answered += len(tasks)
             return [
                 build_record(t, self.account, now, timing_fields=config.timing_fields)
@@ -226,6 +229,7 @@ class SimulatorState:
     def record(self, service: str, task_id: str) -> dict[str, Any] | None:
         """The record of one task of `service`, or None if there is no such task."""
         with self.lock:
+            self.items_requested += 1
             task = self.tasks.get(task_id)
             if task is None or task.service != service:
                 return None
@@ -244,6 +248,7 @@ class SimulatorState:
                 "requests_by_action": dict(self.by_action),
                 "requests_by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                 "retrieve_batch_calls": self.batch_calls,
+                "items_requested": self.items_requested,
                 "items_answered": self.items_answered,
                 "over_budget": self.over_budget,
                 "max_rate_per_second": self.max_rate,
