@@ -284,10 +284,14 @@ def _not_claimed(session: Session, delivery_id: str, now: datetime) -> DeliveryO
         reason = "not_pending"
     elif delivery.next_attempt_at is None or delivery.next_attempt_at > now:
         reason = "not_due"
-    elif delivery.claimed_until is not None and delivery.claimed_until > now:
-        reason = "claimed"
-    else:
+    elif session.scalar(
+        select(WebhookDelivery.id).where(
+            WebhookDelivery.id == delivery_id, _older_event_unsettled(now)
+        )
+    ):
         reason = "waiting_for_older"
+    else:  # leased, or locked by a claim not yet committed (PostgreSQL's SKIP LOCKED)
+        reason = "claimed"
     return DeliveryOutcome(
         delivery_id,
         attempted=False,

@@ -31,10 +31,10 @@ class SignatureError(ValueError):
 
 def secret_key(secret: str) -> bytes:
     """The HMAC key of a `whsec_...` secret (the base64 after the prefix)."""
-    encoded = secret.removeprefix(SECRET_PREFIX)
+    encoded = secret.removeprefix(SECRET_PREFIX).rstrip("=")
     try:
-        # Extra padding is ignored by b64decode; secrets stored without it still work.
-        key = base64.b64decode(encoded + "==", validate=True)
+        # Padding restored, so secrets stored without it still work.
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except binascii.Error:
         raise ValueError("a webhook secret must be `whsec_` followed by base64") from None
     if not key:
