@@ -128,8 +128,9 @@ def redeliver(
         query = query.with_for_update()
     delivery = session.scalar(query.execution_options(populate_existing=True))
     if delivery is None:
+        owner = " for this client" if client_id is not None else ""
         raise DeliveryNotFound(
-            f"no delivery {delivery_id!r} for this client; "
+            f"no delivery {delivery_id!r}{owner}; "
             "`GET /v1/deliveries` or `tracker deliveries list` shows them"
         )
     if delivery.status == DELIVERY_SUPERSEDED:
