@@ -63,10 +63,11 @@ class SimulatorHandle:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, body: object = None) -> Any:
+    def _call(self, method: str, path: str, body: object = None) -> dict[str, Any]:
         response = self._http.request(method, self.url + path, json=body, timeout=60)
         if response.status_code >= 400:
             raise AssertionError(
                 f"{method} {path} answered {response.status_code}: {response.text}"
             )
-        return response.json()
+        answer: dict[str, Any] = response.json()
+        return answer

@@ -170,7 +170,7 @@ def test_a_generation_call_creates_a_task_that_records_its_request(
 
 
 def test_finish_settles_a_task_now_and_reports_when(simulator: SimulatorHandle) -> None:
-    [task_id] = simulator.seed([{"outcome": "completed", "duration": 600}])
+    task_id = simulator.generate()
     before = time.time()
     simulator.finish(task_id, "failed")
     record = retrieve(simulator, task_id).json()

@@ -84,9 +84,10 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def count_statuses(request: Request, call_next: Any) -> Response:
+        epoch = state.epoch
         response: Response = await call_next(request)
         if not request.url.path.startswith("/_sim/"):
-            state.count_status(response.status_code)
+            state.count_status(response.status_code, epoch)
         return response
 
     @app.get("/_sim/stats")

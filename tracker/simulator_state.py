@@ -105,11 +105,14 @@ class SimulatorState:
     def __init__(self, config: SimulatorConfig) -> None:
         self.lock = threading.Lock()
         self.initial_config = config
+        self.epoch = 0
         self.clear(config)
 
     def clear(self, config: SimulatorConfig) -> None:
         """Forget every task and counter; run with `config` from now on."""
         with self.lock:
+            # Requests still in flight across a reset must not count in the new epoch.
+            self.epoch += 1
             self.config = config
             self.rng = random.Random(config.seed)
             self.account = Account.draw(self.rng)
@@ -203,9 +206,11 @@ class SimulatorState:
             return Fault("malformed", 200)
         return None
 
-    def count_status(self, status: int) -> None:
+    def count_status(self, status: int, epoch: int) -> None:
+        """Count an answer's status, unless a reset happened since its request arrived."""
         with self.lock:
-            self.by_status[status] += 1
+            if epoch == self.epoch:
+                self.by_status[status] += 1
 
     def records(self, service: str, ids: list[str]) -> list[dict[str, Any]]:
         """The batch answer's items: known ids of this service, after drops, shuffle and cap."""
