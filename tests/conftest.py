@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -122,6 +123,20 @@ def client(session: Session) -> NewClient:
     new = create_client(session, "acme")
     session.commit()
     return new
+
+
+@pytest.fixture
+def api(settings: Settings) -> TestClient:
+    """The HTTP API on the test database, called in-process."""
+    from tracker.api import create_app
+
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def auth(client: NewClient) -> dict[str, str]:
+    """The `Authorization` header of the `client` fixture's API key."""
+    return {"Authorization": f"Bearer {client.api_key}"}
 
 
 @pytest.fixture

@@ -76,6 +76,29 @@ def migrate() -> None:
 
 
 @app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+) -> None:
+    """Run the HTTP API on TRACKER_API_HOST:TRACKER_API_PORT (docs at /docs)."""
+    import uvicorn
+
+    from tracker.api import create_app
+    from tracker.logs import configure_logging
+
+    settings = load_cli_settings()
+    configure_logging(settings)
+    # Every request is logged once, with its trace id, by the API itself.
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.api_host,
+        port=settings.api_port if port is None else port,
+        log_config=None,
+        access_log=False,
+    )
+
+
+@app.command()
 def worker(
     concurrency: Annotated[
         int, typer.Option(help="Jobs at once; threads suit jobs that wait on the network.")
@@ -357,6 +380,122 @@ def tasks_add(
         result = register_task(session, client, registration)
     verb = "registered" if result.created else "already registered"
     console.print(f"{verb}: {service}/{task_id} (state {result.task.state})")
+
+
+@tasks_app.command("list")
+def tasks_list(
+    state: Annotated[str | None, typer.Option(help="Only tasks in this state.")] = None,
+    service: Annotated[str | None, typer.Option(help="Only this service.")] = None,
+    client_name: Annotated[
+        str | None, typer.Option("--client", help="Only this client's tasks (default: all).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="Tasks to show.")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="Continue after a previous page.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what the API answers.")] = False,
+) -> None:
+    """List tracked tasks, newest first, as `GET /v1/tasks` does."""
+    from tracker.cli_views import tasks_table
+    from tracker.clients import get_client
+    from tracker.queries import list_tasks, task_resource
+
+    with cli_transaction() as session:
+        client_id = get_client(session, client_name).id if client_name else None
+        page = list_tasks(
+            session, client_id=client_id, state=state, service=service, limit=limit, cursor=cursor
+        )
+        items = [task_resource(task) for task in page.items]
+        owners = None if client_name else [task.client.name for task in page.items]
+    if as_json:
+        print_json({"items": items, "next_cursor": page.next_cursor})
+        return
+    console.print(tasks_table(items, client_names=owners))
+    if page.next_cursor:
+        console.print(f"more: --cursor {page.next_cursor}")
+
+
+@tasks_app.command("show")
+def tasks_show(
+    task_id: Annotated[str, typer.Argument(help="The upstream task id.")],
+    service: Annotated[str, typer.Option(help="Upstream service.")] = "luma",
+    client_name: Annotated[
+        str | None, typer.Option("--client", help="The client that registered it.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what the API answers.")] = False,
+) -> None:
+    """Show one task: its settings, its history as a timeline, and its webhooks."""
+    from tracker.cli_views import task_timeline
+    from tracker.clients import get_client
+    from tracker.queries import find_tasks, task_detail
+
+    with cli_transaction() as session:
+        client_id = get_client(session, client_name).id if client_name else None
+        found = find_tasks(session, task_id, service=service, client_id=client_id)
+        owners = [task.client.name for task in found]
+        details = [task_detail(task) for task in found]
+    if not found:
+        err_console.print(
+            f"[red]error:[/red] no task {task_id!r} of service {service!r} is tracked"
+        )
+        raise typer.Exit(1)
+    if len(found) > 1:
+        err_console.print(
+            f"[red]error:[/red] task {task_id!r} is registered by several clients "
+            f"({', '.join(owners)}); choose one with --client"
+        )
+        raise typer.Exit(1)
+    if as_json:
+        print_json(details[0])
+        return
+    console.print(task_timeline(details[0], client_name=owners[0]))
+
+
+@deliveries_app.command("list")
+def deliveries_list(
+    status: Annotated[
+        str | None, typer.Option(help="Only this status: pending, succeeded, failed, superseded.")
+    ] = None,
+    task_id: Annotated[str | None, typer.Option(help="Only this task's deliveries.")] = None,
+    client_name: Annotated[
+        str | None, typer.Option("--client", help="Only this client's (default: all).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="Deliveries to show.")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="Continue after a previous page.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what the API answers.")] = False,
+) -> None:
+    """List webhook deliveries, newest first, as `GET /v1/deliveries` does."""
+    from tracker.cli_views import deliveries_table
+    from tracker.clients import get_client
+    from tracker.queries import delivery_resource, list_deliveries
+
+    with cli_transaction() as session:
+        client_id = get_client(session, client_name).id if client_name else None
+        page = list_deliveries(
+            session, client_id=client_id, status=status, task_id=task_id, limit=limit, cursor=cursor
+        )
+        items = [delivery_resource(delivery) for delivery in page.items]
+    if as_json:
+        print_json({"items": items, "next_cursor": page.next_cursor})
+        return
+    console.print(deliveries_table(items))
+    if page.next_cursor:
+        console.print(f"more: --cursor {page.next_cursor}")
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(
+    delivery_id: Annotated[str, typer.Argument(help="The delivery id (its `webhook-id`).")],
+) -> None:
+    """Deliver a webhook again now, with the same webhook-id; also after it failed for good."""
+    from tracker.delivery import redeliver
+    from tracker.timeutil import utcnow
+
+    with cli_transaction() as session:
+        delivery = redeliver(session, delivery_id, now=utcnow())
+        event, attempts = delivery.event, delivery.attempts
+    console.print(
+        f"delivery {delivery_id} ({event}) is due again now, after {attempts} attempts so far; "
+        "a worker sends it on its next sweep (`tracker deliveries list` shows the result)"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m tracker`

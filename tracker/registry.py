@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tracker.config import Settings, get_settings
@@ -86,6 +87,29 @@ def register_task(
     session.add(TaskTransition(task=task, from_state=None, to_state=PENDING, observed_at=now))
     session.flush()
     return Registered(task, created=True)
+
+
+def register_task_safely(
+    session: Session,
+    client: Client,
+    registration: TaskRegistration,
+    *,
+    now: datetime | None = None,
+    settings: Settings | None = None,
+) -> Registered:
+    """`register_task` in a savepoint, safe against a concurrent registration of the same task.
+
+    Two requests racing to register one task both pass the lookup; the loser's
+    insert breaks the unique constraint. Its savepoint is rolled back and the
+    lookup repeated, so it answers as an idempotent repeat or a conflict. A
+    failed item never spoils the rest of the caller's transaction (batches).
+    """
+    try:
+        with session.begin_nested():
+            return register_task(session, client, registration, now=now, settings=settings)
+    except IntegrityError:
+        with session.begin_nested():
+            return register_task(session, client, registration, now=now, settings=settings)
 
 
 def cancel_task(

@@ -18,6 +18,22 @@ MAX_CALLBACK_URL = 2048
 EventName = Literal["task.running", "task.completed", "task.failed", "task.timed_out"]
 
 
+def _contains_nul(value: Any) -> bool:
+    """Whether a JSON value holds a NUL character in any key or string, at any depth."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
 class TaskRegistration(BaseModel):
     """What a client asks the tracker to watch."""
 
@@ -66,14 +82,22 @@ class TaskRegistration(BaseModel):
             raise ValueError(
                 f"must be an absolute http:// or https:// URL with a host (got {value!r})"
             )
-        if any(ch.isspace() for ch in value):
-            raise ValueError(f"must not contain white space (got {value!r})")
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ValueError(f"must not contain white space or control characters (got {value!r})")
         return value
 
     @field_validator("metadata")
     @classmethod
     def _check_metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
-        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        # What the database and every webhook body can hold: strict JSON, valid UTF-8,
+        # no NUL character (PostgreSQL's JSONB refuses it).
+        try:
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            size = len(text.encode())
+        except ValueError as exc:  # NaN or Infinity, or a lone surrogate (not UTF-8)
+            raise ValueError(f"must be strict JSON in UTF-8: {exc}") from None
+        if _contains_nul(value):
+            raise ValueError("must not contain the NUL character (\\u0000)")
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes of JSON (got {size})")
         return value

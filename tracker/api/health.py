@@ -1,0 +1,110 @@
+"""Probes and metrics, without authentication: `/healthz`, `/readyz`, `/metrics`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from tracker import metrics
+from tracker.api.resources import Health, Readiness
+from tracker.budget import credential_key
+from tracker.config import Settings
+from tracker.models import UpstreamCredential
+from tracker.timeutil import isoformat_z
+
+OK = "ok"
+# Readiness must answer quickly, also when a dependency hangs.
+BROKER_TIMEOUT_SECONDS = 2.0
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+def healthz() -> dict[str, Any]:
+    """Always 200 while the process serves requests."""
+    return {"status": OK}
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
+def check_database(sessions: sessionmaker[Session]) -> str:
+    """`ok` if the database answers a query, else why not."""
+    try:
+        with sessions() as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:
+        return f"unreachable: {_first_line(exc)}"
+    return OK
+
+
+def check_broker(url: str, *, timeout: float = BROKER_TIMEOUT_SECONDS) -> str:
+    """`ok` if the Celery broker accepts a connection within `timeout`, else why not."""
+    from kombu.connection import Connection
+
+    try:
+        with Connection(url, connect_timeout=timeout) as connection:  # type: ignore[no-untyped-call]
+            connection.ensure_connection(
+                max_retries=1, timeout=timeout, interval_start=0, interval_step=0
+            )
+    except Exception as exc:
+        return f"unreachable: {_first_line(exc)}"
+    return OK
+
+
+def check_upstream_credentials(sessions: sessionmaker[Session], settings: Settings) -> str:
+    """`ok` unless the upstream rejected the configured token (recorded by the pollers)."""
+    token = settings.upstream_token.get_secret_value() if settings.upstream_token else None
+    try:
+        with sessions() as session:
+            row = session.execute(
+                select(UpstreamCredential.rejected_at, UpstreamCredential.rejected_reason).where(
+                    UpstreamCredential.key == credential_key(token)
+                )
+            ).first()
+    except Exception as exc:
+        return f"unknown: {type(exc).__name__}"
+    if row is None or row.rejected_at is None:
+        return OK
+    return (
+        f"rejected by the upstream at {isoformat_z(row.rejected_at)} ({row.rejected_reason}); "
+        "set a valid TRACKER_UPSTREAM_TOKEN"
+    )
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Database and broker reachable, upstream token not rejected",
+    responses={503: {"model": Readiness, "description": "Not ready; `checks` says why."}},
+)
+def readyz(request: Request) -> JSONResponse:
+    """200 when every dependency is fine, 503 with the reasons otherwise."""
+    settings: Settings = request.app.state.settings
+    sessions: sessionmaker[Session] = request.app.state.sessions
+    checks = {
+        "database": check_database(sessions),
+        "broker": check_broker(settings.effective_broker_url),
+        "upstream_credentials": check_upstream_credentials(sessions, settings),
+    }
+    ready = all(result == OK for result in checks.values())
+    body = {"status": "ready" if ready else "unready", "checks": checks}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    summary="Prometheus metrics",
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+def metrics_text(request: Request) -> Response:
+    """This process's counters (every process's, on a shared host) and the database levels."""
+    return Response(metrics.render(request.app.state.sessions), media_type=CONTENT_TYPE_LATEST)

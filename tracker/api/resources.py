@@ -1,0 +1,151 @@
+"""The API's response bodies as pydantic models, so `/openapi.json` describes every answer.
+
+The dicts themselves are built by the serialisers in `tracker.queries`, shared
+with the CLI's `--json`; these models only describe (and check) them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TaskState = Literal["pending", "running", "completed", "failed", "timed_out", "cancelled"]
+DeliveryStatus = Literal["pending", "succeeded", "failed", "superseded"]
+
+
+class Resource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Failure(Resource):
+    """Why a task failed, or why a delivery gave up."""
+
+    code: str
+    message: str
+
+
+class ErrorDetail(Resource):
+    code: str = Field(description="What went wrong, in snake_case, e.g. `validation_error`.")
+    message: str = Field(description="What is wrong and how to fix it; names the field.")
+
+
+class ErrorBody(Resource):
+    """Every error answer."""
+
+    error: ErrorDetail
+    trace_id: str = Field(description="Also in the `x-trace-id` header and the server's log.")
+
+
+class TaskResource(Resource):
+    task_id: str
+    service: str
+    state: TaskState
+    upstream_state: str | None = Field(description="The upstream's own word for the state.")
+    callback_url: str | None
+    metadata: dict[str, Any]
+    events: list[str]
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+    deadline_at: str
+    polls: int
+    failure: Failure | None
+    record: dict[str, Any] | None = Field(description="The last upstream task record.")
+
+
+class Transition(Resource):
+    from_state: TaskState | None
+    to_state: TaskState
+    upstream_state: str | None
+    observed_at: str
+
+
+class DeliverySummary(Resource):
+    id: str = Field(description="The `webhook-id` header: the same on every attempt.")
+    event: str
+    status: DeliveryStatus
+    attempts: int = Field(description="Attempts made so far.")
+    next_attempt_at: str | None
+    delivered_at: str | None
+    last_status_code: int | None
+    failure: Failure | None
+
+
+class TaskDetail(TaskResource):
+    transitions: list[Transition] = Field(description="Every state change, oldest first.")
+    deliveries: list[DeliverySummary]
+
+
+class TaskPage(Resource):
+    items: list[TaskResource]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: last.")
+
+
+class TaskRegistered(Resource):
+    status: Literal[200, 201] = Field(description="201 registered now, 200 registered already.")
+    task: TaskResource
+
+
+class TaskRejected(Resource):
+    status: Literal[409, 422]
+    error: ErrorDetail
+
+
+class BatchResult(Resource):
+    items: list[TaskRegistered | TaskRejected] = Field(
+        description="One result per registration, in the order sent."
+    )
+
+
+class DeliveryResource(DeliverySummary):
+    task_id: str
+    service: str
+    callback_url: str
+    created_at: str
+    updated_at: str
+
+
+class DeliveryPage(Resource):
+    items: list[DeliveryResource]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: last.")
+
+
+class Attempt(Resource):
+    attempt: int
+    started_at: str
+    duration_ms: int
+    status_code: int | None
+    response_excerpt: str | None = Field(description="The first 2 KiB of the answer.")
+    error: str | None
+
+
+class DeliveryDetail(Resource):
+    """A delivery with its body and every attempt; `attempt_count` is the number of attempts."""
+
+    id: str = Field(description="The `webhook-id` header: the same on every attempt.")
+    event: str
+    status: DeliveryStatus
+    attempt_count: int
+    next_attempt_at: str | None
+    delivered_at: str | None
+    last_status_code: int | None
+    failure: Failure | None
+    task_id: str
+    service: str
+    callback_url: str
+    created_at: str
+    updated_at: str
+    payload: dict[str, Any] = Field(description="The webhook body, the same on every attempt.")
+    attempts: list[Attempt] = Field(description="Every attempt, first first.")
+
+
+class Health(Resource):
+    status: Literal["ok"]
+
+
+class Readiness(Resource):
+    status: Literal["ready", "unready"]
+    checks: dict[str, str] = Field(
+        description="Per dependency (database, broker, upstream_credentials): `ok` or the reason."
+    )

@@ -1,0 +1,168 @@
+"""`/v1/tasks`: register (one or a batch), list, show and cancel the calling client's tasks.
+
+Registering only writes rows: the new task is due for a poll at once and the
+beat's next tick finds it (the database is the truth; nothing runs inline).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tracker.api.deps import CurrentClient, SessionDep, SettingsDep
+from tracker.api.errors import VALIDATION_ERROR, error_responses, validation_message
+from tracker.api.resources import BatchResult, TaskDetail, TaskPage, TaskResource, TaskState
+from tracker.errors import RegistrationConflict
+from tracker.queries import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    get_task,
+    list_tasks,
+    task_detail,
+    task_resource,
+)
+from tracker.registry import cancel_task, register_task_safely
+from tracker.schemas import SERVICE_PATTERN, TASK_ID_PATTERN, TaskRegistration
+from tracker.timeutil import utcnow
+
+MAX_BATCH = 1000
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=error_responses(401, 500))
+
+TaskIdPath = Annotated[
+    str, Path(pattern=TASK_ID_PATTERN, description="The upstream task id.", max_length=128)
+]
+ServiceQuery = Annotated[
+    str, Query(pattern=SERVICE_PATTERN, max_length=32, description="The upstream service.")
+]
+
+
+class BatchRegistration(BaseModel):
+    """Up to 1000 registrations, each checked on its own: a bad one does not stop the rest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[Any] = Field(
+        max_length=MAX_BATCH,
+        description=(
+            "Task registrations, each shaped like the body of `POST /v1/tasks` "
+            "(TaskRegistration); an invalid one answers a 422 item."
+        ),
+    )
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=TaskResource,
+    summary="Register a task",
+    responses={
+        200: {"model": TaskResource, "description": "The same registration existed already."},
+        201: {"description": "Registered; the task is polled from now on."},
+        **error_responses(400, 409, 413, 422),
+    },
+)
+def register(
+    registration: TaskRegistration,
+    session: SessionDep,
+    client: CurrentClient,
+    settings: SettingsDep,
+    response: Response,
+) -> dict[str, Any]:
+    """Start tracking a task: 201 new, 200 for a repeat of the same registration, else 409."""
+    result = register_task_safely(session, client, registration, settings=settings)
+    if not result.created:
+        response.status_code = 200
+    return task_resource(result.task)
+
+
+@router.post(
+    "/batch",
+    response_model=BatchResult,
+    summary="Register up to 1000 tasks",
+    responses=error_responses(400, 413, 422),
+)
+def register_batch(
+    batch: BatchRegistration, session: SessionDep, client: CurrentClient, settings: SettingsDep
+) -> dict[str, Any]:
+    """Register many tasks in one transaction, with one result per item, in order."""
+    items: list[dict[str, Any]] = []
+    for index, raw in enumerate(batch.tasks):
+        try:
+            registration = TaskRegistration.model_validate(raw)
+        except ValidationError as exc:
+            message = validation_message(exc.errors(), prefix=f"tasks[{index}]")
+            items.append({"status": 422, "error": {"code": VALIDATION_ERROR, "message": message}})
+            continue
+        try:
+            result = register_task_safely(session, client, registration, settings=settings)
+        except RegistrationConflict as exc:
+            message = f"tasks[{index}]: {exc.message}"
+            items.append({"status": 409, "error": {"code": exc.code, "message": message}})
+            continue
+        items.append({"status": 201 if result.created else 200, "task": task_resource(result.task)})
+    return {"items": items}
+
+
+@router.get("", response_model=TaskPage, summary="List tasks", responses=error_responses(422))
+def list_(
+    session: SessionDep,
+    client: CurrentClient,
+    state: Annotated[TaskState | None, Query(description="Only tasks in this state.")] = None,
+    service: Annotated[
+        str | None, Query(pattern=SERVICE_PATTERN, max_length=32, description="Only this service.")
+    ] = None,
+    created_after: Annotated[
+        datetime | None, Query(description="Only tasks created after this time (ISO 8601).")
+    ] = None,
+    created_before: Annotated[
+        datetime | None, Query(description="Only tasks created before this time (ISO 8601).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Tasks per page.")] = (
+        DEFAULT_PAGE_SIZE
+    ),
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="`next_cursor` of the previous page.")
+    ] = None,
+) -> dict[str, Any]:
+    """The client's tasks, newest first, a page at a time."""
+    page = list_tasks(
+        session,
+        client_id=client.id,
+        state=state,
+        service=service,
+        created_after=created_after,
+        created_before=created_before,
+        limit=limit,
+        cursor=cursor,
+    )
+    return {"items": [task_resource(t) for t in page.items], "next_cursor": page.next_cursor}
+
+
+@router.get(
+    "/{task_id}",
+    response_model=TaskDetail,
+    summary="Show a task with its history",
+    responses=error_responses(404, 422),
+)
+def show(
+    task_id: TaskIdPath, session: SessionDep, client: CurrentClient, service: ServiceQuery = "luma"
+) -> dict[str, Any]:
+    """One task with its transitions (oldest first) and its webhook deliveries."""
+    return task_detail(get_task(session, task_id, service=service, client_id=client.id))
+
+
+@router.delete(
+    "/{task_id}",
+    response_model=TaskResource,
+    summary="Stop tracking a task",
+    responses=error_responses(404, 422),
+)
+def cancel(
+    task_id: TaskIdPath, session: SessionDep, client: CurrentClient, service: ServiceQuery = "luma"
+) -> dict[str, Any]:
+    """The task becomes `cancelled`: its history stays, no further webhook is sent."""
+    return task_resource(cancel_task(session, client, task_id, service, now=utcnow()))

@@ -1,0 +1,336 @@
+"""The read side of the history database, shared by the HTTP API and the CLI.
+
+Listings are newest first and paged by keyset on `(created_at, id)`: a page is
+one index range scan (`ix_tasks_client_*`, `ix_webhook_deliveries_client_*`),
+however deep the page, never an OFFSET. The cursor is opaque to clients:
+base64url of a small JSON object naming the listing and the last row seen.
+
+`client_id=None` reads across every client (the CLI); the API always passes the
+calling client, so nobody sees another client's rows. The serialisers turn rows
+into the resource dicts of SPEC section 3, the same for API and CLI `--json`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Select, select, tuple_
+from sqlalchemy.orm import Session, joinedload, selectinload
+
+from tracker.errors import DeliveryNotFound, TaskNotFound, TrackerError
+from tracker.models import Task, TaskTransition, WebhookAttempt, WebhookDelivery
+from tracker.timeutil import isoformat_z
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+# Row ids are BIGINT on PostgreSQL: a cursor may not name an id beyond that.
+_MAX_ROW_ID = 2**63 - 1
+_MAX_CURSOR_LENGTH = 512
+
+TASKS_LISTING = "tasks"
+DELIVERIES_LISTING = "deliveries"
+
+RowT = TypeVar("RowT", Task, WebhookDelivery)
+
+
+class InvalidQuery(TrackerError):
+    """A listing parameter the query cannot use; the message names the parameter."""
+
+    code = "invalid_query"
+
+
+class InvalidCursor(InvalidQuery):
+    code = "invalid_cursor"
+
+
+@dataclass(frozen=True)
+class Page(Generic[RowT]):
+    """One page of a listing; `next_cursor` is None on the last page."""
+
+    items: list[RowT]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a page ends: the sort key of its last row."""
+
+    created_at: datetime
+    row_id: int | str
+
+
+def encode_cursor(listing: str, position: Position) -> str:
+    """The opaque cursor that continues `listing` after `position`."""
+    raw = json.dumps(
+        {"l": listing, "t": isoformat_z(position.created_at), "i": position.row_id},
+        separators=(",", ":"),
+    )
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(listing: str, cursor: str) -> Position:
+    """The position a cursor of `listing` names; InvalidCursor if it is not one of ours."""
+    problem = InvalidCursor(
+        "cursor: is not a cursor of this listing; pass the `next_cursor` of the previous "
+        f"page unchanged, or leave it out for the first page (got {cursor[:80]!r})"
+    )
+    if not cursor or len(cursor) > _MAX_CURSOR_LENGTH:
+        raise problem
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = json.loads(raw)
+    except (binascii.Error, ValueError, RecursionError):
+        raise problem from None
+    if not isinstance(value, dict) or set(value) != {"l", "t", "i"} or value["l"] != listing:
+        raise problem
+    moment, row_id = value["t"], value["i"]
+    if not isinstance(moment, str):
+        raise problem
+    try:
+        created_at = datetime.fromisoformat(moment)
+    except ValueError:
+        raise problem from None
+    if created_at.tzinfo is None:
+        raise problem
+    valid_id = (
+        isinstance(row_id, int) and not isinstance(row_id, bool) and 0 <= row_id <= _MAX_ROW_ID
+        if listing == TASKS_LISTING
+        else isinstance(row_id, str) and 0 < len(row_id) <= 64
+    )
+    if not valid_id:
+        raise problem
+    return Position(created_at.astimezone(UTC), row_id)
+
+
+def as_utc(moment: datetime, *, name: str) -> datetime:
+    """`moment` as an aware UTC datetime; a time without zone is taken as UTC."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise InvalidQuery(
+            f"{name}: is outside the range of representable times (got {moment.isoformat()!r})"
+        ) from None
+
+
+def _check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidQuery(f"limit: must be between 1 and {MAX_PAGE_SIZE} (got {limit})")
+    return limit
+
+
+def _page(
+    session: Session,
+    query: Select[RowT],
+    model: type[Task] | type[WebhookDelivery],
+    *,
+    listing: str,
+    limit: int,
+    cursor: str | None,
+) -> Page[RowT]:
+    """Apply the keyset (after `cursor`), the newest-first order and the limit to `query`."""
+    limit = _check_limit(limit)
+    if cursor is not None:
+        after = decode_cursor(listing, cursor)
+        query = query.where(tuple_(model.created_at, model.id) < (after.created_at, after.row_id))
+    query = query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(query).unique())
+    if len(rows) <= limit:
+        return Page(rows, None)
+    last = rows[limit - 1]
+    return Page(rows[:limit], encode_cursor(listing, Position(last.created_at, last.id)))
+
+
+def list_tasks(
+    session: Session,
+    *,
+    client_id: int | None,
+    state: str | None = None,
+    service: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    limit: int = DEFAULT_PAGE_SIZE,
+    cursor: str | None = None,
+) -> Page[Task]:
+    """One page of tasks, newest first; `created_after`/`created_before` are exclusive bounds."""
+    query = select(Task)
+    if client_id is not None:
+        query = query.where(Task.client_id == client_id)
+    if state is not None:
+        query = query.where(Task.state == state)
+    if service is not None:
+        query = query.where(Task.service == service)
+    if created_after is not None:
+        query = query.where(Task.created_at > as_utc(created_after, name="created_after"))
+    if created_before is not None:
+        query = query.where(Task.created_at < as_utc(created_before, name="created_before"))
+    return _page(session, query, Task, listing=TASKS_LISTING, limit=limit, cursor=cursor)
+
+
+def find_tasks(
+    session: Session, task_id: str, *, service: str, client_id: int | None
+) -> list[Task]:
+    """Registrations of one upstream task with transitions and deliveries loaded, oldest first.
+
+    At most one per client; with `client_id=None`, those of every client.
+    """
+    query = (
+        select(Task)
+        .where(Task.task_id == task_id, Task.service == service)
+        .options(selectinload(Task.transitions), selectinload(Task.deliveries))
+        .order_by(Task.id)
+    )
+    if client_id is not None:
+        query = query.where(Task.client_id == client_id)
+    return list(session.scalars(query))
+
+
+def get_task(session: Session, task_id: str, *, service: str, client_id: int) -> Task:
+    """The client's registration of one upstream task; TaskNotFound if it has none."""
+    found = find_tasks(session, task_id, service=service, client_id=client_id)
+    if not found:
+        raise TaskNotFound(
+            f"no task {task_id!r} of service {service!r} is tracked for this client; "
+            "check the id and the `service` parameter"
+        )
+    return found[0]
+
+
+def list_deliveries(
+    session: Session,
+    *,
+    client_id: int | None,
+    status: str | None = None,
+    task_id: str | None = None,
+    limit: int = DEFAULT_PAGE_SIZE,
+    cursor: str | None = None,
+) -> Page[WebhookDelivery]:
+    """One page of webhook deliveries, newest first; `task_id` is the upstream task id."""
+    query = select(WebhookDelivery).options(joinedload(WebhookDelivery.task, innerjoin=True))
+    if client_id is not None:
+        query = query.where(WebhookDelivery.client_id == client_id)
+    if status is not None:
+        query = query.where(WebhookDelivery.status == status)
+    if task_id is not None:
+        registrations = select(Task.id).where(Task.task_id == task_id)
+        if client_id is not None:
+            registrations = registrations.where(Task.client_id == client_id)
+        query = query.where(WebhookDelivery.task_row_id.in_(registrations))
+    return _page(
+        session, query, WebhookDelivery, listing=DELIVERIES_LISTING, limit=limit, cursor=cursor
+    )
+
+
+def get_delivery(session: Session, delivery_id: str, *, client_id: int | None) -> WebhookDelivery:
+    """One delivery with its task and every attempt; DeliveryNotFound if the client has none."""
+    query = (
+        select(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id)
+        .options(joinedload(WebhookDelivery.task), selectinload(WebhookDelivery.attempt_log))
+    )
+    if client_id is not None:
+        query = query.where(WebhookDelivery.client_id == client_id)
+    delivery = session.scalar(query)
+    if delivery is None:
+        raise DeliveryNotFound(
+            f"no webhook delivery {delivery_id!r} for this client; ids are the `webhook-id` "
+            "header, listed by GET /v1/deliveries"
+        )
+    return delivery
+
+
+# Serialisers: rows to the resources of SPEC section 3.
+
+
+def task_resource(task: Task) -> dict[str, Any]:
+    """A task as the API shows it."""
+    return {
+        "task_id": task.task_id,
+        "service": task.service,
+        "state": task.state,
+        "upstream_state": task.upstream_state,
+        "callback_url": task.callback_url,
+        "metadata": task.metadata_,
+        "events": list(task.events),
+        "created_at": isoformat_z(task.created_at),
+        "updated_at": isoformat_z(task.updated_at),
+        "finished_at": isoformat_z(task.finished_at),
+        "deadline_at": isoformat_z(task.deadline_at),
+        "polls": task.polls,
+        "failure": task.failure,
+        "record": task.record,
+    }
+
+
+def transition_resource(transition: TaskTransition) -> dict[str, Any]:
+    return {
+        "from_state": transition.from_state,
+        "to_state": transition.to_state,
+        "upstream_state": transition.upstream_state,
+        "observed_at": isoformat_z(transition.observed_at),
+    }
+
+
+def delivery_summary(delivery: WebhookDelivery) -> dict[str, Any]:
+    """A delivery as listed in a task resource; `attempts` is the number made so far."""
+    return {
+        "id": delivery.id,
+        "event": delivery.event,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "next_attempt_at": isoformat_z(delivery.next_attempt_at),
+        "delivered_at": isoformat_z(delivery.delivered_at),
+        "last_status_code": delivery.last_status_code,
+        "failure": delivery.failure,
+    }
+
+
+def task_detail(task: Task) -> dict[str, Any]:
+    """A task with its transitions (oldest first) and its deliveries."""
+    return {
+        **task_resource(task),
+        "transitions": [transition_resource(t) for t in task.transitions],
+        "deliveries": [delivery_summary(d) for d in task.deliveries],
+    }
+
+
+def delivery_resource(delivery: WebhookDelivery) -> dict[str, Any]:
+    """A delivery as `GET /v1/deliveries` lists it: the summary, its task and its times."""
+    return {
+        **delivery_summary(delivery),
+        "task_id": delivery.task.task_id,
+        "service": delivery.task.service,
+        "callback_url": delivery.callback_url,
+        "created_at": isoformat_z(delivery.created_at),
+        "updated_at": isoformat_z(delivery.updated_at),
+    }
+
+
+def attempt_resource(attempt: WebhookAttempt) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt,
+        "started_at": isoformat_z(attempt.started_at),
+        "duration_ms": attempt.duration_ms,
+        "status_code": attempt.status_code,
+        "response_excerpt": attempt.response_excerpt,
+        "error": attempt.error,
+    }
+
+
+def delivery_detail(delivery: WebhookDelivery) -> dict[str, Any]:
+    """A delivery with its payload and every attempt.
+
+    Here `attempts` is the list of attempts (SPEC section 3) and their number,
+    which the summary calls `attempts`, moves to `attempt_count`.
+    """
+    resource = delivery_resource(delivery)
+    resource["attempt_count"] = resource.pop("attempts")
+    resource["payload"] = json.loads(delivery.payload)
+    resource["attempts"] = [attempt_resource(a) for a in delivery.attempt_log]
+    return resource
