@@ -99,7 +99,8 @@ def deliveries_table(deliveries: list[dict[str, Any]], *, title: str | None = No
     """Deliveries, one row each (the summaries of a task, or the listing's items)."""
     listing = bool(deliveries) and "task_id" in deliveries[0]
     table = Table(title=title, title_justify="left", show_edge=title is None)
-    table.add_column("id")
+    # The id is what `tracker deliveries retry` takes: never shortened.
+    table.add_column("id", no_wrap=True, min_width=36)
     if listing:
         table.add_column("task")
     for name in ("event", "status", "attempts", "last code", "next attempt", "delivered"):

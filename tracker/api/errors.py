@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from tracker.api.resources import ErrorBody
 from tracker.errors import Conflict, NotFound, TrackerError
@@ -160,15 +161,27 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, VALIDATION_ERROR, validation_message(errors), trace_id_of(request))
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method the API documents on this path (Starlette names only one route's)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        pattern, _, _ = compile_path(template)
+        if pattern.match(request.url.path):
+            methods |= {method.upper() for method in operations}
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     status = exc.status_code
+    headers = exc.headers
     if isinstance(exc, ApiError):
         code, message = exc.code, exc.message
     elif status == 404:
         code, message = "not_found", f"no route {request.url.path}; the routes are listed at /docs"
     elif status == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
+        allowed = allowed_methods(request)
+        headers = {**(headers or {}), "Allow": allowed}
         code = "method_not_allowed"
         message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
     elif status == 400:
@@ -177,7 +190,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     else:
         code = _CODE_FOR_STATUS.get(status, "http_error")
         message = str(exc.detail)
-    return error_response(status, code, message, trace_id_of(request), headers=exc.headers)
+    return error_response(status, code, message, trace_id_of(request), headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
