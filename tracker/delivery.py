@@ -50,13 +50,17 @@ RETRY_JITTER = 0.2
 MANUAL_RETRY_HINT = "`tracker deliveries retry {id}` or `POST /v1/deliveries/{id}/retry`"
 
 
+# Built once: a fresh alias per call costs more than the claim's SQL itself.
+_OLDER_DELIVERY = aliased(WebhookDelivery, name="older_delivery")
+
+
 def _lease_free(now: datetime) -> ColumnElement[bool]:
     return or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until <= now)
 
 
 def _older_event_unsettled(now: datetime) -> ColumnElement[bool]:
     """An older delivery of the same task is still pending or in flight: this one must wait."""
-    older = aliased(WebhookDelivery)
+    older = _OLDER_DELIVERY
     return exists().where(
         older.task_row_id == WebhookDelivery.task_row_id,
         older.created_at < WebhookDelivery.created_at,
