@@ -540,6 +540,7 @@ def test_a_newer_event_waits_while_an_older_one_is_in_flight(
 
     assert (waiting.attempted, waiting.skipped) == (False, "waiting_for_older")
     assert (first.attempted, first.status, first.status_code) == (True, "superseded", 200)
+    assert first.follow_up_ids == (completed.id,)  # the job rings for it at once
     assert sent.status == "succeeded"
     assert [r.headers["webhook-id"] for r in receiver.requests] == [running.id, completed.id]
     delivery, attempts = load(engine, running.id)

@@ -209,6 +209,8 @@ class DeliveryOutcome:
     error: str | None = None
     next_attempt_at: datetime | None = None
     skipped: str | None = None
+    # Newer deliveries of the same task that waited for this attempt and are due: enqueue them.
+    follow_up_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -328,11 +330,12 @@ def _record_attempt(
             error=answer.error,
         )
     )
-    still_ours = delivery.claimed_until == claimed.lease
-    if still_ours:
+    follow_up_ids: tuple[str, ...] = ()
+    if delivery.claimed_until == claimed.lease:
         delivery.claimed_until = None
         if delivery.status == DELIVERY_PENDING:
             _apply_outcome(delivery, answer, settings=settings, now=now)
+        follow_up_ids = _waiting_newer_events(session, delivery, now)
     # Otherwise it was superseded, retried by hand or taken over meanwhile: only logged.
     delivery.updated_at = now
     session.flush()
@@ -355,6 +358,27 @@ def _record_attempt(
         status_code=answer.status_code,
         error=answer.error,
         next_attempt_at=delivery.next_attempt_at,
+        follow_up_ids=follow_up_ids,
+    )
+
+
+def _waiting_newer_events(
+    session: Session, delivery: WebhookDelivery, now: datetime
+) -> tuple[str, ...]:
+    """Due deliveries of the same task created after `delivery`: the order rule held them back."""
+    if delivery.status == DELIVERY_PENDING:
+        return ()  # still unsettled: they keep waiting
+    return tuple(
+        session.scalars(
+            select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.task_row_id == delivery.task_row_id,
+                WebhookDelivery.created_at > delivery.created_at,
+                WebhookDelivery.status == DELIVERY_PENDING,
+                WebhookDelivery.next_attempt_at <= now,
+            )
+            .order_by(WebhookDelivery.created_at)
+        )
     )
 
 
