@@ -448,6 +448,21 @@ def test_the_request_goes_to_the_vetted_address_with_the_original_host_header(
     assert request.path == "/hook?source=tracker"
 
 
+def test_an_unreachable_first_address_falls_back_to_the_next_vetted_one(
+    engine: Engine, session: Session, settings: Settings, client: NewClient, receiver: Receiver
+) -> None:
+    """`localhost` often answers ::1 first; a receiver listening on IPv4 only still gets it."""
+    url = f"http://dual.example.test:{receiver.port}/hook"
+    delivery_id = completed_delivery(session, client, settings, url)
+
+    outcome = attempt_delivery(
+        engine, delivery_id, settings=settings, resolver=lambda host, port: ["::1", "127.0.0.1"]
+    )
+
+    assert outcome.status == "succeeded"
+    assert len(receiver.requests) == 1
+
+
 def test_a_claim_is_exclusive_until_its_lease_expires(
     engine: Engine, session: Session, settings: Settings, client: NewClient, receiver: Receiver
 ) -> None:

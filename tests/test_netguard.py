@@ -71,7 +71,8 @@ def test_vetted_target_carries_the_ip_in_the_url_and_the_name_in_the_host_header
         allow_private=False,
         resolver=lambda host, port: ["93.184.216.34", "93.184.216.35"],
     )
-    assert target.url == "https://93.184.216.34:8443/in/hook?x=1"
+    assert target.addresses == ("93.184.216.34", "93.184.216.35")
+    assert target.url_for("93.184.216.34") == "https://93.184.216.34:8443/in/hook?x=1"
     assert target.host_header == "hooks.example.test:8443"
     assert target.auth == ("user", "pw")
 
@@ -81,7 +82,7 @@ def test_ipv6_target_is_bracketed_and_ip_literals_skip_dns() -> None:
         raise AssertionError("an IP literal needs no resolver")
 
     target = vet_callback("http://[2606:4700:4700::1111]/h", allow_private=False, resolver=no_dns)
-    assert target.url == "http://[2606:4700:4700::1111]:80/h"
+    assert target.url_for(target.addresses[0]) == "http://[2606:4700:4700::1111]:80/h"
     assert target.host_header == "[2606:4700:4700::1111]"
 
 

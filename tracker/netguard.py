@@ -69,12 +69,19 @@ class UnresolvableHost(Exception):
 
 @dataclass(frozen=True)
 class VettedTarget:
-    """Where one attempt connects: the URL with the vetted IP in place of the host."""
+    """Where one attempt may connect: the vetted addresses, in the resolver's order."""
 
-    url: str  # scheme://<vetted ip>:port/path?query
+    scheme: str
+    port: int
+    path: str  # with the query, if any
+    addresses: tuple[str, ...]
     host_header: str  # the original host[:port], sent as `Host` and used for TLS
-    address: str
     auth: tuple[str, str] | None  # user:password from the callback URL, if any
+
+    def url_for(self, address: str) -> str:
+        """The callback URL with `address` in place of the host name."""
+        host = f"[{address}]" if ":" in address else address
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
 
 
 def system_resolver(hostname: str, port: int) -> list[str]:
@@ -153,17 +160,16 @@ def vet_callback(url: str, *, allow_private: bool, resolver: Resolver) -> Vetted
                     f"callback host {hostname!r} resolves to {address}, a {reason} address; "
                     + ALLOW_PRIVATE_HINT
                 )
-    chosen = addresses[0]
-    ip_in_url = f"[{chosen}]" if chosen.version == 6 else str(chosen)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    auth = (parts.username, parts.password or "") if parts.username else None
     return VettedTarget(
-        url=f"{parts.scheme}://{ip_in_url}:{port}{path}",
+        scheme=parts.scheme,
+        port=port,
+        path=path,
+        addresses=tuple(dict.fromkeys(str(address) for address in addresses)),
         host_header=parts.netloc.rpartition("@")[2],
-        address=str(chosen),
-        auth=auth,
+        auth=(parts.username, parts.password or "") if parts.username else None,
     )
 
 

@@ -119,6 +119,13 @@ def send_webhook(
             started_at, elapsed_ms(), error=f"{exc}; check the host name of the callback URL"
         )
 
+    if not secrets:
+        return WebhookAnswer(
+            started_at,
+            elapsed_ms(),
+            error="the client has no webhook secret in force to sign with; "
+            "create one with `tracker clients rotate-secret NAME`",
+        )
     body = payload.encode()
     headers = webhook_headers(secrets, msg_id, int(started_at.timestamp()), body)
     headers["Host"] = target.host_header
@@ -126,21 +133,28 @@ def send_webhook(
     complete = False
     excerpt = error = None
     with AttemptDeadline(timeout) as deadline:
-        try:
-            response = (http or http_session()).post(
-                target.url,
-                data=body,
-                headers=headers,
-                auth=target.auth,
-                timeout=(timeout, timeout),
-                allow_redirects=False,
-                stream=True,
-            )
-            raw = response.raw.read(EXCERPT_BYTES + 1, decode_content=True)
-            complete = len(raw) <= EXCERPT_BYTES
-            excerpt = raw[:EXCERPT_BYTES].decode("utf-8", errors="replace")
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            error = _describe(exc, target.address, timeout)
+        for address in target.addresses:
+            try:
+                response = (http or http_session()).post(
+                    target.url_for(address),
+                    data=body,
+                    headers=headers,
+                    auth=target.auth,
+                    timeout=(timeout, timeout),
+                    allow_redirects=False,
+                    stream=True,
+                )
+                raw = response.raw.read(EXCERPT_BYTES + 1, decode_content=True)
+                complete = len(raw) <= EXCERPT_BYTES
+                excerpt = raw[:EXCERPT_BYTES].decode("utf-8", errors="replace")
+                error = None
+                break
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                error = _describe(exc, address, timeout)
+                # Only a refused or unreachable address moves on to the next one
+                # (`localhost` answering ::1 first to an IPv4-only receiver, say).
+                if not _connect_failed(exc) or deadline.expired:
+                    break
         if deadline.expired:
             error = _timeout_message(timeout)
     if response is None:
@@ -169,6 +183,15 @@ def _timeout_message(timeout: float) -> str:
     return (
         f"no complete answer within {timeout:g} s (TRACKER_WEBHOOK_TIMEOUT); the receiver "
         "should answer 2xx at once and do slow work afterwards"
+    )
+
+
+def _connect_failed(exc: Exception) -> bool:
+    """The request never reached the receiver: no connection could be opened."""
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)  # requests wraps urllib3's MaxRetryError
+    return isinstance(exc, requests.exceptions.ConnectTimeout) or isinstance(
+        reason, urllib3.exceptions.NewConnectionError
     )
 
 
