@@ -29,7 +29,8 @@ def get_db(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
+    """The app's settings (async: no I/O, so no hop to the thread pool)."""
     settings: Settings = request.app.state.settings
     return settings
 

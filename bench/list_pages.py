@@ -1,0 +1,279 @@
+"""Benchmark: page through 1,000,000 tasks of one client, newest first, on PostgreSQL.
+
+Seeds a private database (created here, migrated, filled with COPY), then walks
+every page of `GET /v1/tasks` through the query function the API uses (one
+transaction per page, rows serialised to resources, as a request does), walks
+each filter for a stretch, and samples pages through the HTTP app in-process.
+Prints per-page latency p50 / p99 / max with PASS or FAIL against 20 ms (p99).
+
+    .venv/bin/python bench/list_pages.py [--tasks 1000000] [--keep]
+
+PostgreSQL admin URL: TRACKER_BENCH_POSTGRES_URL (default: the tests' server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import requests
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from tracker import migrate
+from tracker.clients import NewClient, create_client
+from tracker.db import make_engine
+from tracker.queries import list_tasks, task_resource
+
+ADMIN_URL = os.environ.get(
+    "TRACKER_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+TARGET_MS = 20.0
+PAGE_SIZE = 50
+COLUMNS = (
+    "client_id, task_id, service, state, upstream_state, callback_url, metadata, events, "
+    "timeout_seconds, created_at, updated_at, finished_at, deadline_at, polls, "
+    "failure_code, failure_message, record, next_poll_at, claimed_until, misses"
+)
+EVENTS = json.dumps(["task.completed", "task.failed", "task.timed_out"])
+RECORD = json.dumps(
+    {"id": "x", "response": {"success": True, "state": "completed", "video_url": "https://v/x"}}
+)
+
+
+@contextmanager
+def private_database() -> Iterator[str]:
+    """A fresh, migrated database, dropped afterwards."""
+    admin = make_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"tracker_bench_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = sa.engine.make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        if "--keep" not in sys.argv:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def seed(url: str, sessions: sessionmaker[Session], count: int) -> NewClient:
+    """`count` tasks of one client a second apart (plus another client's), with COPY."""
+    with sessions() as session, session.begin():
+        bench = create_client(session, "bench")
+        client_id = bench.client.id
+        other_id = create_client(session, "noise").client.id
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    plain = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(plain) as conn, conn.cursor() as cursor:
+        with cursor.copy(f"COPY tasks ({COLUMNS}) FROM STDIN") as copy:
+            for n in range(count + count // 10):
+                owner = client_id if n < count else other_id
+                created = start + timedelta(seconds=n % count, microseconds=n // count)
+                state = ("completed", "completed", "completed", "failed", "running", "pending")[
+                    n % 6
+                ]
+                terminal = state in ("completed", "failed")
+                copy.write_row(
+                    (
+                        owner,
+                        f"task-{n:08d}",
+                        "kling" if n % 5 == 0 else "luma",
+                        state,
+                        state if state != "pending" else None,
+                        "https://hooks.example.com/tracker",
+                        f'{{"order": {n}}}',
+                        EVENTS,
+                        3600,
+                        created,
+                        created,
+                        created + timedelta(minutes=2) if terminal else None,
+                        created + timedelta(hours=1),
+                        7,
+                        "content_policy" if state == "failed" else None,
+                        "prompt refused" if state == "failed" else None,
+                        RECORD if terminal else None,
+                        None if terminal else created,
+                        None,
+                        0,
+                    )
+                )
+        conn.execute("ANALYZE tasks")
+        conn.commit()
+    return bench
+
+
+def timed_pages(
+    fetch: Callable[[str | None], str | None], *, max_pages: int | None = None
+) -> list[float]:
+    """Milliseconds per page, following `next_cursor` until the end or `max_pages`."""
+    times: list[float] = []
+    cursor: str | None = None
+    while True:
+        started = time.perf_counter()
+        cursor = fetch(cursor)
+        times.append((time.perf_counter() - started) * 1000)
+        if cursor is None or (max_pages is not None and len(times) >= max_pages):
+            return times
+
+
+def report(label: str, times: list[float]) -> bool:
+    ordered = sorted(times)
+    p50 = statistics.median(ordered)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    passed = p99 < TARGET_MS
+    print(
+        f"{label:<44} pages {len(times):>6}   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms   "
+        f"max {ordered[-1]:7.2f} ms   {'PASS' if passed else 'FAIL'}"
+    )
+    return passed
+
+
+def query_pager(
+    sessions: sessionmaker[Session], client_id: int, **filters: Any
+) -> Callable[[str | None], str | None]:
+    """One page as the API computes it: a transaction, the keyset query, the resources."""
+
+    def fetch(cursor: str | None) -> str | None:
+        with sessions() as session, session.begin():
+            page = list_tasks(
+                session, client_id=client_id, limit=PAGE_SIZE, cursor=cursor, **filters
+            )
+            [task_resource(task) for task in page.items]
+        return page.next_cursor
+
+    return fetch
+
+
+class ServerSideTimes(logging.Handler):
+    """Collects the duration the API logs for each request (its own time, no client)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        duration = getattr(record, "duration_ms", None)
+        if isinstance(duration, float):
+            self.times.append(duration)
+
+
+@contextmanager
+def serving(url: str) -> Iterator[str]:
+    """The HTTP API under uvicorn in a thread, on a free loopback port; its base URL."""
+    import uvicorn
+
+    from tracker.api import create_app
+    from tracker.config import load_settings
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(load_settings(database_url=url, _env_file=None))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def http_pager(base_url: str, api_key: str) -> Callable[[str | None], str | None]:
+    """One page through real HTTP (uvicorn, auth, validation, JSON), over keep-alive."""
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {api_key}"
+
+    def fetch(cursor: str | None) -> str | None:
+        params: dict[str, Any] = {"limit": PAGE_SIZE, **({"cursor": cursor} if cursor else {})}
+        answer = http.get(f"{base_url}/v1/tasks", params=params, timeout=10)
+        answer.raise_for_status()
+        next_cursor: str | None = answer.json()["next_cursor"]
+        return next_cursor
+
+    return fetch
+
+
+def deep_page_plan(sessions: sessionmaker[Session], client_id: int, middle: datetime) -> str:
+    """EXPLAIN of a page in the middle of the listing: it must be one index range scan."""
+    with sessions() as session, session.begin():
+        plan = session.execute(
+            sa.text(
+                "EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM tasks WHERE client_id = :c "
+                "AND (created_at, id) < (:t, 9223372036854775807) "
+                "ORDER BY created_at DESC, id DESC LIMIT 51"
+            ),
+            {"c": client_id, "t": middle},
+        ).scalars()
+        return "\n".join(f"    {line}" for line in plan)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=1_000_000)
+    parser.add_argument("--keep", action="store_true", help="Keep the database afterwards.")
+    parser.add_argument("--http-pages", type=int, default=1000)
+    args = parser.parse_args()
+
+    with private_database() as url:
+        engine = make_engine(url)
+        sessions = sessionmaker(bind=engine, expire_on_commit=False)
+        started = time.perf_counter()
+        bench = seed(url, sessions, args.tasks)
+        client_id = bench.client.id
+        print(
+            f"seeded {args.tasks:,} tasks (+{args.tasks // 10:,} of another client) "
+            f"in {time.perf_counter() - started:.0f} s"
+        )
+        mid = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=args.tasks // 2)
+        print(deep_page_plan(sessions, client_id, mid))
+        runs: list[tuple[str, dict[str, Any], int | None]] = [
+            ("every page, no filter (query function)", {}, None),
+            ("state=failed, first 2000 pages", {"state": "failed"}, 2000),
+            ("service=kling, first 2000 pages", {"service": "kling"}, 2000),
+            ("created_before=middle, first 2000 pages", {"created_before": mid}, 2000),
+        ]
+        results = [
+            report(label, timed_pages(query_pager(sessions, client_id, **filters), max_pages=cap))
+            for label, filters, cap in runs
+        ]
+        server_side = ServerSideTimes()
+        api_log = logging.getLogger("tracker.api")
+        api_log.setLevel(logging.INFO)
+        with serving(url) as base_url:
+            http = http_pager(base_url, bench.api_key)
+            timed_pages(http, max_pages=5)  # warm up: first requests build caches
+            api_log.addHandler(server_side)
+            http_times = timed_pages(http, max_pages=args.http_pages)
+            api_log.removeHandler(server_side)
+        label = f"first {args.http_pages} pages"
+        results.append(report(f"HTTP GET /v1/tasks, {label}, at the client", http_times))
+        results.append(report(f"HTTP GET /v1/tasks, {label}, in the API", server_side.times))
+        engine.dispose()
+    verdict = all(results)
+    print(f"target: p99 per page < {TARGET_MS:.0f} ms -> {'PASS' if verdict else 'FAIL'}")
+    return 0 if verdict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
