@@ -9,11 +9,13 @@
 
 Each path answers its scripted replies in order, then `Reply()` (200) for ever.
 A reply can wait before answering (`delay`) or drip its status line one byte
-at a time (`drip`), to play slow and hostile receivers.
+at a time (`drip`), to play slow and hostile receivers. `Receiver(tls=context)`
+serves https with the context's certificate.
 """
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections import defaultdict, deque
@@ -46,7 +48,7 @@ class Received:
 class Receiver:
     """A threaded HTTP server on 127.0.0.1 that answers as scripted and records requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[Received] = []
         self._scripts: defaultdict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
@@ -54,6 +56,9 @@ class Receiver:
         self._closing = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
         self.port: int = self._server.server_address[1]
         # A short poll interval makes close() quick: shutdown waits for the next poll.
         self._thread = threading.Thread(
@@ -62,7 +67,7 @@ class Receiver:
         self._thread.start()
 
     def url(self, path: str = "/hook", *, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def script(self, path: str, *replies: Reply) -> None:
         """Queue answers for `path`, used in order before the default 200."""

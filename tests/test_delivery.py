@@ -6,10 +6,13 @@ Deliveries are created the way production creates them: `register_task`, then
 
 from __future__ import annotations
 
+import ssl
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
@@ -32,6 +35,7 @@ from tracker.history import record_transition
 from tracker.models import Task, WebhookAttempt, WebhookDelivery
 from tracker.registry import register_task
 from tracker.schemas import TaskRegistration
+from tracker.sender import new_http_session
 from tracker.timeutil import utcnow
 
 
@@ -461,6 +465,53 @@ def test_an_unreachable_first_address_falls_back_to_the_next_vetted_one(
 
     assert outcome.status == "succeeded"
     assert len(receiver.requests) == 1
+
+
+def _self_signed_certificate(directory: Path, hostname: str) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", f"/CN={hostname}", "-addext", f"subjectAltName=DNS:{hostname}"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_https_to_the_vetted_address_checks_the_certificate_against_the_host_name(
+    tmp_path: Path, engine: Engine, session: Session, settings: Settings, client: NewClient
+) -> None:
+    cert, key = _self_signed_certificate(tmp_path, "hooks.example.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    tls_receiver = Receiver(tls=context)
+    http = new_http_session()
+    http.verify = str(cert)  # trust the test certificate, and nothing else
+    to_loopback = lambda host, port: ["127.0.0.1"]  # noqa: E731
+    try:
+        good = completed_delivery(
+            session, client, settings, tls_receiver.url(host="hooks.example.test"), task_id="good"
+        )
+        wrong = completed_delivery(
+            session, client, settings, tls_receiver.url(host="other.example.test"), task_id="bad"
+        )
+
+        sent = attempt_delivery(engine, good, settings=settings, http=http, resolver=to_loopback)
+        refused = attempt_delivery(
+            engine, wrong, settings=settings, http=http, resolver=to_loopback
+        )
+
+        assert sent.status == "succeeded"
+        (request,) = tls_receiver.requests
+        assert request.headers["host"] == f"hooks.example.test:{tls_receiver.port}"
+        assert refused.status == "pending"
+        assert "TLS failed" in (refused.error or "")
+    finally:
+        http.close()
+        tls_receiver.close()
 
 
 def test_a_claim_is_exclusive_until_its_lease_expires(

@@ -72,20 +72,25 @@ _http_lock = threading.Lock()
 _http: requests.Session | None = None
 
 
+def new_http_session() -> requests.Session:
+    """An HTTP session that connects only to vetted addresses (`PinnedAddressAdapter`)."""
+    session = requests.Session()
+    # Proxy variables and .netrc must not reroute or alter a vetted request.
+    session.trust_env = False
+    adapter = PinnedAddressAdapter(
+        pool_connections=HTTP_POOL_SIZE, pool_maxsize=HTTP_POOL_SIZE, max_retries=0
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 def http_session() -> requests.Session:
     """The worker process's pooled HTTP session for webhooks, created on first use."""
     global _http
     with _http_lock:
         if _http is None:
-            session = requests.Session()
-            # Proxy variables and .netrc must not reroute or alter a vetted request.
-            session.trust_env = False
-            adapter = PinnedAddressAdapter(
-                pool_connections=HTTP_POOL_SIZE, pool_maxsize=HTTP_POOL_SIZE, max_retries=0
-            )
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            _http = session
+            _http = new_http_session()
         return _http
 
 
@@ -101,7 +106,11 @@ def send_webhook(
     resolver: Resolver | None = None,
     now_fn: Callable[[], datetime],
 ) -> WebhookAnswer:
-    """POST `payload` to the vetted address of `callback_url`, signed, within `timeout` seconds."""
+    """POST `payload` to the vetted address of `callback_url`, signed, within `timeout` seconds.
+
+    `http` must mount `PinnedAddressAdapter` (see `new_http_session`); default: the
+    process's pooled session.
+    """
     started_at = now_fn()
     start = time.perf_counter()
 
