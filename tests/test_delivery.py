@@ -715,3 +715,23 @@ def test_due_delivery_ids_lists_pending_due_unleased_rows_oldest_first(
             second,
             leased,
         }
+
+
+def test_redeliver_refuses_an_older_event_once_a_newer_one_exists(
+    engine: Engine, session: Session, settings: Settings, client: NewClient, receiver: Receiver
+) -> None:
+    settings = tune(settings, webhook_retry_schedule=(0.0,))
+    receiver.script("/hook", Reply(500))
+    task = new_task(
+        session, client, settings, receiver.url(), events=["task.running", "task.completed"]
+    )
+    running = transition(session, task, "running")
+    assert running is not None
+    assert attempt_delivery(engine, running.id, settings=settings).status == "failed"
+    completed = transition(session, task, "completed")
+    assert completed is not None
+
+    with pytest.raises(Conflict, match=completed.id) as caught:
+        redeliver(session, running.id, now=utcnow())
+    assert caught.value.code == "delivery_outdated"
+    redeliver(session, completed.id, now=utcnow())  # the newest event may always be resent
