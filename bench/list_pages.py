@@ -3,7 +3,8 @@
 Seeds a private database (created here, migrated, filled with COPY), then walks
 every page of `GET /v1/tasks` through the query function the API uses (one
 transaction per page, rows serialised to resources, as a request does), walks
-each filter for a stretch, and samples pages through the HTTP app in-process.
+each filter for a stretch, and pages through the HTTP API served by `tracker api`
+in its own process (timed at the client, and by the API's own log line).
 Prints per-page latency p50 / p99 / max with PASS or FAIL against 20 ms (p99).
 
     .venv/bin/python bench/list_pages.py [--tasks 1000000] [--keep]
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import socket
 import statistics
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -160,43 +161,44 @@ def query_pager(
     return fetch
 
 
-class ServerSideTimes(logging.Handler):
-    """Collects the duration the API logs for each request (its own time, no client)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[float] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        duration = getattr(record, "duration_ms", None)
-        if isinstance(duration, float):
-            self.times.append(duration)
-
-
 @contextmanager
-def serving(url: str) -> Iterator[str]:
-    """The HTTP API under uvicorn in a thread, on a free loopback port; its base URL."""
-    import uvicorn
-
-    from tracker.api import create_app
-    from tracker.config import load_settings
-
+def serving(url: str, log_path: str) -> Iterator[str]:
+    """`tracker api` in its own process on a free loopback port, logging JSON; its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = create_app(load_settings(database_url=url, _env_file=None))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    env = {**os.environ, "TRACKER_DATABASE_URL": url, "TRACKER_LOG_FORMAT": "json"}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tracker", "api", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+    base_url = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                requests.get(f"{base_url}/healthz", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        yield base_url
     finally:
-        server.should_exit = True
-        thread.join(10)
+        server.terminate()
+        server.wait(10)
+
+
+def server_side_times(log_path: str, path: str) -> list[float]:
+    """The durations the API logged for requests of `path` (its own time, no client)."""
+    times = []
+    with open(log_path) as log:
+        for line in log:
+            if line.startswith("{"):
+                entry = json.loads(line)
+                if entry.get("path") == path and "duration_ms" in entry:
+                    times.append(float(entry["duration_ms"]))
+    return times
 
 
 def http_pager(base_url: str, api_key: str) -> Callable[[str | None], str | None]:
@@ -257,18 +259,14 @@ def main() -> int:
             report(label, timed_pages(query_pager(sessions, client_id, **filters), max_pages=cap))
             for label, filters, cap in runs
         ]
-        server_side = ServerSideTimes()
-        api_log = logging.getLogger("tracker.api")
-        api_log.setLevel(logging.INFO)
-        with serving(url) as base_url:
+        log_path = os.path.join(tempfile.gettempdir(), f"tracker-bench-api-{os.getpid()}.log")
+        with serving(url, log_path) as base_url:
             http = http_pager(base_url, bench.api_key)
-            timed_pages(http, max_pages=5)  # warm up: first requests build caches
-            api_log.addHandler(server_side)
             http_times = timed_pages(http, max_pages=args.http_pages)
-            api_log.removeHandler(server_side)
+        server_times = server_side_times(log_path, "/v1/tasks")
         label = f"first {args.http_pages} pages"
         results.append(report(f"HTTP GET /v1/tasks, {label}, at the client", http_times))
-        results.append(report(f"HTTP GET /v1/tasks, {label}, in the API", server_side.times))
+        results.append(report(f"HTTP GET /v1/tasks, {label}, in the API", server_times))
         engine.dispose()
     verdict = all(results)
     print(f"target: p99 per page < {TARGET_MS:.0f} ms -> {'PASS' if verdict else 'FAIL'}")
