@@ -28,6 +28,7 @@ import requests
 from sqlalchemy import ColumnElement, Engine, exists, or_, select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from tracker import metrics
 from tracker.clients import active_secrets
 from tracker.config import Settings
 from tracker.db import is_postgresql
@@ -350,6 +351,7 @@ def _record_attempt(
             "error": answer.error,
         },
     )
+    _count_attempt(delivery, answer, now)
     return DeliveryOutcome(
         delivery.id,
         attempted=True,
@@ -360,6 +362,15 @@ def _record_attempt(
         next_attempt_at=delivery.next_attempt_at,
         follow_up_ids=follow_up_ids,
     )
+
+
+def _count_attempt(delivery: WebhookDelivery, answer: WebhookAnswer, now: datetime) -> None:
+    metrics.DELIVERY_LATENCY.observe(answer.duration_ms / 1000)
+    outcome = "retry" if delivery.status == DELIVERY_PENDING else delivery.status
+    metrics.DELIVERIES.labels(outcome=outcome).inc()
+    if delivery.status == DELIVERY_SUCCEEDED:
+        # created_at is when the transition was observed: this is the client's wait.
+        metrics.COMPLETION_TO_DELIVERY.observe((now - delivery.created_at).total_seconds())
 
 
 def _waiting_newer_events(

@@ -7,6 +7,7 @@ costs at most a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from tracker.polling import (
     run_poll_batch,
     time_out_overdue_tasks,
 )
+from tracker.states import DELIVERY_PENDING
 from tracker.timeutil import utcnow
 from tracker.upstream import UpstreamClient
 
@@ -43,6 +45,8 @@ log = logging.getLogger("tracker.jobs")
 # Deliveries due longer ago than this are rung again by the sweep: their doorbell was lost.
 OVERDUE_DELIVERY_GRACE = 10.0
 SWEEP_DELIVERY_LIMIT = 1000
+# Retries due within this many seconds get a countdown doorbell of their own.
+SHORT_RETRY = 60.0
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ def ring_delivery_doorbells(delivery_ids: Iterable[str]) -> None:
             log.warning("could not enqueue delivery %s; the sweep will retry", delivery_id)
 
 
-@celery_app.task(name="tracker.dispatch_polls")
+@celery_app.task(name="tracker.dispatch_polls")  # type: ignore[untyped-decorator]
 def dispatch_polls() -> int:
     """Beat tick: lease due tasks and enqueue one poll job per batch of distinct ids."""
     ctx = worker_context()
@@ -108,7 +112,7 @@ def dispatch_polls() -> int:
     return len(batches)
 
 
-@celery_app.task(name="tracker.poll_batch")
+@celery_app.task(name="tracker.poll_batch")  # type: ignore[untyped-decorator]
 def poll_batch(service: str, task_ids: list[str]) -> None:
     ctx = worker_context()
     outcome = run_poll_batch(
@@ -122,7 +126,7 @@ def poll_batch(service: str, task_ids: list[str]) -> None:
     ring_delivery_doorbells(outcome.applied.delivery_ids)
 
 
-@celery_app.task(name="tracker.sweep")
+@celery_app.task(name="tracker.sweep")  # type: ignore[untyped-decorator]
 def sweep() -> None:
     """Beat tick: time out overdue tasks and ring again for deliveries whose doorbell was lost."""
     from datetime import timedelta
@@ -141,9 +145,18 @@ def sweep() -> None:
     ring_delivery_doorbells(overdue)
 
 
-@celery_app.task(name="tracker.deliver")
+@celery_app.task(name="tracker.deliver")  # type: ignore[untyped-decorator]
 def deliver(delivery_id: str) -> None:
     from tracker.delivery import attempt_delivery
 
     ctx = worker_context()
-    attempt_delivery(ctx.sessions, delivery_id, settings=ctx.settings)
+    outcome = attempt_delivery(ctx.sessions, delivery_id, settings=ctx.settings)
+    # Newer events of the task held back by the order rule are due now.
+    ring_delivery_doorbells(outcome.follow_up_ids)
+    if outcome.status == DELIVERY_PENDING and outcome.next_attempt_at is not None:
+        delay = (outcome.next_attempt_at - utcnow()).total_seconds()
+        # Short retries are rung with a countdown; long ones are left to the sweep,
+        # since Redis re-delivers messages held longer than its visibility timeout.
+        if delay <= SHORT_RETRY:
+            with contextlib.suppress(Exception):
+                deliver.apply_async((delivery_id,), countdown=max(0.0, delay))

@@ -89,11 +89,14 @@ class DatabaseLevels(Collector):
             labels=["kind"],
         )
         with self._sessions() as session:
-            by_state = dict(session.execute(select(Task.state, func.count()).group_by(Task.state)))
+            # .all(): a Result has .keys() and would be taken for a mapping by dict().
+            by_state = dict(
+                session.execute(select(Task.state, func.count()).group_by(Task.state)).all()
+            )
             by_status = dict(
                 session.execute(
                     select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
-                )
+                ).all()
             )
             due = session.scalar(
                 select(func.count()).where(

@@ -130,6 +130,8 @@ class Task(Base):
         Index("ix_tasks_client_created", "client_id", "created_at", "id"),
         Index("ix_tasks_client_state_created", "client_id", "state", "created_at", "id"),
         Index("ix_tasks_client_service_created", "client_id", "service", "created_at", "id"),
+        # A client's deliveries by task id, whatever the service.
+        Index("ix_tasks_client_task_id", "client_id", "task_id"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)

@@ -131,7 +131,8 @@ def claim_due_tasks(
         .returning(Task.service, Task.task_id, Task.next_poll_at)
         .execution_options(synchronize_session=False)
     )
-    return [Claim(*row) for row in claimed]
+    # next_poll_at is set on every row the claim matched (it was compared with now).
+    return [Claim(service, task_id, due_at or now) for service, task_id, due_at in claimed]
 
 
 def plan_batches(claimed: Iterable[Claim], batch_size: int) -> list[PollBatch]:

@@ -28,7 +28,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from tracker import __version__
+from tracker import __version__, metrics
 from tracker.config import Settings
 from tracker.errors import (
     UpstreamAuthError,
@@ -153,6 +153,19 @@ class UpstreamClient:
     def _attempt(self, url: str, body: dict[str, Any]) -> Any:
         if self.before_request is not None:
             self.before_request()
+        action = str(body.get("action"))
+        started = time.perf_counter()
+        try:
+            answer = self._send(url, body)
+        except UpstreamError as exc:
+            metrics.UPSTREAM_REQUESTS.labels(action=action, outcome=exc.code).inc()
+            raise
+        finally:
+            metrics.UPSTREAM_LATENCY.labels(action=action).observe(time.perf_counter() - started)
+        metrics.UPSTREAM_REQUESTS.labels(action=action, outcome="ok").inc()
+        return answer
+
+    def _send(self, url: str, body: dict[str, Any]) -> Any:
         try:
             response = self.session.post(
                 url, json=body, headers=self.headers, timeout=self.timeout, allow_redirects=False

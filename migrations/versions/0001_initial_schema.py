@@ -98,6 +98,7 @@ def upgrade() -> None:
             ["client_id", "service", "created_at", "id"],
             unique=False,
         )
+        batch_op.create_index("ix_tasks_client_task_id", ["client_id", "task_id"], unique=False)
         batch_op.create_index(
             "ix_tasks_client_state_created",
             ["client_id", "state", "created_at", "id"],
@@ -284,6 +285,7 @@ def downgrade() -> None:
             postgresql_where=sa.text("state IN ('pending', 'running')"),
             sqlite_where=sa.text("state IN ('pending', 'running')"),
         )
+        batch_op.drop_index("ix_tasks_client_task_id")
         batch_op.drop_index("ix_tasks_client_state_created")
         batch_op.drop_index("ix_tasks_client_service_created")
         batch_op.drop_index("ix_tasks_client_created")

@@ -1,0 +1,292 @@
+"""The polling loop end to end: real worker and beat processes, the simulator as upstream.
+
+Slow by nature (processes start in seconds); each scenario uses a few hundred tasks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tests.processes import TrackerProcesses, wait_until
+from tests.sim import SimulatorHandle
+from tracker.budget import DatabaseBudget, credential_key
+from tracker.clients import create_client
+from tracker.config import Settings
+from tracker.db import make_engine, session_factory
+from tracker.models import Task, TaskTransition
+from tracker.polling import claim_due_tasks, plan_batches, run_poll_batch
+from tracker.registry import register_task
+from tracker.schemas import TaskRegistration
+from tracker.states import ACTIVE_STATES, can_transition
+from tracker.timeutil import utcnow
+from tracker.upstream import UpstreamClient
+
+pytestmark = pytest.mark.slow
+
+BROKER_DB = "redis://127.0.0.1:6379/14"
+
+
+def tracker_env(db_url: str, simulator: SimulatorHandle, broker: str | None) -> dict[str, str]:
+    env = {
+        "TRACKER_DATABASE_URL": db_url,
+        "TRACKER_UPSTREAM_URL": simulator.url,
+        "TRACKER_UPSTREAM_TOKEN": "test-token",
+        "TRACKER_POLL_INTERVAL": "1",
+        "TRACKER_MAX_POLL_INTERVAL": "2",
+        "TRACKER_SWEEP_INTERVAL": "1",
+        "TRACKER_POLL_LEASE": "5",
+        "TRACKER_WEBHOOK_ALLOW_PRIVATE": "true",
+        "TRACKER_METRICS_PORT": "0",
+        "TRACKER_LOG_FORMAT": "json",
+    }
+    if broker:
+        env["TRACKER_BROKER_URL"] = broker
+    return env
+
+
+@pytest.fixture
+def broker() -> Iterator[str]:
+    conn = redis.Redis.from_url(BROKER_DB)
+    conn.flushdb()
+    yield BROKER_DB
+    conn.flushdb()
+    conn.close()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[list[TrackerProcesses]]:
+    """Collects the TrackerProcesses a test starts, and stops them all at the end."""
+    started: list[TrackerProcesses] = []
+    yield started
+    for group in started:
+        group.stop_all()
+
+
+def seed_outcomes(simulator: SimulatorHandle, count: int, *, max_duration: float) -> dict[str, str]:
+    """`count` simulator tasks with known outcomes; {upstream id: expected tracker state}."""
+    rng = random.Random(count)
+    outcomes = [rng.choice(["completed", "completed", "failed"]) for _ in range(count)]
+    tasks = [
+        {"service": "luma", "outcome": outcome, "duration": rng.uniform(0, max_duration)}
+        for outcome in outcomes
+    ]
+    ids = simulator.seed(tasks)
+    return dict(zip(ids, outcomes, strict=True))
+
+
+def register_all(db_url: str, settings: Settings, ids: list[str], *, clients: int = 1) -> list[int]:
+    engine = make_engine(db_url)
+    with Session(engine) as session, session.begin():
+        owners = [create_client(session, f"client-{n}").client for n in range(clients)]
+        rows = []
+        for owner in owners:
+            for task_id in ids:
+                task = register_task(
+                    session, owner, TaskRegistration(task_id=task_id), settings=settings
+                ).task
+                rows.append(task)
+        session.flush()
+        row_ids = [task.id for task in rows]
+    engine.dispose()
+    return row_ids
+
+
+def task_states(db_url: str) -> dict[tuple[int, str], str]:
+    engine = make_engine(db_url)
+    with Session(engine) as session:
+        rows = session.execute(select(Task.client_id, Task.task_id, Task.state)).all()
+    engine.dispose()
+    return {(client_id, task_id): state for client_id, task_id, state in rows}
+
+
+def all_terminal(db_url: str) -> bool:
+    return all(state not in ACTIVE_STATES for state in task_states(db_url).values())
+
+
+def assert_clean_histories(db_url: str) -> None:
+    """Every task's transitions form one legal path from registration, without repeats."""
+    engine = make_engine(db_url)
+    with Session(engine) as session:
+        rows = session.execute(
+            select(
+                TaskTransition.task_row_id, TaskTransition.from_state, TaskTransition.to_state
+            ).order_by(TaskTransition.id)
+        ).all()
+    engine.dispose()
+    paths: dict[int, list[tuple[str | None, str]]] = {}
+    for row_id, from_state, to_state in rows:
+        paths.setdefault(row_id, []).append((from_state, to_state))
+    for row_id, path in paths.items():
+        assert path[0] == (None, "pending"), f"task {row_id}: {path}"
+        for (_, previous_to), (from_state, to_state) in itertools.pairwise(path):
+            assert from_state == previous_to, f"task {row_id} skipped a step: {path}"
+            assert can_transition(previous_to, to_state), f"task {row_id}: {path}"
+
+
+@pytest.mark.parametrize(
+    ("backend", "use_redis"),
+    [("postgresql", True), ("sqlite", False)],
+    ids=["postgresql+redis", "sqlite+embedded-broker"],
+)
+def test_registered_tasks_reach_their_true_terminal_state(
+    request: pytest.FixtureRequest,
+    backend: str,
+    use_redis: bool,
+    simulator: SimulatorHandle,
+    processes: list[TrackerProcesses],
+    tmp_path: Path,
+    settings: Settings,
+) -> None:
+    db_url = _fresh(request, backend)
+    broker = request.getfixturevalue("broker") if use_redis else None
+    expected = seed_outcomes(simulator, 500, max_duration=4)
+    register_all(db_url, settings, list(expected))
+    group = TrackerProcesses(tracker_env(db_url, simulator, broker), tmp_path)
+    processes.append(group)
+    group.worker()
+    group.beat()
+    try:
+        wait_until(lambda: all_terminal(db_url), timeout=120, what="every task terminal")
+    except AssertionError:
+        print(group.logs())
+        raise
+    states = task_states(db_url)
+    assert {task_id: state for (_, task_id), state in states.items()} == expected
+    assert_clean_histories(db_url)
+
+
+def _fresh(request: pytest.FixtureRequest, backend: str) -> str:
+    """The session's database of `backend`, emptied (what the `db_url` fixture does)."""
+    from tests.conftest import _empty, _engine_for
+
+    url: str = request.getfixturevalue(f"{backend}_database_url")
+    _empty(_engine_for(url))
+    return url
+
+
+def test_each_tick_asks_for_each_distinct_id_once(
+    db_url: str, simulator: SimulatorHandle, settings: Settings
+) -> None:
+    """100 ids, 20 of them watched by three clients: two retrieve_batch calls, each id once."""
+    seed = {"service": "luma", "outcome": "completed", "duration": 600, "age": 10}
+    ids = simulator.seed([seed] * 100)
+    engine = make_engine(db_url)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        owners = [create_client(session, name).client for name in ("a", "b", "c")]
+        for index, task_id in enumerate(ids):
+            for owner in owners if index < 20 else owners[:1]:
+                register_task(session, owner, TaskRegistration(task_id=task_id), settings=settings)
+    before = simulator.stats()
+    with sessions.begin() as session:
+        claims = claim_due_tasks(session, now=utcnow(), limit=1000, lease_seconds=30)
+    assert len(claims) == 140
+    batches = plan_batches(claims, settings.batch_size)
+    upstream = UpstreamClient.from_settings(
+        settings.model_copy(update={"upstream_url": simulator.url}), max_retries=0
+    )
+    budget = DatabaseBudget(sessions, credential_key("test-token"), settings.upstream_rps)
+    for batch in batches:
+        run_poll_batch(sessions, upstream, budget, batch, settings=settings, credential="tok_test")
+    after = simulator.stats()
+    calls = after["retrieve_batch_calls"] - before["retrieve_batch_calls"]
+    assert calls == math.ceil(100 / settings.batch_size) == len(batches)
+    assert after["items_requested"] - before["items_requested"] == 100
+    with Session(engine) as session:
+        running = session.scalars(select(Task.state)).all()
+    assert set(running) == {"running"}
+    engine.dispose()
+
+
+def test_two_beats_and_three_workers_write_each_transition_once(
+    postgresql_database_url: str,
+    broker: str,
+    simulator: SimulatorHandle,
+    processes: list[TrackerProcesses],
+    tmp_path: Path,
+    settings: Settings,
+) -> None:
+    from tests.conftest import _empty, _engine_for
+
+    db_url = postgresql_database_url
+    _empty(_engine_for(db_url))
+    expected = seed_outcomes(simulator, 300, max_duration=6)
+    register_all(db_url, settings, list(expected), clients=2)
+    group = TrackerProcesses(tracker_env(db_url, simulator, broker), tmp_path)
+    processes.append(group)
+    for _ in range(3):
+        group.worker(concurrency=4)
+    group.beat()
+    group.beat()
+    wait_until(lambda: all_terminal(db_url), timeout=120, what="every task terminal")
+    states = task_states(db_url)
+    assert {(task_id, state) for (_, task_id), state in states.items()} == set(expected.items())
+    assert_clean_histories(db_url)
+
+
+def test_flushing_redis_mid_run_loses_no_task(
+    postgresql_database_url: str,
+    broker: str,
+    simulator: SimulatorHandle,
+    processes: list[TrackerProcesses],
+    tmp_path: Path,
+    settings: Settings,
+) -> None:
+    from tests.conftest import _empty, _engine_for
+
+    db_url = postgresql_database_url
+    _empty(_engine_for(db_url))
+    expected = seed_outcomes(simulator, 200, max_duration=8)
+    register_all(db_url, settings, list(expected))
+    group = TrackerProcesses(tracker_env(db_url, simulator, broker), tmp_path)
+    processes.append(group)
+    group.worker()
+    group.beat()
+    wait_until(lambda: simulator.stats()["retrieve_batch_calls"] > 3, timeout=30, what="polling")
+    redis.Redis.from_url(broker).flushdb()  # every queued message is gone
+    wait_until(lambda: all_terminal(db_url), timeout=120, what="every task terminal")
+    states = task_states(db_url)
+    assert {task_id: state for (_, task_id), state in states.items()} == expected
+
+
+def test_capped_and_rate_limited_upstream_still_finishes_every_task_within_budget(
+    postgresql_database_url: str,
+    broker: str,
+    simulator: SimulatorHandle,
+    processes: list[TrackerProcesses],
+    tmp_path: Path,
+    settings: Settings,
+) -> None:
+    """Batch answers capped at 7 items and 429s on a third of requests: all end, 0 over budget."""
+    from tests.conftest import _empty, _engine_for
+
+    db_url = postgresql_database_url
+    _empty(_engine_for(db_url))
+    simulator.configure(batch_cap=7, error_429_share=0.33, retry_after=1, rate_limit_rps=20)
+    expected = seed_outcomes(simulator, 200, max_duration=3)
+    register_all(db_url, settings, list(expected))
+    env = tracker_env(db_url, simulator, broker)
+    env["TRACKER_NOT_FOUND_AFTER"] = "3"
+    group = TrackerProcesses(env, tmp_path)
+    processes.append(group)
+    group.worker()
+    group.beat()
+    try:
+        wait_until(lambda: all_terminal(db_url), timeout=150, what="every task terminal")
+    except AssertionError:
+        print(group.logs())
+        raise
+    states = task_states(db_url)
+    assert {task_id: state for (_, task_id), state in states.items()} == expected
+    stats: dict[str, Any] = simulator.stats()
+    assert stats["over_budget"] == 0
