@@ -199,7 +199,7 @@ def run_demo(
         )
         answer = requests.post(f"{sim_url}/_sim/tasks", json={"tasks": plan}, timeout=10)
         answer.raise_for_status()
-        ids = [task["id"] for task in answer.json()["tasks"]]
+        ids: list[str] = answer.json()["ids"]
         prompts = {task_id: str(step["prompt"]) for task_id, step in zip(ids, plan, strict=True)}
 
         auth = {"authorization": f"Bearer {demo.api_key}"}
