@@ -21,7 +21,7 @@ from tests.processes import TrackerProcesses, wait_until
 from tests.sim import SimulatorHandle
 from tracker.budget import DatabaseBudget, credential_key
 from tracker.clients import create_client
-from tracker.config import Settings
+from tracker.config import Settings, load_settings
 from tracker.db import make_engine, session_factory
 from tracker.models import Task, TaskTransition
 from tracker.polling import claim_due_tasks, plan_batches, run_poll_batch
@@ -52,6 +52,12 @@ def tracker_env(db_url: str, simulator: SimulatorHandle, broker: str | None) -> 
     if broker:
         env["TRACKER_BROKER_URL"] = broker
     return env
+
+
+@pytest.fixture
+def plain_settings() -> Settings:
+    """Settings for registering in-process; the database comes from each test (no db_url)."""
+    return load_settings(upstream_token="test-token", _env_file=None)
 
 
 @pytest.fixture
@@ -145,12 +151,12 @@ def test_registered_tasks_reach_their_true_terminal_state(
     simulator: SimulatorHandle,
     processes: list[TrackerProcesses],
     tmp_path: Path,
-    settings: Settings,
+    plain_settings: Settings,
 ) -> None:
     db_url = _fresh(request, backend)
     broker = request.getfixturevalue("broker") if use_redis else None
     expected = seed_outcomes(simulator, 500, max_duration=4)
-    register_all(db_url, settings, list(expected))
+    register_all(db_url, plain_settings, list(expected))
     group = TrackerProcesses(tracker_env(db_url, simulator, broker), tmp_path)
     processes.append(group)
     group.worker()
@@ -214,14 +220,14 @@ def test_two_beats_and_three_workers_write_each_transition_once(
     simulator: SimulatorHandle,
     processes: list[TrackerProcesses],
     tmp_path: Path,
-    settings: Settings,
+    plain_settings: Settings,
 ) -> None:
     from tests.conftest import _empty, _engine_for
 
     db_url = postgresql_database_url
     _empty(_engine_for(db_url))
     expected = seed_outcomes(simulator, 300, max_duration=6)
-    register_all(db_url, settings, list(expected), clients=2)
+    register_all(db_url, plain_settings, list(expected), clients=2)
     group = TrackerProcesses(tracker_env(db_url, simulator, broker), tmp_path)
     processes.append(group)
     for _ in range(3):
@@ -240,14 +246,14 @@ def test_flushing_redis_mid_run_loses_no_task(
     simulator: SimulatorHandle,
     processes: list[TrackerProcesses],
     tmp_path: Path,
-    settings: Settings,
+    plain_settings: Settings,
 ) -> None:
     from tests.conftest import _empty, _engine_for
 
     db_url = postgresql_database_url
     _empty(_engine_for(db_url))
     expected = seed_outcomes(simulator, 200, max_duration=8)
-    register_all(db_url, settings, list(expected))
+    register_all(db_url, plain_settings, list(expected))
     group = TrackerProcesses(tracker_env(db_url, simulator, broker), tmp_path)
     processes.append(group)
     group.worker()
@@ -265,7 +271,7 @@ def test_capped_and_rate_limited_upstream_still_finishes_every_task_within_budge
     simulator: SimulatorHandle,
     processes: list[TrackerProcesses],
     tmp_path: Path,
-    settings: Settings,
+    plain_settings: Settings,
 ) -> None:
     """Batch answers capped at 7 items and 429s on a third of requests: all end, 0 over budget."""
     from tests.conftest import _empty, _engine_for
@@ -274,7 +280,7 @@ def test_capped_and_rate_limited_upstream_still_finishes_every_task_within_budge
     _empty(_engine_for(db_url))
     simulator.configure(batch_cap=7, error_429_share=0.33, retry_after=1, rate_limit_rps=20)
     expected = seed_outcomes(simulator, 200, max_duration=3)
-    register_all(db_url, settings, list(expected))
+    register_all(db_url, plain_settings, list(expected))
     env = tracker_env(db_url, simulator, broker)
     env["TRACKER_NOT_FOUND_AFTER"] = "3"
     group = TrackerProcesses(env, tmp_path)
