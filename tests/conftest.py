@@ -179,3 +179,23 @@ def simulator(simulator_url: str) -> Iterator[SimulatorHandle]:
     handle.reset()
     yield handle
     handle.close()
+
+
+BROKER_URL = os.environ.get("TRACKER_TEST_BROKER_URL", "redis://127.0.0.1:6379/14")
+
+
+@pytest.fixture
+def pg_url(postgresql_database_url: str) -> str:
+    """The session's PostgreSQL database, emptied: for tests that only make sense there."""
+    _empty(_engine_for(postgresql_database_url))
+    return postgresql_database_url
+
+
+@pytest.fixture
+def broker() -> Iterator[str]:
+    """A Redis database used as the Celery broker of end-to-end tests, emptied around each."""
+    conn = redis.Redis.from_url(BROKER_URL)
+    conn.flushdb()
+    yield BROKER_URL
+    conn.flushdb()
+    conn.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,40 +15,17 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
-from tests.conftest import _empty, _engine_for
+from tests.conftest import _engine_for
 from tests.processes import TrackerProcesses, wait_until
 from tests.receiver import Receiver, Reply
 from tests.sim import SimulatorHandle
 from tracker.clients import NewClient, create_client
 from tracker.config import load_settings
+from tracker.demo import free_port
 from tracker.models import TaskTransition, WebhookDelivery
 from tracker.states import TERMINAL_STATES
 
 pytestmark = pytest.mark.slow
-
-BROKER_DB = "redis://127.0.0.1:6379/14"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def pg_url(postgresql_database_url: str) -> str:
-    _empty(_engine_for(postgresql_database_url))
-    return postgresql_database_url
-
-
-@pytest.fixture
-def broker() -> Iterator[str]:
-    conn = redis.Redis.from_url(BROKER_DB)
-    conn.flushdb()
-    yield BROKER_DB
-    conn.flushdb()
-    conn.close()
 
 
 @pytest.fixture

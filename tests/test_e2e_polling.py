@@ -33,8 +33,6 @@ from tracker.upstream import UpstreamClient
 
 pytestmark = pytest.mark.slow
 
-BROKER_DB = "redis://127.0.0.1:6379/14"
-
 
 def tracker_env(db_url: str, simulator: SimulatorHandle, broker: str | None) -> dict[str, str]:
     env = {
@@ -58,15 +56,6 @@ def tracker_env(db_url: str, simulator: SimulatorHandle, broker: str | None) -> 
 def plain_settings() -> Settings:
     """Settings for registering in-process; the database comes from each test (no db_url)."""
     return load_settings(upstream_token="test-token", _env_file=None)
-
-
-@pytest.fixture
-def broker() -> Iterator[str]:
-    conn = redis.Redis.from_url(BROKER_DB)
-    conn.flushdb()
-    yield BROKER_DB
-    conn.flushdb()
-    conn.close()
 
 
 @pytest.fixture
@@ -215,17 +204,14 @@ def test_each_tick_asks_for_each_distinct_id_once(
 
 
 def test_two_beats_and_three_workers_write_each_transition_once(
-    postgresql_database_url: str,
+    pg_url: str,
     broker: str,
     simulator: SimulatorHandle,
     processes: list[TrackerProcesses],
     tmp_path: Path,
     plain_settings: Settings,
 ) -> None:
-    from tests.conftest import _empty, _engine_for
-
-    db_url = postgresql_database_url
-    _empty(_engine_for(db_url))
+    db_url = pg_url
     expected = seed_outcomes(simulator, 300, max_duration=6)
     register_all(db_url, plain_settings, list(expected), clients=2)
     group = TrackerProcesses(tracker_env(db_url, simulator, broker), tmp_path)
@@ -241,17 +227,14 @@ def test_two_beats_and_three_workers_write_each_transition_once(
 
 
 def test_flushing_redis_mid_run_loses_no_task(
-    postgresql_database_url: str,
+    pg_url: str,
     broker: str,
     simulator: SimulatorHandle,
     processes: list[TrackerProcesses],
     tmp_path: Path,
     plain_settings: Settings,
 ) -> None:
-    from tests.conftest import _empty, _engine_for
-
-    db_url = postgresql_database_url
-    _empty(_engine_for(db_url))
+    db_url = pg_url
     expected = seed_outcomes(simulator, 200, max_duration=8)
     register_all(db_url, plain_settings, list(expected))
     group = TrackerProcesses(tracker_env(db_url, simulator, broker), tmp_path)
@@ -266,7 +249,7 @@ def test_flushing_redis_mid_run_loses_no_task(
 
 
 def test_capped_and_rate_limited_upstream_still_finishes_every_task_within_budget(
-    postgresql_database_url: str,
+    pg_url: str,
     broker: str,
     simulator: SimulatorHandle,
     processes: list[TrackerProcesses],
@@ -274,10 +257,7 @@ def test_capped_and_rate_limited_upstream_still_finishes_every_task_within_budge
     plain_settings: Settings,
 ) -> None:
     """Batch answers capped at 7 items and 429s on a third of requests: all end, 0 over budget."""
-    from tests.conftest import _empty, _engine_for
-
-    db_url = postgresql_database_url
-    _empty(_engine_for(db_url))
+    db_url = pg_url
     simulator.configure(batch_cap=7, error_429_share=0.33, retry_after=1, rate_limit_rps=20)
     expected = seed_outcomes(simulator, 200, max_duration=3)
     register_all(db_url, plain_settings, list(expected))
