@@ -18,8 +18,10 @@ from typing import Any
 from tracker.config import Settings
 
 # Attributes every LogRecord has; anything else on a record is context from `extra=`.
+# (uvicorn adds `color_message`, the message with terminal colours: not context.)
 _STANDARD_ATTRS = frozenset(
-    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "color_message"}
 )
 _SECRET_PATTERNS = re.compile(
     r"(trk_[A-Za-z0-9_\-]{8,}|whsec_[A-Za-z0-9+/=]{8,}|(?i:bearer)\s+[A-Za-z0-9._\-+/=]{6,})"
