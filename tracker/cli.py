@@ -496,7 +496,3 @@ def deliveries_retry(
         f"delivery {delivery_id} ({event}) is due again now, after {attempts} attempts so far; "
         "a worker sends it on its next sweep (`tracker deliveries list` shows the result)"
     )
-
-
-def main() -> None:  # pragma: no cover - console entry for `python -m tracker`
-    app()
