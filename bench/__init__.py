@@ -1,0 +1,1 @@
+"""Benchmarks that print figures against a baseline measured in the same run (`python -m bench`)."""

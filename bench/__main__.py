@@ -1,0 +1,127 @@
+"""Run the benchmark suite: upstream economy, poll throughput, webhook throughput.
+
+    .venv/bin/python -m bench [--poll-tasks 20000] [--deliveries 10000] [--runs 3]
+
+Needs PostgreSQL (TRACKER_BENCH_POSTGRES_URL, default the tests' server); the
+simulator and a webhook receiver are started on loopback. Prints one line per
+figure (value, target, ratio to the baseline measured in the same run,
+PASS/FAIL) and appends the run to bench/RESULTS.md. Exit status 1 if a target fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.common import Figure, private_database, receiver_process, simulator_process
+from bench.polling import poll_throughput, upstream_economy
+from bench.webhooks import webhook_throughput
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def machine() -> str:
+    with open("/proc/meminfo") as meminfo:
+        total_kb = int(meminfo.readline().split()[1])
+    return (
+        f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), "
+        f"{total_kb / 1024 / 1024:.1f} GiB RAM, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument(
+        "--economy",
+        type=int,
+        nargs="+",
+        default=[1000, 10_000],
+        help="Distinct upstream ids of each economy run.",
+    )
+    parser.add_argument(
+        "--poll-tasks",
+        type=int,
+        default=20_000,
+        help="Outstanding tasks of the poll throughput run (issue: 100000).",
+    )
+    parser.add_argument("--deliveries", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=3, help="Runs per throughput figure (median).")
+    parser.add_argument("--only", choices=["economy", "poll", "webhooks"], action="append")
+    parser.add_argument("--no-results", action="store_true", help="Do not append to RESULTS.md.")
+    args = parser.parse_args()
+    only = set(args.only or ["economy", "poll", "webhooks"])
+    # Webhook attempts log one line each at INFO: keep the output to the figures.
+    logging.basicConfig(level=logging.WARNING)
+
+    started = time.perf_counter()
+    figures: list[Figure] = []
+    profile = ""
+
+    def show(new: list[Figure]) -> None:
+        for figure in new:
+            print(figure.line(), flush=True)
+        figures.extend(new)
+
+    print(f"machine: {machine()}", flush=True)
+    with private_database() as db_url:
+        if only & {"economy", "poll"}:
+            with simulator_process() as sim_url:
+                if "economy" in only:
+                    for distinct in args.economy:
+                        show(upstream_economy(db_url, sim_url, distinct, rate_limit=None))
+                        show(upstream_economy(db_url, sim_url, distinct, rate_limit=20))
+                if "poll" in only:
+                    show(poll_throughput(db_url, sim_url, args.poll_tasks, runs=args.runs))
+        if "webhooks" in only:
+            with receiver_process() as hook:
+                new, profile = webhook_throughput(db_url, hook, args.deliveries, runs=args.runs)
+                show(new)
+    elapsed = time.perf_counter() - started
+    failed = [f.name for f in figures if f.passed is False]
+    print(f"suite: {elapsed:.0f} s, {len(failed)} target(s) failed", flush=True)
+    if profile:
+        print(profile)
+    if not args.no_results:
+        write_results(figures, profile, elapsed)
+    return 1 if failed else 0
+
+
+def write_results(figures: list[Figure], profile: str, elapsed: float) -> None:
+    """Append this run to bench/RESULTS.md: command, date, machine, figures, profile."""
+    command = "python -m bench " + " ".join(sys.argv[1:])
+    lines = [
+        f"## Run of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- command: `{command.strip()}` ({elapsed:.0f} s)",
+        f"- machine: {machine()}",
+        "",
+        "```",
+        *(figure.line() for figure in figures),
+        "```",
+        "",
+    ]
+    if profile:
+        lines += [
+            "cProfile of webhook attempts, one after another:",
+            "",
+            "```",
+            profile.strip(),
+            "```",
+            "",
+        ]
+    new_file = not RESULTS.exists()
+    with RESULTS.open("a") as results:
+        if new_file:
+            results.write("# Benchmark results\n\nEach run of `make bench` appends a section.\n\n")
+        results.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

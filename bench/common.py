@@ -1,0 +1,225 @@
+"""What every benchmark of the suite shares: a private database, seeding, helper processes, figures.
+
+The database conventions are `bench/list_pages.py`'s: a fresh PostgreSQL database
+created and migrated with `tracker.migrate.upgrade`, filled with COPY, dropped
+afterwards. The simulator and the webhook receiver run in processes of their
+own, so they do not share the measured process's interpreter lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import psycopg
+import requests
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from bench.list_pages import private_database
+from tracker.clients import create_client
+from tracker.timeutil import utcnow
+
+__all__ = ["Figure", "private_database", "receiver_process", "seed_tasks", "simulator_process"]
+
+EVENTS = json.dumps(["task.completed", "task.failed", "task.timed_out"])
+TASK_COLUMNS = (
+    "client_id, task_id, service, state, upstream_state, callback_url, metadata, events, "
+    "timeout_seconds, created_at, updated_at, finished_at, deadline_at, polls, "
+    "failure_code, failure_message, record, next_poll_at, claimed_until, misses"
+)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured figure, its target and the baseline it is compared with."""
+
+    name: str
+    value: float
+    unit: str
+    target: str
+    passed: bool | None  # None: informative, no target
+    baseline: float | None = None
+    baseline_name: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.baseline else self.value / self.baseline
+
+    def line(self) -> str:
+        ratio = "" if self.ratio is None else f"{self.ratio:6.3f} x {self.baseline_name}"
+        verdict = {True: "PASS", False: "FAIL", None: "info"}[self.passed]
+        return (
+            f"{self.name:<58} {self.value:>12,.{3 if self.unit == 'x' else 1}f} {self.unit:<8} "
+            f"target {self.target:<22} {ratio:<34} {verdict}"
+        )
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def plain_url(url: str) -> str:
+    """The psycopg URL of a SQLAlchemy URL (no `+driver`)."""
+    return sa.engine.make_url(url).set(drivername="postgresql").render_as_string(False)
+
+
+def seed_clients(sessions: sessionmaker[Session], count: int, prefix: str) -> list[int]:
+    """`count` clients; their ids."""
+    with sessions() as session, session.begin():
+        return [create_client(session, f"{prefix}-{n}").client.id for n in range(count)]
+
+
+def seed_tasks(
+    url: str,
+    registrations: Sequence[tuple[int, str]],
+    *,
+    state: str,
+    upstream_state: str | None,
+    callback_url: str,
+    service: str = "luma",
+) -> None:
+    """Active registrations (client id, upstream id), due a second ago, with COPY."""
+    now = utcnow()
+    created = now - timedelta(seconds=10)
+    with psycopg.connect(plain_url(url)) as conn, conn.cursor() as cursor:
+        with cursor.copy(f"COPY tasks ({TASK_COLUMNS}) FROM STDIN") as copy:
+            for n, (client_id, task_id) in enumerate(registrations):
+                copy.write_row(
+                    (
+                        client_id,
+                        task_id,
+                        service,
+                        state,
+                        upstream_state,
+                        callback_url,
+                        f'{{"order": {n}}}',
+                        EVENTS,
+                        86400,
+                        created,
+                        created,
+                        None,
+                        now + timedelta(days=1),
+                        0,
+                        None,
+                        None,
+                        None,
+                        now - timedelta(seconds=1),
+                        None,
+                        0,
+                    )
+                )
+        conn.execute("ANALYZE tasks")
+        conn.commit()
+
+
+def clear_tasks(url: str) -> None:
+    """Forget every registration (their history and deliveries go with them)."""
+    with psycopg.connect(plain_url(url)) as conn:
+        conn.execute("TRUNCATE tasks CASCADE")
+
+
+def make_due_again(url: str, when: datetime) -> None:
+    """Every active registration due again at `when`, no lease: the next run starts equal."""
+    with psycopg.connect(plain_url(url), autocommit=True) as conn:
+        conn.execute(
+            "UPDATE tasks SET next_poll_at = %s, claimed_until = NULL, polls = 0, misses = 0",
+            (when,),
+        )
+        conn.execute("VACUUM ANALYZE tasks")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def simulator_process() -> Iterator[str]:
+    """`tracker simulator` in its own process on a free loopback port; its base URL."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tracker", "simulator", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(f"{base_url}/_sim/stats")
+        yield base_url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@contextmanager
+def receiver_process() -> Iterator[str]:
+    """`tests.receiver.Receiver` (200 at once) in its own process; the hook URL."""
+    code = (
+        "import sys; from tests.receiver import Receiver; r = Receiver(); "
+        "print(r.port, flush=True); sys.stdin.read(); r.close()"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    server = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+    )
+    assert server.stdout is not None
+    assert server.stdin is not None
+    port = int(server.stdout.readline())
+    try:
+        yield f"http://127.0.0.1:{port}/hook"
+    finally:
+        server.stdin.close()
+        server.wait(10)
+
+
+def _wait_until_up(url: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing answers at {url} after 20 s") from None
+            time.sleep(0.1)
+
+
+def seed_simulator(base_url: str, count: int, *, chunk: int = 20_000) -> list[str]:
+    """`count` running tasks in the simulator (settling in a day); their ids."""
+    ids: list[str] = []
+    while len(ids) < count:
+        size = min(chunk, count - len(ids))
+        seeds = [{"outcome": "completed", "duration": 86400, "age": 10}] * size
+        answer = requests.post(f"{base_url}/_sim/tasks", json={"tasks": seeds}, timeout=120)
+        answer.raise_for_status()
+        ids += answer.json()["ids"]
+    return ids
+
+
+def simulator_stats(base_url: str) -> dict[str, int]:
+    stats: dict[str, int] = requests.get(f"{base_url}/_sim/stats", timeout=10).json()
+    return stats
+
+
+def configure_simulator(base_url: str, **knobs: object) -> None:
+    requests.put(f"{base_url}/_sim/config", json=knobs, timeout=10).raise_for_status()
+
+
+def reset_simulator(base_url: str) -> None:
+    requests.post(f"{base_url}/_sim/reset", timeout=30).raise_for_status()

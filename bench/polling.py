@@ -1,0 +1,258 @@
+"""Benchmarks 1 and 2: upstream economy of one tick, and poll throughput against its floor.
+
+Both run the polling functions in this process, as a worker's jobs call them:
+`claim_due_tasks`, `plan_batches`, then `run_poll_batch` per batch, with the
+worker's `UpstreamClient` (budget slot before each request, `max_retries=0`)
+and a `DatabaseBudget` (the schedule kept in PostgreSQL, as without Redis).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from bench.common import (
+    Figure,
+    clear_tasks,
+    configure_simulator,
+    make_due_again,
+    median,
+    seed_clients,
+    seed_simulator,
+    seed_tasks,
+    simulator_stats,
+)
+from tracker.budget import DatabaseBudget, credential_key, wait_for_slot
+from tracker.config import Settings, load_settings
+from tracker.db import make_engine
+from tracker.polling import (
+    MAX_BUDGET_WAIT,
+    PollBatch,
+    claim_due_tasks,
+    plan_batches,
+    run_poll_batch,
+)
+from tracker.states import normalise
+from tracker.timeutil import utcnow
+from tracker.upstream import UpstreamClient
+
+SHARED_SHARE = 0.2  # of the distinct upstream ids, watched by SHARED_BY clients each
+SHARED_BY = 3
+CLAIM_CHUNK = 5000  # registrations per claim in the throughput loop
+CALLBACK = "https://hooks.example.com/tracker"
+# The throughput benchmark sets the budget this high so that it never makes a request wait.
+UNLIMITED_RPS = 1_000_000.0
+
+
+@dataclass
+class Worker:
+    """What a worker process holds: settings, sessions, budget, upstream client."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    budget: DatabaseBudget
+    upstream: UpstreamClient
+    credential: str
+
+    @classmethod
+    def open(cls, db_url: str, sim_url: str, *, rps: float) -> Worker:
+        settings = load_settings(
+            database_url=db_url, upstream_url=sim_url, upstream_rps=rps, _env_file=None
+        )
+        sessions = sessionmaker(bind=make_engine(db_url), expire_on_commit=False)
+        credential = credential_key(None)
+        budget = DatabaseBudget(sessions, credential, rps)
+        upstream = UpstreamClient.from_settings(
+            settings,
+            max_retries=0,
+            before_request=lambda: wait_for_slot(budget, max_wait=MAX_BUDGET_WAIT),
+        )
+        return cls(settings, sessions, budget, upstream, credential)
+
+    def close(self) -> None:
+        self.upstream.close()
+        bind = self.sessions.kw["bind"]
+        bind.dispose()
+
+
+def running_upstream_state(sim_url: str, task_id: str) -> tuple[str, str | None]:
+    """The tracker state and upstream word of a running simulator task, as polling reads them."""
+    client = UpstreamClient(sim_url, None)
+    record = client.retrieve("luma", task_id)
+    client.close()
+    assert record is not None
+    observation = normalise(record)
+    assert observation.state is not None
+    return observation.state, observation.upstream_state
+
+
+def seed_registrations(
+    db_url: str,
+    sim_url: str,
+    sessions: sessionmaker[Session],
+    distinct: int,
+    *,
+    shared: bool,
+    prefix: str,
+) -> int:
+    """`distinct` running upstream tasks, registered in the database; registrations made."""
+    clear_tasks(db_url)
+    ids = seed_simulator(sim_url, distinct)
+    clients = seed_clients(sessions, SHARED_BY, prefix)
+    shared_count = int(distinct * SHARED_SHARE) if shared else 0
+    registrations = [(clients[0], task_id) for task_id in ids]
+    registrations += [(c, task_id) for task_id in ids[:shared_count] for c in clients[1:]]
+    state, upstream_state = running_upstream_state(sim_url, ids[0])
+    seed_tasks(
+        db_url, registrations, state=state, upstream_state=upstream_state, callback_url=CALLBACK
+    )
+    return len(registrations)
+
+
+def one_tick(worker: Worker, *, limit: int) -> tuple[int, int]:
+    """One tick over every due registration: (batches planned, registrations observed)."""
+    now = utcnow()
+    with worker.sessions.begin() as session:
+        claimed = claim_due_tasks(
+            session, now=now, limit=limit, lease_seconds=worker.settings.poll_lease
+        )
+    batches = plan_batches(claimed, worker.settings.batch_size)
+    observed = 0
+    for batch in batches:
+        outcome = run_poll_batch(
+            worker.sessions,
+            worker.upstream,
+            worker.budget,
+            batch,
+            settings=worker.settings,
+            credential=worker.credential,
+        )
+        assert outcome.error is None, outcome.error
+        observed += outcome.applied.observed
+    return len(batches), observed
+
+
+def upstream_economy(
+    db_url: str, sim_url: str, distinct: int, *, rate_limit: int | None
+) -> list[Figure]:
+    """Benchmark 1: retrieve_batch calls of one tick vs the minimum and vs per-task polling."""
+    label = f"economy {distinct:,} ids" + (f", sim {rate_limit} rps" if rate_limit else "")
+    if rate_limit:
+        configure_simulator(sim_url, rate_limit_rps=rate_limit)
+    rps = 20.0 if rate_limit else UNLIMITED_RPS  # the default TRACKER_UPSTREAM_RPS is 20
+    worker = Worker.open(db_url, sim_url, rps=rps)
+    try:
+        registrations = seed_registrations(
+            db_url, sim_url, worker.sessions, distinct, shared=True, prefix=label
+        )
+        before = simulator_stats(sim_url)
+        started = time.perf_counter()
+        _, observed = one_tick(worker, limit=registrations)
+        elapsed = time.perf_counter() - started
+        after = simulator_stats(sim_url)
+    finally:
+        worker.close()
+        if rate_limit:
+            configure_simulator(sim_url, rate_limit_rps=None)
+    calls = after["retrieve_batch_calls"] - before["retrieve_batch_calls"]
+    over = after["over_budget"] - before["over_budget"]
+    minimum = math.ceil(distinct / worker.settings.batch_size)
+    figures = [
+        Figure(
+            f"{label}: retrieve_batch calls",
+            calls,
+            "calls",
+            f"== {minimum}",
+            calls == minimum,
+            minimum,
+            "minimum",
+        ),
+        Figure(
+            f"{label}: per-task polling / calls",
+            registrations / max(calls, 1),
+            "x",
+            "(informative)",
+            None,
+        ),
+        Figure(
+            f"{label}: registrations observed",
+            observed,
+            "obs",
+            f"== {registrations}",
+            observed == registrations,
+        ),
+    ]
+    if rate_limit:
+        figures.append(Figure(f"{label}: 429 over budget", over, "429s", "== 0", over == 0))
+    figures.append(Figure(f"{label}: tick wall time", elapsed, "s", "(informative)", None))
+    return figures
+
+
+def poll_throughput(db_url: str, sim_url: str, tasks: int, *, runs: int) -> list[Figure]:
+    """Benchmark 2: observations persisted per second vs the bare retrieve_batch + JSON loop."""
+    worker = Worker.open(db_url, sim_url, rps=UNLIMITED_RPS)
+    try:
+        seed_registrations(
+            db_url, sim_url, worker.sessions, tasks, shared=False, prefix="throughput"
+        )
+        rates, floors = [], []
+        for _ in range(runs):
+            make_due_again(db_url, utcnow() - timedelta(seconds=1))
+            observed, batches, elapsed = _poll_all(worker)
+            assert observed == tasks, (observed, tasks)
+            rates.append(observed / elapsed)
+            floors.append(_bare_floor(sim_url, batches, worker.settings))
+    finally:
+        worker.close()
+    rate, floor = median(rates), median(floors)
+    name = f"poll throughput {tasks:,} tasks, 1 process"
+    return [
+        Figure(f"{name}", rate, "obs/s", ">= 5,000", rate >= 5000, floor, "floor"),
+        Figure(f"{name} vs floor", rate / floor, "x", ">= 0.5", rate / floor >= 0.5),
+        Figure("floor: bare retrieve_batch + JSON, no db", floor, "ids/s", "(baseline)", None),
+    ]
+
+
+def _poll_all(worker: Worker) -> tuple[int, list[PollBatch], float]:
+    """Claim and poll every registration due at the start, CLAIM_CHUNK at a time."""
+    start = utcnow()
+    observed = 0
+    polled: list[PollBatch] = []
+    started = time.perf_counter()
+    while True:
+        # `now` stays at the start: polled tasks are due again later than it, never re-claimed.
+        with worker.sessions.begin() as session:
+            claimed = claim_due_tasks(
+                session, now=start, limit=CLAIM_CHUNK, lease_seconds=worker.settings.poll_lease
+            )
+        if not claimed:
+            break
+        for batch in plan_batches(claimed, worker.settings.batch_size):
+            outcome = run_poll_batch(
+                worker.sessions,
+                worker.upstream,
+                worker.budget,
+                batch,
+                settings=worker.settings,
+                credential=worker.credential,
+            )
+            assert outcome.error is None, outcome.error
+            observed += outcome.applied.observed
+            polled.append(batch)
+    return observed, polled, time.perf_counter() - started
+
+
+def _bare_floor(sim_url: str, batches: list[PollBatch], settings: Settings) -> float:
+    """Ids per second of the same retrieve_batch calls, parsed, with no database and no budget."""
+    client = UpstreamClient.from_settings(settings, max_retries=0)
+    ids = 0
+    started = time.perf_counter()
+    for batch in batches:
+        ids += len(client.retrieve_batch(batch.service, batch.task_ids))
+    elapsed = time.perf_counter() - started
+    client.close()
+    return ids / elapsed

@@ -1,0 +1,206 @@
+"""Benchmark 3: webhook deliveries per second to a loopback receiver, vs a bare requests loop.
+
+Due outbox rows are seeded with COPY (one completed task each, a realistic
+payload); `attempt_delivery` runs from a pool of threads, as a worker's
+threads would run the `deliver` job, with the process's pooled HTTP session.
+The floor posts the same signed payloads from one plain `requests.Session`.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import json
+import pstats
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import psycopg
+import requests
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from bench.common import Figure, clear_tasks, median, plain_url, seed_clients, seed_tasks
+from tracker.config import Settings, load_settings
+from tracker.db import make_engine
+from tracker.delivery import attempt_delivery, due_delivery_ids
+from tracker.models import WebhookDelivery, WebhookSecret
+from tracker.signing import webhook_headers
+from tracker.timeutil import utcnow
+
+THREADS = 16
+PROFILED = 500  # deliveries attempted one after another under cProfile
+DELIVERY_COLUMNS = (
+    "id, client_id, task_row_id, event, callback_url, payload, status, attempts, "
+    "next_attempt_at, claimed_until, created_at, updated_at"
+)
+
+
+def payload(n: int) -> str:
+    """A `task.completed` body of the size polling writes (about 600 bytes)."""
+    return json.dumps(
+        {
+            "type": "task.completed",
+            "timestamp": "2026-11-29T06:00:00Z",
+            "data": {
+                "task_id": f"task-{n:08d}",
+                "service": "luma",
+                "state": "completed",
+                "previous_state": "running",
+                "upstream_state": "completed",
+                "metadata": {"order": n},
+                "failure": None,
+                "created_at": "2026-11-29T05:59:00Z",
+                "finished_at": "2026-11-29T06:00:00Z",
+                "record": {
+                    "id": f"task-{n:08d}",
+                    "response": {
+                        "success": True,
+                        "state": "completed",
+                        "video_url": f"https://cdn.example.com/videos/{n:08d}.mp4",
+                        "thumbnail_url": f"https://cdn.example.com/thumbs/{n:08d}.jpg",
+                    },
+                },
+            },
+        },
+        separators=(",", ":"),
+    )
+
+
+def seed_deliveries(db_url: str, sessions: sessionmaker[Session], hook: str, count: int) -> None:
+    """`count` completed tasks of one client, each with one due delivery to `hook`."""
+    clear_tasks(db_url)
+    (client_id,) = seed_clients(sessions, 1, f"webhooks-{count}")
+    seed_tasks(
+        db_url,
+        [(client_id, f"task-{n:08d}") for n in range(count)],
+        state="completed",
+        upstream_state="completed",
+        callback_url=hook,
+    )
+    now = utcnow() - timedelta(seconds=1)
+    with psycopg.connect(plain_url(db_url)) as conn, conn.cursor() as cursor:
+        rows = conn.execute("SELECT id FROM tasks ORDER BY id").fetchall()
+        conn.execute("UPDATE tasks SET next_poll_at = NULL")
+        with cursor.copy(f"COPY webhook_deliveries ({DELIVERY_COLUMNS}) FROM STDIN") as copy:
+            for n, (task_row_id,) in enumerate(rows):
+                copy.write_row(
+                    (
+                        f"msg_bench{n:023d}",
+                        client_id,
+                        task_row_id,
+                        "task.completed",
+                        hook,
+                        payload(n),
+                        "pending",
+                        0,
+                        now,
+                        None,
+                        now,
+                        now,
+                    )
+                )
+        conn.execute("ANALYZE webhook_deliveries")
+        conn.commit()
+
+
+def make_pending_again(db_url: str) -> None:
+    """Every delivery pending and due again, its attempt log emptied: the next run starts equal."""
+    with psycopg.connect(plain_url(db_url), autocommit=True) as conn:
+        conn.execute("TRUNCATE webhook_attempts")
+        conn.execute(
+            "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, claimed_until = NULL, "
+            "next_attempt_at = now() - interval '1 second', delivered_at = NULL, "
+            "last_status_code = NULL"
+        )
+        conn.execute("VACUUM ANALYZE webhook_deliveries")
+
+
+def _due_ids(sessions: sessionmaker[Session], count: int) -> list[str]:
+    with sessions.begin() as session:
+        return due_delivery_ids(session, now=utcnow(), limit=count)
+
+
+def _deliver_pooled(sessions: sessionmaker[Session], ids: list[str], settings: Settings) -> float:
+    """Deliveries per second of `attempt_delivery` from THREADS threads."""
+
+    def attempt(delivery_id: str) -> bool:
+        outcome = attempt_delivery(sessions, delivery_id, settings=settings)
+        return outcome.status == "succeeded"
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(THREADS) as pool:
+        succeeded = sum(pool.map(attempt, ids))
+    elapsed = time.perf_counter() - started
+    assert succeeded == len(ids), f"{succeeded} of {len(ids)} deliveries succeeded"
+    return len(ids) / elapsed
+
+
+def _bare_floor(sessions: sessionmaker[Session], ids: list[str], hook: str) -> float:
+    """Posts per second of the same signed payloads from one plain requests.Session."""
+    with sessions.begin() as session:
+        secret = session.scalars(select(WebhookSecret.secret)).first()
+        assert secret is not None
+        bodies = [
+            (row.id, row.payload.encode())
+            for row in session.execute(
+                select(WebhookDelivery.id, WebhookDelivery.payload).where(
+                    WebhookDelivery.id.in_(ids)
+                )
+            )
+        ]
+    http = requests.Session()
+    started = time.perf_counter()
+    for msg_id, body in bodies:
+        headers = webhook_headers([secret], msg_id, int(time.time()), body)
+        answer = http.post(hook, data=body, headers=headers, timeout=15)
+        assert answer.status_code == 200
+    elapsed = time.perf_counter() - started
+    http.close()
+    return len(bodies) / elapsed
+
+
+def _profile(sessions: sessionmaker[Session], ids: list[str], settings: Settings) -> str:
+    """cProfile of attempts one after another: the top functions by own and cumulative time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for delivery_id in ids:
+        attempt_delivery(sessions, delivery_id, settings=settings)
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(10)
+    stats.sort_stats("cumulative").print_stats(r"tracker/|sqlalchemy/orm/session|requests/", 15)
+    return out.getvalue()
+
+
+def webhook_throughput(
+    db_url: str, hook: str, count: int, *, runs: int
+) -> tuple[list[Figure], str]:
+    """Benchmark 3: figures, and the profile text of the attempts."""
+    settings = load_settings(database_url=db_url, webhook_allow_private=True, _env_file=None)
+    engine = make_engine(db_url, pool_size=THREADS, max_overflow=4)
+    sessions = sessionmaker(bind=engine, expire_on_commit=False)
+    try:
+        seed_deliveries(db_url, sessions, hook, count)
+        rates, floors = [], []
+        for run in range(runs):
+            if run:
+                make_pending_again(db_url)
+            ids = _due_ids(sessions, count)
+            assert len(ids) == count, (len(ids), count)
+            rates.append(_deliver_pooled(sessions, ids, settings))
+            floors.append(_bare_floor(sessions, ids, hook))
+        make_pending_again(db_url)
+        profile = _profile(sessions, _due_ids(sessions, PROFILED), settings)
+    finally:
+        engine.dispose()
+    rate, floor = median(rates), median(floors)
+    name = f"webhooks {count:,} due, {THREADS} threads"
+    figures = [
+        Figure(name, rate, "deliv/s", ">= 500", rate >= 500, floor, "floor"),
+        Figure(f"{name} vs floor", rate / floor, "x", ">= 0.5", rate / floor >= 0.5),
+        Figure("floor: bare requests.Session loop", floor, "posts/s", "(baseline)", None),
+    ]
+    return figures, profile
