@@ -1,6 +1,7 @@
 """Run the benchmark suite: upstream economy, poll throughput, webhook throughput.
 
     .venv/bin/python -m bench [--poll-tasks 20000] [--deliveries 10000] [--runs 3]
+                              [--webhook-runs 1] [--only economy|poll|webhooks]
 
 Needs PostgreSQL (TRACKER_BENCH_POSTGRES_URL, default the tests' server); the
 simulator and a webhook receiver are started on loopback. Prints one line per
@@ -52,7 +53,10 @@ def main() -> int:
         help="Outstanding tasks of the poll throughput run (issue: 100000).",
     )
     parser.add_argument("--deliveries", type=int, default=10_000)
-    parser.add_argument("--runs", type=int, default=3, help="Runs per throughput figure (median).")
+    parser.add_argument("--runs", type=int, default=3, help="Poll throughput runs (median).")
+    parser.add_argument(
+        "--webhook-runs", type=int, default=1, help="Webhook runs (median; ~3 min each at 10k)."
+    )
     parser.add_argument("--only", choices=["economy", "poll", "webhooks"], action="append")
     parser.add_argument("--no-results", action="store_true", help="Do not append to RESULTS.md.")
     args = parser.parse_args()
@@ -62,7 +66,7 @@ def main() -> int:
 
     started = time.perf_counter()
     figures: list[Figure] = []
-    profile = ""
+    profiles: dict[str, str] = {}
 
     def show(new: list[Figure]) -> None:
         for figure in new:
@@ -78,22 +82,27 @@ def main() -> int:
                         show(upstream_economy(db_url, sim_url, distinct, rate_limit=None))
                         show(upstream_economy(db_url, sim_url, distinct, rate_limit=20))
                 if "poll" in only:
-                    show(poll_throughput(db_url, sim_url, args.poll_tasks, runs=args.runs))
+                    new, profiles["poll throughput"] = poll_throughput(
+                        db_url, sim_url, args.poll_tasks, runs=args.runs
+                    )
+                    show(new)
         if "webhooks" in only:
             with receiver_process() as hook:
-                new, profile = webhook_throughput(db_url, hook, args.deliveries, runs=args.runs)
+                new, profiles["webhook attempts, one after another"] = webhook_throughput(
+                    db_url, hook, args.deliveries, runs=args.webhook_runs
+                )
                 show(new)
     elapsed = time.perf_counter() - started
     failed = [f.name for f in figures if f.passed is False]
     print(f"suite: {elapsed:.0f} s, {len(failed)} target(s) failed", flush=True)
-    if profile:
-        print(profile)
+    for name, profile in profiles.items():
+        print(f"cProfile of {name}:\n{profile}")
     if not args.no_results:
-        write_results(figures, profile, elapsed)
+        write_results(figures, profiles, elapsed)
     return 1 if failed else 0
 
 
-def write_results(figures: list[Figure], profile: str, elapsed: float) -> None:
+def write_results(figures: list[Figure], profiles: dict[str, str], elapsed: float) -> None:
     """Append this run to bench/RESULTS.md: command, date, machine, figures, profile."""
     command = "python -m bench " + " ".join(sys.argv[1:])
     lines = [
@@ -107,15 +116,8 @@ def write_results(figures: list[Figure], profile: str, elapsed: float) -> None:
         "```",
         "",
     ]
-    if profile:
-        lines += [
-            "cProfile of webhook attempts, one after another:",
-            "",
-            "```",
-            profile.strip(),
-            "```",
-            "",
-        ]
+    for name, profile in profiles.items():
+        lines += [f"cProfile of {name}:", "", "```", profile.strip(), "```", ""]
     new_file = not RESULTS.exists()
     with RESULTS.open("a") as results:
         if new_file:

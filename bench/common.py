@@ -8,8 +8,11 @@ own, so they do not share the measured process's interpreter lock.
 
 from __future__ import annotations
 
+import cProfile
+import io
 import json
 import os
+import pstats
 import socket
 import statistics
 import subprocess
@@ -62,6 +65,20 @@ class Figure:
             f"{self.name:<58} {self.value:>12,.{3 if self.unit == 'x' else 1}f} {self.unit:<8} "
             f"target {self.target:<22} {ratio:<34} {verdict}"
         )
+
+
+def profile_text(profiler: cProfile.Profile, focus: str) -> str:
+    """Top 10 functions by own time, and the top 15 matching `focus` by cumulative time."""
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(10)
+    stats.sort_stats("cumulative").print_stats(focus, 15)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return (
+        out.getvalue()
+        .replace(root + "/.venv/lib/python3.11/site-packages/", "")
+        .replace(root + "/", "")
+    )
 
 
 def median(values: Sequence[float]) -> float:

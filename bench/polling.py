@@ -8,6 +8,7 @@ and a `DatabaseBudget` (the schedule kept in PostgreSQL, as without Redis).
 
 from __future__ import annotations
 
+import cProfile
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from bench.common import (
     configure_simulator,
     make_due_again,
     median,
+    profile_text,
     seed_clients,
     seed_simulator,
     seed_tasks,
@@ -46,6 +48,7 @@ CLAIM_CHUNK = 5000  # registrations per claim in the throughput loop
 CALLBACK = "https://hooks.example.com/tracker"
 # The throughput benchmark sets the budget this high so that it never makes a request wait.
 UNLIMITED_RPS = 1_000_000.0
+PROFILED_OBSERVATIONS = 3000
 
 
 @dataclass
@@ -192,8 +195,13 @@ def upstream_economy(
     return figures
 
 
-def poll_throughput(db_url: str, sim_url: str, tasks: int, *, runs: int) -> list[Figure]:
-    """Benchmark 2: observations persisted per second vs the bare retrieve_batch + JSON loop."""
+def poll_throughput(
+    db_url: str, sim_url: str, tasks: int, *, runs: int
+) -> tuple[list[Figure], str]:
+    """Benchmark 2: observations persisted per second vs the bare retrieve_batch + JSON loop.
+
+    Also returns a cProfile of the loop over the first PROFILED_OBSERVATIONS tasks.
+    """
     worker = Worker.open(db_url, sim_url, rps=UNLIMITED_RPS)
     try:
         seed_registrations(
@@ -206,18 +214,25 @@ def poll_throughput(db_url: str, sim_url: str, tasks: int, *, runs: int) -> list
             assert observed == tasks, (observed, tasks)
             rates.append(observed / elapsed)
             floors.append(_bare_floor(sim_url, batches, worker.settings))
+        make_due_again(db_url, utcnow() - timedelta(seconds=1))
+        profiler = cProfile.Profile()
+        profiler.enable()
+        _poll_all(worker, stop_after=PROFILED_OBSERVATIONS)
+        profiler.disable()
     finally:
         worker.close()
     rate, floor = median(rates), median(floors)
     name = f"poll throughput {tasks:,} tasks, 1 process"
     return [
-        Figure(f"{name}", rate, "obs/s", ">= 5,000", rate >= 5000, floor, "floor"),
+        Figure(name, rate, "obs/s", ">= 5,000", rate >= 5000, floor, "floor"),
         Figure(f"{name} vs floor", rate / floor, "x", ">= 0.5", rate / floor >= 0.5),
         Figure("floor: bare retrieve_batch + JSON, no db", floor, "ids/s", "(baseline)", None),
-    ]
+    ], profile_text(profiler, r"tracker/|sqlalchemy/orm/session|requests/sessions")
 
 
-def _poll_all(worker: Worker) -> tuple[int, list[PollBatch], float]:
+def _poll_all(
+    worker: Worker, *, stop_after: int | None = None
+) -> tuple[int, list[PollBatch], float]:
     """Claim and poll every registration due at the start, CLAIM_CHUNK at a time."""
     start = utcnow()
     observed = 0
@@ -229,7 +244,7 @@ def _poll_all(worker: Worker) -> tuple[int, list[PollBatch], float]:
             claimed = claim_due_tasks(
                 session, now=start, limit=CLAIM_CHUNK, lease_seconds=worker.settings.poll_lease
             )
-        if not claimed:
+        if not claimed or (stop_after is not None and observed >= stop_after):
             break
         for batch in plan_batches(claimed, worker.settings.batch_size):
             outcome = run_poll_batch(
