@@ -5,7 +5,8 @@ every page of `GET /v1/tasks` through the query function the API uses (one
 transaction per page, rows serialised to resources, as a request does), walks
 each filter for a stretch, and pages through the HTTP API served by `tracker api`
 in its own process (timed at the client, and by the API's own log line).
-Prints per-page latency p50 / p99 / max with PASS or FAIL against 20 ms (p99).
+Prints per-page latency p50 / p99 / max and the pages of 20 ms or more; PASS
+when there are none (the first, cold page of each walk is shown apart).
 
     .venv/bin/python bench/list_pages.py [--tasks 1000000] [--keep]
 
@@ -15,6 +16,7 @@ PostgreSQL admin URL: TRACKER_BENCH_POSTGRES_URL (default: the tests' server).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -134,13 +136,20 @@ def timed_pages(
 
 
 def report(label: str, times: list[float]) -> bool:
-    ordered = sorted(times)
-    p50 = statistics.median(ordered)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    passed = p99 < TARGET_MS
+    """One line: p50, p99, the slowest page and how many took 20 ms or more.
+
+    The first page of a walk is left out of the verdict (shown as `first`): it
+    pays for the connection and the statement's first compilation, once per process.
+    """
+    first, rest = times[0], sorted(times[1:])
+    p50 = statistics.median(rest)
+    p99 = rest[min(len(rest) - 1, int(len(rest) * 0.99))]
+    over = sum(1 for t in rest if t >= TARGET_MS)
+    passed = over == 0
     print(
         f"{label:<44} pages {len(times):>6}   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms   "
-        f"max {ordered[-1]:7.2f} ms   {'PASS' if passed else 'FAIL'}"
+        f"max {rest[-1]:7.2f} ms   >= {TARGET_MS:.0f} ms: {over:>3}   first {first:6.2f} ms   "
+        f"{'PASS' if passed else 'FAIL'}"
     )
     return passed
 
@@ -249,6 +258,10 @@ def main() -> int:
         )
         mid = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=args.tasks // 2)
         print(deep_page_plan(sessions, client_id, mid))
+        # As the API process does at start-up (tracker/api/app.py): keep the long-lived
+        # objects out of full collections, which would otherwise stall a page now and then.
+        gc.collect()
+        gc.freeze()
         runs: list[tuple[str, dict[str, Any], int | None]] = [
             ("every page, no filter (query function)", {}, None),
             ("state=failed, first 2000 pages", {"state": "failed"}, 2000),
@@ -269,7 +282,7 @@ def main() -> int:
         results.append(report(f"HTTP GET /v1/tasks, {label}, in the API", server_times))
         engine.dispose()
     verdict = all(results)
-    print(f"target: p99 per page < {TARGET_MS:.0f} ms -> {'PASS' if verdict else 'FAIL'}")
+    print(f"target: every page < {TARGET_MS:.0f} ms -> {'PASS' if verdict else 'FAIL'}")
     return 0 if verdict else 1
 
 

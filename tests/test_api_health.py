@@ -84,14 +84,17 @@ def test_a_rejection_of_another_token_does_not_make_the_service_unready(
     assert ready_app(settings, redis_url).get("/readyz").status_code == 200
 
 
-def test_readyz_answers_503_when_the_database_is_unreachable(redis_url: str) -> None:
+def test_the_api_starts_and_readyz_answers_503_when_the_database_is_unreachable(
+    redis_url: str,
+) -> None:
     settings = Settings(
         database_url="postgresql://nobody@127.0.0.1:1/none",
         broker_url=redis_url,
         _env_file=None,  # type: ignore[call-arg]
     )
 
-    answer = TestClient(create_app(settings)).get("/readyz")
+    with TestClient(create_app(settings)) as api:  # runs the start-up, which tries the database
+        answer = api.get("/readyz")
 
     assert answer.status_code == 503
     checks = answer.json()["checks"]

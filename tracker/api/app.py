@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import sqlalchemy as sa
 from fastapi import FastAPI
 
 from tracker import __version__
@@ -13,6 +19,8 @@ from tracker.db import get_engine, session_factory
 
 MAX_BODY_BYTES = 1024 * 1024
 
+log = logging.getLogger("tracker.api")
+
 DESCRIPTION = """\
 Register AceData task ids with a callback URL; the tracker polls the upstream,
 records every state change and sends a signed webhook when a task completes,
@@ -20,6 +28,24 @@ fails or times out. Every `/v1` route needs `Authorization: Bearer <api key>`
 (`tracker clients create` makes one). Errors answer
 `{"error": {"code", "message"}, "trace_id"}`.
 """
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Before the first request: open a database connection, then settle the heap.
+
+    `gc.freeze()` moves the objects alive after start-up (modules, routes, models)
+    out of the collector's reach; without it a full collection walks them all
+    and stalls one request in every few thousand by 30-40 ms.
+    """
+    try:
+        with app.state.sessions() as session:
+            session.execute(sa.text("SELECT 1"))
+    except sa.exc.SQLAlchemyError as exc:  # the API still starts; /readyz reports the database
+        log.warning("database not reachable at start-up: %s", exc.__class__.__name__)
+    gc.collect()
+    gc.freeze()
+    yield
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         redirect_slashes=False,
+        lifespan=_lifespan,
     )
     app.state.settings = settings
     app.state.sessions = session_factory(get_engine(settings.database_url))
