@@ -1,9 +1,13 @@
 """Benchmark 3: webhook deliveries per second to a loopback receiver, vs a bare requests loop.
 
 Due outbox rows are seeded with COPY (one completed task each, a realistic
-payload); `attempt_delivery` runs from a pool of threads, as a worker's
-threads would run the `deliver` job, with the process's pooled HTTP session.
-The floor posts the same signed payloads from one plain `requests.Session`.
+payload). The measured path is the worker's: the due ids are cut into the
+batches the doorbells carry (`delivery_batches`), and `attempt_deliveries`,
+what the `deliver` job calls, runs on them from as many threads as a worker
+has by default (`tracker.roles.DEFAULT_CONCURRENCY`), on an engine with the
+worker's pool settings, sending from the process's sending threads and pooled
+HTTP session. The floor posts the same signed payloads from one plain
+`requests.Session`, one after another.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ from bench.common import (
 )
 from tracker.config import Settings, load_settings
 from tracker.db import make_engine
-from tracker.delivery import attempt_delivery, due_delivery_ids
+from tracker.delivery import attempt_deliveries, delivery_batches, due_delivery_ids
 from tracker.models import WebhookDelivery, WebhookSecret
+from tracker.roles import DEFAULT_CONCURRENCY
 from tracker.signing import webhook_headers
 from tracker.timeutil import utcnow
 
-THREADS = 16
-PROFILED = 500  # deliveries attempted one after another under cProfile
+THREADS = DEFAULT_CONCURRENCY  # a worker's threads, each running `deliver` jobs
+PROFILED = 2000  # deliveries attempted batch after batch under cProfile
 DELIVERY_COLUMNS = (
     "id, client_id, task_row_id, event, callback_url, payload, status, attempts, "
     "next_attempt_at, claimed_until, created_at, updated_at"
@@ -129,15 +134,15 @@ def _due_ids(sessions: sessionmaker[Session], count: int) -> list[str]:
 
 
 def _deliver_pooled(sessions: sessionmaker[Session], ids: list[str], settings: Settings) -> float:
-    """Deliveries per second of `attempt_delivery` from THREADS threads."""
+    """Deliveries per second of `deliver` jobs' `attempt_deliveries` from THREADS threads."""
 
-    def attempt(delivery_id: str) -> bool:
-        outcome = attempt_delivery(sessions, delivery_id, settings=settings)
-        return outcome.status == "succeeded"
+    def job(batch: list[str]) -> int:
+        outcomes = attempt_deliveries(sessions, batch, settings=settings)
+        return sum(outcome.status == "succeeded" for outcome in outcomes)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(THREADS) as pool:
-        succeeded = sum(pool.map(attempt, ids))
+        succeeded = sum(pool.map(job, delivery_batches(ids)))
     elapsed = time.perf_counter() - started
     assert succeeded == len(ids), f"{succeeded} of {len(ids)} deliveries succeeded"
     return len(ids) / elapsed
@@ -168,11 +173,12 @@ def _bare_floor(sessions: sessionmaker[Session], ids: list[str], hook: str) -> f
 
 
 def _profile(sessions: sessionmaker[Session], ids: list[str], settings: Settings) -> str:
-    """cProfile of attempts one after another: the top functions by own and cumulative time."""
+    """cProfile of `deliver` jobs one after another (the job's thread: claim, wait, record;
+    the requests themselves run in the sending threads, which cProfile does not see)."""
     profiler = cProfile.Profile()
     profiler.enable()
-    for delivery_id in ids:
-        attempt_delivery(sessions, delivery_id, settings=settings)
+    for batch in delivery_batches(ids):
+        attempt_deliveries(sessions, batch, settings=settings)
     profiler.disable()
     return profile_text(profiler, r"tracker/|sqlalchemy/orm/session|requests/sessions")
 
@@ -182,7 +188,7 @@ def webhook_throughput(
 ) -> tuple[list[Figure], str]:
     """Benchmark 3: figures, and the profile text of the attempts."""
     settings = load_settings(database_url=db_url, webhook_allow_private=True, _env_file=None)
-    engine = make_engine(db_url, pool_size=THREADS, max_overflow=4)
+    engine = make_engine(db_url)  # the worker's pool settings (`tracker.db.get_engine`)
     sessions = sessionmaker(bind=engine, expire_on_commit=False)
     try:
         seed_deliveries(db_url, sessions, hook, count)
@@ -200,7 +206,7 @@ def webhook_throughput(
     finally:
         engine.dispose()
     rate, floor = median(rates), median(floors)
-    name = f"webhooks {count:,} due, {THREADS} threads"
+    name = f"webhooks {count:,} due, {THREADS} deliver threads"
     figures = [
         Figure(name, rate, "deliv/s", ">= 500", rate >= 500, floor, "floor"),
         Figure(f"{name} vs floor", rate / floor, "x", ">= 0.5", rate / floor >= 0.5),

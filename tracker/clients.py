@@ -6,10 +6,11 @@ import base64
 import hashlib
 import hmac
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from tracker.errors import ClientExists, ClientNotFound
@@ -78,6 +79,26 @@ def active_secrets(client: Client, *, now: datetime | None = None) -> list[str]:
     now = now or utcnow()
     valid = [s for s in client.secrets if s.expires_at is None or s.expires_at > now]
     return [s.secret for s in sorted(valid, key=lambda s: s.id, reverse=True)]
+
+
+def secrets_in_force(
+    session: Session, client_ids: Collection[int], *, now: datetime
+) -> dict[int, list[str]]:
+    """`active_secrets` of several clients in one query: client id -> secrets, newest first."""
+    if not client_ids:
+        return {}
+    rows = session.execute(
+        select(WebhookSecret.client_id, WebhookSecret.secret)
+        .where(
+            WebhookSecret.client_id.in_(client_ids),
+            or_(WebhookSecret.expires_at.is_(None), WebhookSecret.expires_at > now),
+        )
+        .order_by(WebhookSecret.id.desc())
+    )
+    in_force: dict[int, list[str]] = {}
+    for client_id, secret in rows:
+        in_force.setdefault(client_id, []).append(secret)
+    return in_force
 
 
 def rotate_secret(

@@ -1,15 +1,16 @@
-"""Webhook delivery: claim an outbox row, guard and send one attempt, schedule the next.
+"""Webhook delivery: claim a batch of outbox rows, send one attempt each, schedule the next.
 
-One attempt (`attempt_delivery`) is three steps, so no database transaction is
-open while a receiver is slow:
+One call of `attempt_deliveries` (a `deliver` job) is three steps, so no
+database transaction is open while a receiver is slow:
 
-1. a short transaction claims the row with a lease and reads the payload, the
-   URL and the client's secrets in force;
-2. outside any transaction, the callback host is resolved and vetted
-   (`tracker.netguard`) and the stored payload is POSTed to the vetted address;
-3. a short transaction logs the attempt and applies the outcome rules, unless
-   the row changed meanwhile (superseded, retried by hand, lease taken over),
-   in which case the attempt is only logged.
+1. a short transaction claims the due rows of the batch with a lease, in one
+   statement, and reads their payloads, URLs and the clients' secrets in force;
+2. outside any transaction, the process's sending threads each resolve and vet
+   a callback host (`tracker.netguard`) and POST the stored payload to the
+   vetted address, all requests of the batch at once;
+3. short transactions log the attempts and apply the outcome rules to the rows
+   still ours; a row that changed meanwhile (superseded, retried by hand, lease
+   taken over) only gets its attempt logged.
 
 The retry schedule lives on the row (`next_attempt_at`), never in broker
 countdowns. Nothing here knows about Celery.
@@ -19,23 +20,24 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import requests
-from sqlalchemy import ColumnElement, Engine, exists, or_, select
+from sqlalchemy import ColumnElement, Engine, exists, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from tracker import metrics
-from tracker.clients import active_secrets
+from tracker.clients import secrets_in_force
 from tracker.config import Settings
 from tracker.db import is_postgresql
 from tracker.errors import Conflict, DeliveryNotFound
-from tracker.models import Client, WebhookAttempt, WebhookDelivery
+from tracker.models import WebhookAttempt, WebhookDelivery
 from tracker.netguard import Resolver
-from tracker.sender import WebhookAnswer, send_webhook
+from tracker.sender import WebhookAnswer, send_pool, send_webhook
 from tracker.states import (
     DELIVERY_FAILED,
     DELIVERY_PENDING,
@@ -49,6 +51,10 @@ log = logging.getLogger("tracker.delivery")
 # Scheduled delays vary by +-20 %, so receivers that failed together are not retried together.
 RETRY_JITTER = 0.2
 MANUAL_RETRY_HINT = "`tracker deliveries retry {id}` or `POST /v1/deliveries/{id}/retry`"
+# Deliveries per `deliver` job: one claim, one record, their requests sent at once.
+DELIVERY_BATCH = 50
+# While some receivers of a batch are still answering, the answers so far are recorded this often.
+RECORD_EVERY = 0.5
 
 
 # Built once: a fresh alias per call costs more than the claim's SQL itself.
@@ -69,6 +75,12 @@ def _older_event_unsettled(now: datetime) -> ColumnElement[bool]:
     )
 
 
+def delivery_batches(delivery_ids: Iterable[str]) -> list[list[str]]:
+    """`delivery_ids` without repeats, in batches of at most `DELIVERY_BATCH`, in order."""
+    unique = list(dict.fromkeys(delivery_ids))
+    return [unique[i : i + DELIVERY_BATCH] for i in range(0, len(unique), DELIVERY_BATCH)]
+
+
 def due_delivery_ids(session: Session, *, now: datetime, limit: int) -> list[str]:
     """Ids of pending deliveries due at `now` and not leased, oldest due first (the sweep)."""
     query = (
@@ -84,35 +96,68 @@ def due_delivery_ids(session: Session, *, now: datetime, limit: int) -> list[str
     return list(session.scalars(query))
 
 
-def claim_delivery(
-    session: Session, delivery_id: str, *, now: datetime, lease_seconds: float
-) -> WebhookDelivery | None:
-    """Lease one due delivery for an attempt; None if it is not pending, not due or taken.
+@dataclass(frozen=True)
+class Claim:
+    """A delivery leased for one attempt, with what sending it needs."""
+
+    id: str
+    client_id: int
+    callback_url: str
+    payload: str
+    lease: datetime  # the claim's `claimed_until`: proves the row is still ours afterwards
+
+
+def claim_deliveries(
+    session: Session, delivery_ids: Collection[str], *, now: datetime, lease_seconds: float
+) -> list[Claim]:
+    """Lease those of `delivery_ids` that are pending, due and free; the others are left alone.
 
     A delivery also waits while an older delivery of the same task is pending or
-    in flight, so a receiver never gets an older event after a newer one.
-    On PostgreSQL the row is locked with SKIP LOCKED; on SQLite the transaction
-    already holds the single write lock (BEGIN IMMEDIATE).
+    in flight, so a receiver never gets an older event after a newer one (two
+    events of one task in the same batch: only the older is claimed). On
+    PostgreSQL the rows are locked with SKIP LOCKED; on SQLite the transaction
+    already holds the single write lock (BEGIN IMMEDIATE). Two statements
+    whatever the batch size: one select, one update.
     """
+    if not delivery_ids:
+        return []
     query = (
-        select(WebhookDelivery)
+        select(
+            WebhookDelivery.id,
+            WebhookDelivery.client_id,
+            WebhookDelivery.callback_url,
+            WebhookDelivery.payload,
+        )
         .where(
-            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.id.in_(delivery_ids),
             WebhookDelivery.status == DELIVERY_PENDING,
             WebhookDelivery.next_attempt_at <= now,
             _lease_free(now),
             ~_older_event_unsettled(now),
         )
-        .execution_options(populate_existing=True)
+        .order_by(WebhookDelivery.id)
     )
     if is_postgresql(session):
         query = query.with_for_update(skip_locked=True, of=WebhookDelivery)
-    delivery = session.scalar(query)
-    if delivery is None:
-        return None
-    delivery.claimed_until = now + timedelta(seconds=lease_seconds)
-    session.flush()
-    return delivery
+    rows = session.execute(query).all()
+    if not rows:
+        return []
+    lease = now + timedelta(seconds=lease_seconds)
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_([row.id for row in rows]))
+        .values(claimed_until=lease)
+        .execution_options(synchronize_session=False)
+    )
+    return [Claim(row.id, row.client_id, row.callback_url, row.payload, lease) for row in rows]
+
+
+def claim_delivery(
+    session: Session, delivery_id: str, *, now: datetime, lease_seconds: float
+) -> Claim | None:
+    """Lease one due delivery (`claim_deliveries` of one id); None if it is not claimable."""
+    claims = claim_deliveries(session, [delivery_id], now=now, lease_seconds=lease_seconds)
+    return claims[0] if claims else None
 
 
 def redeliver(
@@ -214,17 +259,6 @@ class DeliveryOutcome:
     follow_up_ids: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class _Claimed:
-    """What an attempt needs from the database, read in the claiming transaction."""
-
-    id: str
-    callback_url: str
-    payload: str
-    secrets: tuple[str, ...]
-    lease: datetime  # the claim's `claimed_until`: proves the row is still ours afterwards
-
-
 Sessions = Engine | sessionmaker[Session]
 
 
@@ -247,124 +281,232 @@ def attempt_delivery(
     resolver: Resolver | None = None,
     now_fn: Callable[[], datetime] = utcnow,
 ) -> DeliveryOutcome:
-    """One attempt of a due delivery: claim, send outside any transaction, record the outcome.
+    """One attempt of one due delivery: `attempt_deliveries` of a single id."""
+    (outcome,) = attempt_deliveries(
+        sessions, [delivery_id], settings=settings, http=http, resolver=resolver, now_fn=now_fn
+    )
+    return outcome
 
-    Safe to call twice for the same id at once (a duplicated job): the lease lets
-    one call send, the other returns `attempted=False`.
+
+def attempt_deliveries(
+    sessions: Sessions,
+    delivery_ids: Iterable[str],
+    *,
+    settings: Settings,
+    http: requests.Session | None = None,
+    resolver: Resolver | None = None,
+    now_fn: Callable[[], datetime] = utcnow,
+) -> list[DeliveryOutcome]:
+    """One attempt of each due delivery of a batch; an outcome per id, in order.
+
+    A short transaction claims the batch and reads the payloads and the
+    clients' secrets; the requests then go out at once from the process's
+    sending threads (`tracker.sender.send_pool`), outside any transaction; the
+    attempts are recorded together, every `RECORD_EVERY` seconds while some
+    receivers are still answering, so one slow receiver does not hold back the
+    record of the others. Safe to call twice for the same ids at once (a
+    duplicated job): the lease lets one call send, the other returns
+    `attempted=False`.
     """
+    ids = list(dict.fromkeys(delivery_ids))
     with _transaction(sessions) as session:
         now = now_fn()
-        delivery = claim_delivery(
-            session, delivery_id, now=now, lease_seconds=settings.webhook_lease
-        )
-        if delivery is None:
-            return _not_claimed(session, delivery_id, now)
-        client = session.get(Client, delivery.client_id)
-        secrets = active_secrets(client, now=now) if client is not None else []
-        lease = delivery.claimed_until
-        assert lease is not None  # claim_delivery has just set it
-        claimed = _Claimed(
-            delivery.id, delivery.callback_url, delivery.payload, tuple(secrets), lease
-        )
+        claims = claim_deliveries(session, ids, now=now, lease_seconds=settings.webhook_lease)
+        claimed = {claim.id for claim in claims}
+        outcomes = {
+            outcome.delivery_id: outcome
+            for outcome in _not_claimed(session, [i for i in ids if i not in claimed], now)
+        }
+        secrets = secrets_in_force(session, {claim.client_id for claim in claims}, now=now)
 
-    answer = send_webhook(
-        claimed.callback_url,
-        claimed.id,
-        claimed.payload,
-        claimed.secrets,
-        timeout=settings.webhook_timeout,
-        allow_private=settings.webhook_allow_private,
-        http=http,
-        resolver=resolver,
-        now_fn=now_fn,
+    pool = send_pool()
+    sending = {
+        pool.submit(
+            send_webhook,
+            claim.callback_url,
+            claim.id,
+            claim.payload,
+            secrets.get(claim.client_id, ()),
+            timeout=settings.webhook_timeout,
+            allow_private=settings.webhook_allow_private,
+            http=http,
+            resolver=resolver,
+            now_fn=now_fn,
+        ): claim
+        for claim in claims
+    }
+    unsent: BaseException | None = None
+    waiting: set[Future[WebhookAnswer]] = set(sending)
+    while waiting:
+        done, waiting = wait(waiting, timeout=RECORD_EVERY)
+        answered = []
+        for future in done:
+            error = future.exception()
+            if error is None:
+                answered.append((sending[future], future.result()))
+            else:  # a bug, not a receiver's answer: its lease expires and it is tried again
+                unsent = unsent or error
+        if answered:
+            with _transaction(sessions) as session:
+                recorded = _record_attempts(session, answered, settings=settings, now=now_fn())
+            outcomes.update((outcome.delivery_id, outcome) for outcome in recorded)
+    if unsent is not None:
+        raise unsent
+    return [outcomes[delivery_id] for delivery_id in ids]
+
+
+def _not_claimed(session: Session, delivery_ids: list[str], now: datetime) -> list[DeliveryOutcome]:
+    """Explain why deliveries could not be claimed, for logs and the caller."""
+    if not delivery_ids:
+        return []
+    rows = {
+        row.id: row
+        for row in session.execute(
+            select(
+                WebhookDelivery.id,
+                WebhookDelivery.status,
+                WebhookDelivery.next_attempt_at,
+                _older_event_unsettled(now).label("waiting"),
+            ).where(WebhookDelivery.id.in_(delivery_ids))
+        )
+    }
+    outcomes = []
+    for delivery_id in delivery_ids:
+        row = rows.get(delivery_id)
+        if row is None:
+            outcomes.append(DeliveryOutcome(delivery_id, attempted=False, skipped="not_found"))
+            continue
+        if row.status != DELIVERY_PENDING:
+            reason = "not_pending"
+        elif row.next_attempt_at is None or row.next_attempt_at > now:
+            reason = "not_due"
+        elif row.waiting:
+            reason = "waiting_for_older"
+        else:  # leased, or locked by a claim not yet committed (PostgreSQL's SKIP LOCKED)
+            reason = "claimed"
+        outcomes.append(
+            DeliveryOutcome(
+                delivery_id,
+                attempted=False,
+                status=row.status,
+                next_attempt_at=row.next_attempt_at,
+                skipped=reason,
+            )
+        )
+    return outcomes
+
+
+@dataclass
+class _Row:
+    """The columns of a delivery that recording an attempt reads and writes."""
+
+    id: str
+    task_row_id: int
+    created_at: datetime
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    claimed_until: datetime | None
+    updated_at: datetime
+    delivered_at: datetime | None
+    last_status_code: int | None
+    failure_code: str | None
+    failure_message: str | None
+
+
+_ROW_COLUMNS = tuple(getattr(WebhookDelivery, name) for name in _Row.__dataclass_fields__)
+_WRITTEN = tuple(
+    name for name in _Row.__dataclass_fields__ if name not in ("task_row_id", "created_at")
+)
+
+
+def _record_attempts(
+    session: Session,
+    answered: Sequence[tuple[Claim, WebhookAnswer]],
+    *,
+    settings: Settings,
+    now: datetime,
+) -> list[DeliveryOutcome]:
+    """Log the attempts; apply the outcome rules to the rows still ours, then free them.
+
+    A row superseded, retried by hand or taken over meanwhile (its lease is not
+    the claim's any more) only gets the attempt logged. One select, one insert
+    and one executemany update for the whole batch.
+    """
+    query = (
+        select(*_ROW_COLUMNS)
+        .where(WebhookDelivery.id.in_([claim.id for claim, _ in answered]))
+        .order_by(WebhookDelivery.id)  # rows locked in one order: no deadlock between batches
     )
-
-    with _transaction(sessions) as session:
-        return _record_attempt(session, claimed, answer, settings=settings, now=now_fn())
-
-
-def _not_claimed(session: Session, delivery_id: str, now: datetime) -> DeliveryOutcome:
-    """Explain why a delivery could not be claimed, for logs and the caller."""
-    delivery = session.get(WebhookDelivery, delivery_id)
-    if delivery is None:
-        return DeliveryOutcome(delivery_id, attempted=False, skipped="not_found")
-    if delivery.status != DELIVERY_PENDING:
-        reason = "not_pending"
-    elif delivery.next_attempt_at is None or delivery.next_attempt_at > now:
-        reason = "not_due"
-    elif session.scalar(
-        select(WebhookDelivery.id).where(
-            WebhookDelivery.id == delivery_id, _older_event_unsettled(now)
-        )
-    ):
-        reason = "waiting_for_older"
-    else:  # leased, or locked by a claim not yet committed (PostgreSQL's SKIP LOCKED)
-        reason = "claimed"
-    return DeliveryOutcome(
-        delivery_id,
-        attempted=False,
-        status=delivery.status,
-        next_attempt_at=delivery.next_attempt_at,
-        skipped=reason,
-    )
-
-
-def _record_attempt(
-    session: Session, claimed: _Claimed, answer: WebhookAnswer, *, settings: Settings, now: datetime
-) -> DeliveryOutcome:
-    """Log the attempt; apply the outcome rules if the row is still ours, then free it."""
-    query = select(WebhookDelivery).where(WebhookDelivery.id == claimed.id)
     if is_postgresql(session):
         query = query.with_for_update()
-    delivery = session.scalar(query.execution_options(populate_existing=True))
-    if delivery is None:  # the task (and its outbox) was deleted meanwhile
-        return DeliveryOutcome(claimed.id, attempted=True, error=answer.error)
-    delivery.attempts += 1
-    session.add(
-        WebhookAttempt(
-            delivery_id=delivery.id,
-            attempt=delivery.attempts,
-            started_at=answer.started_at,
-            duration_ms=answer.duration_ms,
-            status_code=answer.status_code,
-            response_excerpt=answer.excerpt,
-            error=answer.error,
+    rows = {row.id: _Row(*row) for row in session.execute(query)}
+    attempt_rows: list[dict[str, object]] = []
+    settled: list[_Row] = []
+    recorded: list[tuple[_Row, WebhookAnswer]] = []
+    outcomes: list[DeliveryOutcome] = []
+    for claim, answer in answered:
+        delivery = rows.get(claim.id)
+        if delivery is None:  # the task (and its outbox) was deleted meanwhile
+            outcomes.append(DeliveryOutcome(claim.id, attempted=True, error=answer.error))
+            continue
+        delivery.attempts += 1
+        attempt_rows.append(
+            {
+                "delivery_id": delivery.id,
+                "attempt": delivery.attempts,
+                "started_at": answer.started_at,
+                "duration_ms": answer.duration_ms,
+                "status_code": answer.status_code,
+                "response_excerpt": answer.excerpt,
+                "error": answer.error,
+            }
         )
-    )
-    follow_up_ids: tuple[str, ...] = ()
-    if delivery.claimed_until == claimed.lease:
-        delivery.claimed_until = None
-        if delivery.status == DELIVERY_PENDING:
-            _apply_outcome(delivery, answer, settings=settings, now=now)
-        follow_up_ids = _waiting_newer_events(session, delivery, now)
-    # Otherwise it was superseded, retried by hand or taken over meanwhile: only logged.
-    delivery.updated_at = now
-    session.flush()
-    log.info(
-        "webhook attempt",
-        extra={
-            "delivery_id": delivery.id,
-            "attempt": delivery.attempts,
-            "status_code": answer.status_code,
-            "delivery_status": delivery.status,
-            "duration_ms": answer.duration_ms,
-            "error": answer.error,
-        },
-    )
-    _count_attempt(delivery, answer, now)
-    return DeliveryOutcome(
-        delivery.id,
-        attempted=True,
-        status=delivery.status,
-        attempt=delivery.attempts,
-        status_code=answer.status_code,
-        error=answer.error,
-        next_attempt_at=delivery.next_attempt_at,
-        follow_up_ids=follow_up_ids,
-    )
+        if delivery.claimed_until == claim.lease:
+            delivery.claimed_until = None
+            if delivery.status == DELIVERY_PENDING:
+                _apply_outcome(delivery, answer, settings=settings, now=now)
+            if delivery.status != DELIVERY_PENDING:
+                settled.append(delivery)
+        # Otherwise it was superseded, retried by hand or taken over meanwhile: only logged.
+        delivery.updated_at = now
+        recorded.append((delivery, answer))
+    if recorded:
+        session.execute(insert(WebhookAttempt), attempt_rows)
+        session.execute(
+            update(WebhookDelivery),
+            [{name: getattr(delivery, name) for name in _WRITTEN} for delivery, _ in recorded],
+        )
+    follow_ups = _waiting_newer_events(session, settled, now)
+    for delivery, answer in recorded:
+        log.info(
+            "webhook attempt",
+            extra={
+                "delivery_id": delivery.id,
+                "attempt": delivery.attempts,
+                "status_code": answer.status_code,
+                "delivery_status": delivery.status,
+                "duration_ms": answer.duration_ms,
+                "error": answer.error,
+            },
+        )
+        _count_attempt(delivery, answer, now)
+        outcomes.append(
+            DeliveryOutcome(
+                delivery.id,
+                attempted=True,
+                status=delivery.status,
+                attempt=delivery.attempts,
+                status_code=answer.status_code,
+                error=answer.error,
+                next_attempt_at=delivery.next_attempt_at,
+                follow_up_ids=follow_ups.get(delivery.id, ()),
+            )
+        )
+    return outcomes
 
 
-def _count_attempt(delivery: WebhookDelivery, answer: WebhookAnswer, now: datetime) -> None:
+def _count_attempt(delivery: _Row, answer: WebhookAnswer, now: datetime) -> None:
     metrics.DELIVERY_LATENCY.observe(answer.duration_ms / 1000)
     outcome = "retry" if delivery.status == DELIVERY_PENDING else delivery.status
     metrics.DELIVERIES.labels(outcome=outcome).inc()
@@ -374,27 +516,35 @@ def _count_attempt(delivery: WebhookDelivery, answer: WebhookAnswer, now: dateti
 
 
 def _waiting_newer_events(
-    session: Session, delivery: WebhookDelivery, now: datetime
-) -> tuple[str, ...]:
-    """Due deliveries of the same task created after `delivery`: the order rule held them back."""
-    if delivery.status == DELIVERY_PENDING:
-        return ()  # still unsettled: they keep waiting
-    return tuple(
-        session.scalars(
-            select(WebhookDelivery.id)
-            .where(
-                WebhookDelivery.task_row_id == delivery.task_row_id,
-                WebhookDelivery.created_at > delivery.created_at,
-                WebhookDelivery.status == DELIVERY_PENDING,
-                WebhookDelivery.next_attempt_at <= now,
-            )
-            .order_by(WebhookDelivery.created_at)
+    session: Session, settled: Sequence[_Row], now: datetime
+) -> dict[str, tuple[str, ...]]:
+    """Per settled delivery, the due deliveries of its task created after it: the order
+    rule held them back. One query for the batch (a still pending one keeps them waiting)."""
+    if not settled:
+        return {}
+    newer_by_task: dict[int, list[tuple[datetime, str]]] = {}
+    for row in session.execute(
+        select(WebhookDelivery.task_row_id, WebhookDelivery.created_at, WebhookDelivery.id)
+        .where(
+            WebhookDelivery.task_row_id.in_({delivery.task_row_id for delivery in settled}),
+            WebhookDelivery.status == DELIVERY_PENDING,
+            WebhookDelivery.next_attempt_at <= now,
         )
-    )
+        .order_by(WebhookDelivery.created_at)
+    ):
+        newer_by_task.setdefault(row.task_row_id, []).append((row.created_at, row.id))
+    return {
+        delivery.id: tuple(
+            delivery_id
+            for created_at, delivery_id in newer_by_task.get(delivery.task_row_id, ())
+            if created_at > delivery.created_at
+        )
+        for delivery in settled
+    }
 
 
 def _apply_outcome(
-    delivery: WebhookDelivery, answer: WebhookAnswer, *, settings: Settings, now: datetime
+    delivery: _Row, answer: WebhookAnswer, *, settings: Settings, now: datetime
 ) -> None:
     """The outcome rules of SPEC section 4 for a pending delivery that was just attempted."""
     delivery.last_status_code = answer.status_code
@@ -430,7 +580,7 @@ def _apply_outcome(
     delivery.next_attempt_at = now + timedelta(seconds=delay)
 
 
-def _fail(delivery: WebhookDelivery, code: str, message: str) -> None:
+def _fail(delivery: _Row, code: str, message: str) -> None:
     delivery.status = DELIVERY_FAILED
     delivery.next_attempt_at = None
     delivery.failure_code = code

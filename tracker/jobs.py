@@ -7,8 +7,8 @@ costs at most a no-op.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,6 +27,7 @@ from tracker.budget import (
 from tracker.celery_app import celery_app
 from tracker.config import Settings, get_settings
 from tracker.db import session_factory
+from tracker.delivery import attempt_deliveries, delivery_batches
 from tracker.polling import (
     MAX_BUDGET_WAIT,
     PollBatch,
@@ -79,13 +80,17 @@ def worker_context() -> WorkerContext:
     return WorkerContext(settings, sessions, upstream, budget, credential)
 
 
-def ring_delivery_doorbells(delivery_ids: Iterable[str]) -> None:
-    """Ask a worker to attempt these deliveries now; the sweep covers a lost message."""
-    for delivery_id in delivery_ids:
+def ring_delivery_doorbells(delivery_ids: Iterable[str], *, countdown: float = 0.0) -> None:
+    """Ask workers to attempt these deliveries, a job per batch; the sweep covers a lost message."""
+    for batch in delivery_batches(delivery_ids):
         try:
-            deliver.apply_async((delivery_id,))
+            deliver.apply_async((batch,), countdown=countdown or None)
         except Exception:  # the broker is down: the rows are due, the sweep will find them
-            log.warning("could not enqueue delivery %s; the sweep will retry", delivery_id)
+            log.warning(
+                "could not enqueue %d deliveries (%s, ...); the sweep will retry",
+                len(batch),
+                batch[0],
+            )
 
 
 @celery_app.task(name="tracker.dispatch_polls")  # type: ignore[untyped-decorator]
@@ -146,17 +151,22 @@ def sweep() -> None:
 
 
 @celery_app.task(name="tracker.deliver")  # type: ignore[untyped-decorator]
-def deliver(delivery_id: str) -> None:
-    from tracker.delivery import attempt_delivery
-
+def deliver(delivery_ids: list[str] | str) -> None:
+    """Attempt a batch of deliveries (a single id, as older doorbells carry, is a batch of one)."""
     ctx = worker_context()
-    outcome = attempt_delivery(ctx.sessions, delivery_id, settings=ctx.settings)
-    # Newer events of the task held back by the order rule are due now.
-    ring_delivery_doorbells(outcome.follow_up_ids)
-    if outcome.status == DELIVERY_PENDING and outcome.next_attempt_at is not None:
-        delay = (outcome.next_attempt_at - utcnow()).total_seconds()
-        # Short retries are rung with a countdown; long ones are left to the sweep,
-        # since Redis re-delivers messages held longer than its visibility timeout.
-        if delay <= SHORT_RETRY:
-            with contextlib.suppress(Exception):
-                deliver.apply_async((delivery_id,), countdown=max(0.0, delay))
+    ids = [delivery_ids] if isinstance(delivery_ids, str) else delivery_ids
+    outcomes = attempt_deliveries(ctx.sessions, ids, settings=ctx.settings)
+    # Newer events of the tasks held back by the order rule are due now.
+    ring_delivery_doorbells(i for outcome in outcomes for i in outcome.follow_up_ids)
+    # Short retries are rung with a countdown, one doorbell per second they fall due in;
+    # long ones are left to the sweep, since Redis re-delivers messages held longer than
+    # its visibility timeout.
+    now = utcnow()
+    retries: dict[int, list[str]] = {}
+    for outcome in outcomes:
+        if outcome.status == DELIVERY_PENDING and outcome.next_attempt_at is not None:
+            delay = (outcome.next_attempt_at - now).total_seconds()
+            if delay <= SHORT_RETRY:
+                retries.setdefault(max(0, math.ceil(delay)), []).append(outcome.delivery_id)
+    for delay_seconds, retry_ids in retries.items():
+        ring_delivery_doorbells(retry_ids, countdown=delay_seconds)

@@ -10,14 +10,19 @@ hostname. A second DNS answer (rebinding) therefore cannot redirect it.
 
 `AttemptDeadline` bounds the whole attempt: socket timeouts apply to each
 read, so a receiver dripping one byte at a time could otherwise hold a worker
-thread for ever; at the deadline the attempt's connections are shut down.
+thread for ever; at the deadline the attempt's connections are shut down (one
+watchdog thread per process keeps every attempt's deadline).
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
+import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -212,12 +217,54 @@ class PinnedAddressAdapter(HTTPAdapter):
 _current = threading.local()
 
 
+class _Watchdog:
+    """One thread per process that fires the `AttemptDeadline`s whose time is up.
+
+    A `threading.Timer` per attempt would start a thread per webhook; this keeps
+    the deadlines in a heap instead, ordered by when they fall due.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        # A forked child has none of its parent's threads, nor their attempts.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._due: list[tuple[float, int, AttemptDeadline]] = []
+        self._wakeup = threading.Condition(threading.Lock())
+        self._sequence = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: AttemptDeadline, at: float) -> None:
+        with self._wakeup:
+            heapq.heappush(self._due, (at, next(self._sequence), deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="tracker-attempt-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._due[0][2] is deadline:
+                self._wakeup.notify()  # earlier than what the thread sleeps towards
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    timeout = self._due[0][0] - time.monotonic() if self._due else None
+                    self._wakeup.wait(timeout)
+                _, _, deadline = heapq.heappop(self._due)
+            deadline._expire()  # a no-op for a block already left
+
+
+_watchdog = _Watchdog()
+
+
 class AttemptDeadline:
     """`with AttemptDeadline(seconds):` shuts the attempt's connections down when time is up.
 
     Connections opened or reused by `PinnedAddressAdapter` in this thread while
     the block runs are watched. Leave the block before a connection goes back
-    to the pool, so a late timer never cuts a connection another attempt uses.
+    to the pool, so a late expiry never cuts a connection another attempt uses.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -226,12 +273,10 @@ class AttemptDeadline:
         self._connections: list[HTTPConnection] = []
         self._lock = threading.Lock()
         self._done = False
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
 
     def __enter__(self) -> AttemptDeadline:
         _current.deadline = self
-        self._timer.start()
+        _watchdog.watch(self, time.monotonic() + self.seconds)
         return self
 
     def __exit__(
@@ -240,9 +285,9 @@ class AttemptDeadline:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._timer.cancel()
         with self._lock:
             self._done = True
+            self._connections.clear()
         _current.deadline = None
 
     def watch(self, connection: HTTPConnection) -> None:

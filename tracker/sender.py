@@ -7,9 +7,11 @@ the retry schedule) is `tracker.delivery`'s.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -30,7 +32,9 @@ from tracker.signing import webhook_headers
 
 # The attempt log keeps this much of each answer.
 EXCERPT_BYTES = 2048
-# Connections kept open per receiver address by one worker process: about its thread count.
+# Requests one worker process has in flight at once (its sending threads).
+SEND_THREADS = 32
+# Connections kept open per receiver address by one worker process: at least SEND_THREADS.
 HTTP_POOL_SIZE = 64
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 
@@ -92,6 +96,26 @@ def http_session() -> requests.Session:
         if _http is None:
             _http = new_http_session()
         return _http
+
+
+_send_pool: ThreadPoolExecutor | None = None
+
+
+def send_pool() -> ThreadPoolExecutor:
+    """The worker process's threads that send webhooks (`SEND_THREADS`), created on first use."""
+    global _send_pool
+    with _http_lock:
+        if _send_pool is None:
+            _send_pool = ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="tracker-send")
+        return _send_pool
+
+
+def _forget_send_pool() -> None:
+    global _send_pool
+    _send_pool = None  # a forked child has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_send_pool)
 
 
 def send_webhook(
