@@ -14,10 +14,10 @@ import hashlib
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Protocol, cast
 
 import redis
-from sqlalchemy import select
+from sqlalchemy import Engine, Table, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,6 +26,8 @@ from tracker.db import is_postgresql
 from tracker.metrics import BUDGET_WAIT
 from tracker.models import UpstreamCredential
 from tracker.timeutil import utcnow
+
+_CREDENTIALS = cast(Table, UpstreamCredential.__table__)
 
 # Slots sit 5 % further apart than 1/rps, so that requests delayed unevenly on their
 # way (scheduling, network) still arrive at no more than rps in any one-second window.
@@ -114,8 +116,18 @@ class DatabaseBudget:
         self._key = key
         self._interval = timedelta(seconds=SCHEDULE_MARGIN / rps)
         self._now = now
+        # PostgreSQL takes a slot in one autocommitted statement (same pool, no session).
+        engine = sessions.kw.get("bind")
+        self._autocommit = (
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+            if isinstance(engine, Engine) and is_postgresql(engine)
+            else None
+        )
 
     def reserve(self, *, max_wait: float) -> float:
+        wait = self._reserve_in_one_statement(max_wait)
+        if wait is not None:
+            return wait
         with self._sessions.begin() as session:
             now = self._now()
             row = _locked_credential(session, self._key, now)
@@ -131,6 +143,33 @@ class DatabaseBudget:
                 )
             row.next_request_at = slot + self._interval
             return wait
+
+    def _reserve_in_one_statement(self, max_wait: float) -> float | None:
+        """PostgreSQL: take the next slot with one autocommitted UPDATE, the common case.
+
+        None when the row does not exist yet, the token is paused or the slot is too
+        far out: the locking transaction above then decides (and says why).
+        """
+        if self._autocommit is None:
+            return None
+        now = self._now()
+        credential = _CREDENTIALS.c
+        with self._autocommit.connect() as connection:
+            slot: datetime | None = connection.scalar(
+                update(_CREDENTIALS)
+                .where(
+                    credential.key == self._key,
+                    or_(credential.paused_until.is_(None), credential.paused_until <= now),
+                    credential.next_request_at <= now + timedelta(seconds=max_wait),
+                )
+                .values(
+                    next_request_at=func.greatest(credential.next_request_at, now) + self._interval
+                )
+                .returning(credential.next_request_at)
+            )
+        if slot is None:
+            return None
+        return max(0.0, (slot - self._interval - now).total_seconds())
 
     def pause(self, seconds: float) -> None:
         with self._sessions.begin() as session:
@@ -174,11 +213,18 @@ def mark_rejected(session: Session, key: str, reason: str, *, now: datetime) -> 
 
 
 def clear_rejected(session: Session, key: str) -> bool:
-    """The token works again; True if it had been rejected."""
-    row = session.get(UpstreamCredential, key)
-    if row is None or row.rejected_at is None:
+    """The token works again; True if it had been rejected (read after every poll: kept cheap)."""
+    credential = _CREDENTIALS.c
+    rejected = session.connection().scalar(
+        select(credential.rejected_at).where(credential.key == key)
+    )
+    if rejected is None:
         return False
-    row.rejected_at = row.rejected_reason = None
+    session.execute(
+        update(UpstreamCredential)
+        .where(credential.key == key)
+        .values(rejected_at=None, rejected_reason=None)
+    )
     return True
 
 

@@ -15,9 +15,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Table, bindparam, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.budget import (
@@ -36,6 +36,7 @@ from tracker.states import (
     FAILED,
     TIMED_OUT,
     Failure,
+    Observation,
     can_transition,
     is_terminal,
     normalise,
@@ -61,19 +62,25 @@ class TaskUpstream(Protocol):
 
 
 class Claim(NamedTuple):
-    """A leased registration: which upstream id, and when its poll was due."""
+    """A leased registration: which upstream id, when its poll was due, until when it is ours."""
 
     service: str
     task_id: str
     due_at: datetime
+    lease_until: datetime | None = None
 
 
 @dataclass(frozen=True)
 class PollBatch:
-    """Distinct upstream ids of one service, polled with one `retrieve_batch` call."""
+    """Distinct upstream ids of one service, polled with one `retrieve_batch` call.
+
+    `lease_until` is the `claimed_until` the claim wrote: a registration leased
+    since by another worker (its lease differs and is live) is not written.
+    """
 
     service: str
     task_ids: tuple[str, ...]
+    lease_until: datetime | None = None
 
 
 @dataclass
@@ -124,30 +131,48 @@ def claim_due_tasks(
     )
     if is_postgresql(session):
         due = due.with_for_update(skip_locked=True)
+    lease_until = now + timedelta(seconds=lease_seconds)
     claimed = session.execute(
         update(Task)
         .where(Task.id.in_(due.scalar_subquery()))
-        .values(claimed_until=now + timedelta(seconds=lease_seconds))
+        .values(claimed_until=lease_until)
         .returning(Task.service, Task.task_id, Task.next_poll_at)
         .execution_options(synchronize_session=False)
     )
     # next_poll_at is set on every row the claim matched (it was compared with now).
-    return [Claim(service, task_id, due_at or now) for service, task_id, due_at in claimed]
+    return [
+        Claim(service, task_id, due_at or now, lease_until) for service, task_id, due_at in claimed
+    ]
 
 
 def plan_batches(claimed: Iterable[Claim], batch_size: int) -> list[PollBatch]:
     """Group claimed registrations by service, each upstream id once, `batch_size` per batch."""
-    by_service: dict[str, dict[str, None]] = defaultdict(dict)
+    by_service: dict[tuple[str, datetime | None], dict[str, None]] = defaultdict(dict)
     for claim in claimed:
-        by_service[claim.service][claim.task_id] = (
+        by_service[claim.service, claim.lease_until][claim.task_id] = (
             None  # a dict keeps first-seen order, unlike a set
         )
     batches = []
-    for service, ids in by_service.items():
+    for (service, lease_until), ids in by_service.items():
         distinct = list(ids)
         for start in range(0, len(distinct), batch_size):
-            batches.append(PollBatch(service, tuple(distinct[start : start + batch_size])))
+            batches.append(
+                PollBatch(service, tuple(distinct[start : start + batch_size]), lease_until)
+            )
     return batches
+
+
+class _Polled(NamedTuple):
+    """The columns of a registration that a poll answer is compared with."""
+
+    id: int
+    task_id: str
+    state: str
+    upstream_state: str | None
+    polls: int
+    misses: int
+    created_at: datetime
+    claimed_until: datetime | None
 
 
 def _active_registrations(session: Session, service: str, task_ids: Sequence[str]) -> list[Task]:
@@ -159,6 +184,35 @@ def _active_registrations(session: Session, service: str, task_ids: Sequence[str
     return list(session.scalars(query.order_by(Task.id)))
 
 
+def _lock_active_registrations(
+    session: Session, service: str, task_ids: Sequence[str]
+) -> list[_Polled]:
+    """The active registrations of `task_ids`, locked: only the columns a poll compares."""
+    query = select(
+        Task.id,
+        Task.task_id,
+        Task.state,
+        Task.upstream_state,
+        Task.polls,
+        Task.misses,
+        Task.created_at,
+        Task.claimed_until,
+    ).where(Task.service == service, Task.task_id.in_(task_ids), Task.state.in_(ACTIVE_STATES))
+    if is_postgresql(session):
+        query = query.with_for_update()
+    return [_Polled(*row) for row in session.execute(query.order_by(Task.id))]
+
+
+def _leased_by_another(row: _Polled, lease_until: datetime | None, now: datetime) -> bool:
+    """Another worker holds a live lease on this row: its own poll will write it, not this one."""
+    return (
+        lease_until is not None
+        and row.claimed_until is not None
+        and row.claimed_until != lease_until
+        and row.claimed_until > now
+    )
+
+
 def apply_batch_answer(
     session: Session,
     batch: PollBatch,
@@ -167,26 +221,66 @@ def apply_batch_answer(
     now: datetime,
     settings: Settings,
 ) -> BatchApplied:
-    """Apply one `retrieve_batch` answer to every active registration of the batch's ids."""
+    """Apply one `retrieve_batch` answer to every active registration of the batch's ids.
+
+    Most answers change nothing but the poll schedule: those registrations are read
+    as plain columns and written by one set-based UPDATE. Only a registration whose
+    state or upstream word changes is loaded as a `Task` for `record_transition`.
+    Registrations another worker has leased since are left to that worker.
+    """
     applied = BatchApplied()
-    unchanged: list[dict[str, Any]] = []
-    for task in _active_registrations(session, batch.service, batch.task_ids):
+    unchanged: list[_Rescheduled] = []
+    changed: dict[int, tuple[dict[str, Any], Observation]] = {}
+    for row in _lock_active_registrations(session, batch.service, batch.task_ids):
+        if _leased_by_another(row, batch.lease_until, now):
+            continue
         applied.observed += 1
-        record = records.get(task.task_id)
+        record = records.get(row.task_id)
         if record is None:
-            misses = task.misses + 1
-            if misses >= settings.not_found_after and task.task_id not in applied.missing:
-                applied.missing.append(task.task_id)
+            misses = row.misses + 1
+            if misses >= settings.not_found_after and row.task_id not in applied.missing:
+                applied.missing.append(row.task_id)
             unchanged.append(
-                {
-                    "id": task.id,
-                    "misses": misses,
-                    "next_poll_at": next_poll_at(task.created_at, now, settings),
-                    "claimed_until": None,
-                }
+                _Rescheduled(row.id, row.polls, misses, next_poll_at(row.created_at, now, settings))
             )
             continue
         observation = normalise(record)
+        if (
+            observation.state is not None and can_transition(row.state, observation.state)
+        ) or observation.upstream_state not in (None, row.upstream_state):
+            changed[row.id] = (record, observation)
+        else:
+            unchanged.append(
+                _Rescheduled(row.id, row.polls + 1, 0, next_poll_at(row.created_at, now, settings))
+            )
+    if changed:
+        _apply_changes(session, changed, applied, now=now, settings=settings)
+    if unchanged:
+        _reschedule(session, unchanged)
+    return applied
+
+
+class _Rescheduled(NamedTuple):
+    """A registration the answer did not change: new counters and next poll time."""
+
+    id: int
+    polls: int
+    misses: int
+    next_poll_at: datetime
+
+
+def _apply_changes(
+    session: Session,
+    changed: Mapping[int, tuple[dict[str, Any], Observation]],
+    applied: BatchApplied,
+    *,
+    now: datetime,
+    settings: Settings,
+) -> None:
+    """New states (history and outbox through `record_transition`) and new upstream words."""
+    tasks = session.scalars(select(Task).where(Task.id.in_(changed)).order_by(Task.id))
+    for task in tasks:
+        record, observation = changed[task.id]
         if observation.state is not None and can_transition(task.state, observation.state):
             task.polls += 1
             task.misses = 0
@@ -206,7 +300,7 @@ def apply_batch_answer(
             if not is_terminal(task.state):
                 task.next_poll_at = next_poll_at(task.created_at, now, settings)
                 task.claimed_until = None
-        elif observation.upstream_state not in (None, task.upstream_state):
+        else:
             # A new upstream word, same state (queued -> pending): keep it, no history row.
             task.upstream_state, task.record, task.updated_at = (
                 observation.upstream_state,
@@ -217,20 +311,59 @@ def apply_batch_answer(
             task.misses = 0
             task.next_poll_at = next_poll_at(task.created_at, now, settings)
             task.claimed_until = None
-        else:
-            unchanged.append(
-                {
-                    "id": task.id,
-                    "polls": task.polls + 1,
-                    "misses": 0,
-                    "next_poll_at": next_poll_at(task.created_at, now, settings),
-                    "claimed_until": None,
-                }
-            )
-    if unchanged:
-        # One executemany for every task the answer did not change.
-        session.execute(update(Task), unchanged)
-    return applied
+
+
+# One statement for every registration of a batch the answer did not change.
+_RESCHEDULE_POSTGRESQL = text(
+    """
+    UPDATE tasks
+    SET polls = v.polls, misses = v.misses, next_poll_at = v.next_poll_at, claimed_until = NULL
+    FROM unnest(
+        CAST(:ids AS bigint[]), CAST(:polls AS integer[]), CAST(:misses AS integer[]),
+        CAST(:next_poll_at AS timestamptz[])
+    ) AS v(id, polls, misses, next_poll_at)
+    WHERE tasks.id = v.id
+    """
+)
+_TASKS = cast(Table, Task.__table__)
+_RESCHEDULE = (
+    update(_TASKS)
+    .where(_TASKS.c.id == bindparam("row_id"))
+    .values(
+        polls=bindparam("new_polls"),
+        misses=bindparam("new_misses"),
+        next_poll_at=bindparam("new_next_poll_at"),
+        claimed_until=None,
+    )
+)
+
+
+def _reschedule(session: Session, rows: Sequence[_Rescheduled]) -> None:
+    """Write the poll counters and next poll times of unchanged registrations, set-based."""
+    if is_postgresql(session):
+        session.execute(
+            _RESCHEDULE_POSTGRESQL,
+            {
+                "ids": [r.id for r in rows],
+                "polls": [r.polls for r in rows],
+                "misses": [r.misses for r in rows],
+                "next_poll_at": [r.next_poll_at for r in rows],
+            },
+        )
+        return
+    # SQLite runs in process: an executemany costs no round trips.
+    session.connection().execute(
+        _RESCHEDULE,
+        [
+            {
+                "row_id": r.id,
+                "new_polls": r.polls,
+                "new_misses": r.misses,
+                "new_next_poll_at": r.next_poll_at,
+            }
+            for r in rows
+        ],
+    )
 
 
 def fail_not_found(
