@@ -242,3 +242,61 @@ def test_terminal_event_supersedes_pending_running_event(
         ("task.running", "superseded"),
         ("task.completed", "pending"),
     ]
+
+
+def test_a_poll_leaves_alone_registrations_another_worker_has_leased_since(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    """A slow poll whose lease expired and was taken again writes nothing; the new one does."""
+    task = register(session, settings, client, "t1")
+    session.commit()
+    now = utcnow() + timedelta(seconds=1)
+    (stale,) = claim_due_tasks(session, now=now, limit=10, lease_seconds=60)
+    later = now + timedelta(seconds=61)
+    (fresh,) = claim_due_tasks(session, now=later, limit=10, lease_seconds=60)
+    session.commit()
+    answer = {"t1": record("t1", "completed")}
+    (stale_batch,) = plan_batches([stale], 50)
+    applied = apply_batch_answer(session, stale_batch, answer, now=later, settings=settings)
+    session.commit()
+    session.refresh(task)
+    assert (applied.observed, applied.transitions) == (0, 0)
+    assert (task.state, task.polls, task.claimed_until) == ("pending", 0, fresh.lease_until)
+
+    (fresh_batch,) = plan_batches([fresh], 50)
+    applied = apply_batch_answer(session, fresh_batch, answer, now=later, settings=settings)
+    session.commit()
+    session.refresh(task)
+    assert (applied.observed, applied.transitions) == (1, 1)
+    assert task.state == "completed"
+    assert transitions(session, task) == [(None, "pending"), ("pending", "completed")]
+
+
+def test_unchanged_answers_reschedule_each_registration_from_its_own_age(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    """The set-based write keeps each row's own counters and next poll time, matched by id."""
+    young = register(session, settings, client, "young")
+    old = register(session, settings, client, "old")
+    ghost = register(session, settings, client, "ghost")
+    session.commit()
+    now = utcnow()
+    old.created_at = now - timedelta(hours=1)
+    ghost.misses = 3
+    session.commit()
+    answer = {"young": record("young", None), "old": record("old", None)}
+    batch = PollBatch("luma", ("old", "ghost", "young"))
+    applied = apply_batch_answer(session, batch, answer, now=now, settings=settings)
+    session.commit()
+    for task in (young, old, ghost):
+        session.refresh(task)
+    assert (applied.observed, applied.transitions) == (3, 0)
+    assert (young.polls, young.misses, young.next_poll_at) == (
+        1,
+        0,
+        now + timedelta(seconds=settings.poll_interval),
+    )
+    assert (old.polls, old.next_poll_at) == (1, now + timedelta(seconds=settings.max_poll_interval))
+    assert (ghost.polls, ghost.misses) == (0, 4)
+    assert young.claimed_until is None
+    assert transitions(session, young) == [(None, "pending")]

@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -113,18 +114,21 @@ def dispatch_polls() -> int:
         metrics.POLL_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
     batches = plan_batches(claimed, settings.batch_size)
     for batch in batches:
-        poll_batch.apply_async((batch.service, list(batch.task_ids)))
+        lease = batch.lease_until.isoformat() if batch.lease_until else None
+        poll_batch.apply_async((batch.service, list(batch.task_ids), lease))
     return len(batches)
 
 
 @celery_app.task(name="tracker.poll_batch")  # type: ignore[untyped-decorator]
-def poll_batch(service: str, task_ids: list[str]) -> None:
+def poll_batch(service: str, task_ids: list[str], lease_until: str | None = None) -> None:
+    """Poll one batch; `lease_until` (ISO 8601) is the claim's lease, to skip rows leased since."""
     ctx = worker_context()
+    lease = datetime.fromisoformat(lease_until) if lease_until else None
     outcome = run_poll_batch(
         ctx.sessions,
         ctx.upstream,
         ctx.budget,
-        PollBatch(service, tuple(task_ids)),
+        PollBatch(service, tuple(task_ids), lease),
         settings=ctx.settings,
         credential=ctx.credential,
     )
