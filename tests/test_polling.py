@@ -20,6 +20,7 @@ from tracker.polling import (
     fail_not_found,
     next_poll_at,
     plan_batches,
+    release_batch,
     time_out_overdue_tasks,
 )
 from tracker.registry import register_task
@@ -262,6 +263,10 @@ def test_a_poll_leaves_alone_registrations_another_worker_has_leased_since(
     session.refresh(task)
     assert (applied.observed, applied.transitions) == (0, 0)
     assert (task.state, task.polls, task.claimed_until) == ("pending", 0, fresh.lease_until)
+    release_batch(session, stale_batch, retry_at=later + timedelta(seconds=600))
+    session.commit()
+    session.refresh(task)
+    assert task.claimed_until == fresh.lease_until
 
     (fresh_batch,) = plan_batches([fresh], 50)
     applied = apply_batch_answer(session, fresh_batch, answer, now=later, settings=settings)

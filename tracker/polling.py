@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, cast
 
-from sqlalchemy import Table, bindparam, or_, select, text, update
+from sqlalchemy import Table, bindparam, or_, select, text, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.budget import (
@@ -385,12 +385,18 @@ def fail_not_found(
 
 def release_batch(session: Session, batch: PollBatch, *, retry_at: datetime) -> None:
     """Give a batch's leases back, to be polled again at `retry_at` (upstream trouble)."""
+    mine = (
+        or_(Task.claimed_until.is_(None), Task.claimed_until == batch.lease_until)
+        if batch.lease_until is not None
+        else true()
+    )
     session.execute(
         update(Task)
         .where(
             Task.service == batch.service,
             Task.task_id.in_(batch.task_ids),
             Task.state.in_(ACTIVE_STATES),
+            mine,
         )
         .values(claimed_until=None, next_poll_at=retry_at)
         .execution_options(synchronize_session=False)
@@ -451,7 +457,15 @@ def run_poll_batch(
 
     for task_id in outcome.applied.missing:
         outcome.applied.delivery_ids += _confirm_missing(
-            sessions, upstream, budget, batch.service, task_id, settings, credential, now
+            sessions,
+            upstream,
+            budget,
+            batch.service,
+            task_id,
+            settings,
+            credential,
+            now,
+            batch.lease_until,
         )
     return outcome
 
@@ -465,9 +479,10 @@ def _confirm_missing(
     settings: Settings,
     credential: str,
     now: Callable[[], datetime],
+    lease_until: datetime | None,
 ) -> list[str]:
     """A single `retrieve` decides whether an id missing from batch answers exists."""
-    single = PollBatch(service, (task_id,))
+    single = PollBatch(service, (task_id,), lease_until)
     try:
         record = upstream.retrieve(service, task_id)
     except (BudgetUnavailable, UpstreamError) as exc:
