@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, cast
 
-from sqlalchemy import Table, bindparam, or_, select, text, true, update
+from sqlalchemy import String, Table, any_, bindparam, or_, select, text, true, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.budget import (
@@ -188,6 +189,14 @@ def _lock_active_registrations(
     session: Session, service: str, task_ids: Sequence[str]
 ) -> list[_Polled]:
     """The active registrations of `task_ids`, locked: only the columns a poll compares."""
+    postgresql = is_postgresql(session)
+    # PostgreSQL gets the ids as one array: one parameter, so the statement text is
+    # the same for every batch and psycopg caches and prepares it.
+    wanted = (
+        Task.task_id == any_(bindparam("task_ids", list(task_ids), type_=ARRAY(String)))
+        if postgresql
+        else Task.task_id.in_(task_ids)
+    )
     query = select(
         Task.id,
         Task.task_id,
@@ -197,8 +206,8 @@ def _lock_active_registrations(
         Task.misses,
         Task.created_at,
         Task.claimed_until,
-    ).where(Task.service == service, Task.task_id.in_(task_ids), Task.state.in_(ACTIVE_STATES))
-    if is_postgresql(session):
+    ).where(Task.service == service, wanted, Task.state.in_(ACTIVE_STATES))
+    if postgresql:
         query = query.with_for_update()
     return [_Polled(*row) for row in session.execute(query.order_by(Task.id))]
 
