@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tracker.celery_app import DELIVERY_QUEUE, POLL_QUEUE, SCHEDULE_QUEUE
+
+log = logging.getLogger("tracker.roles")
 
 ALL_QUEUES = (SCHEDULE_QUEUE, POLL_QUEUE, DELIVERY_QUEUE)
 # Worker threads: jobs wait on the network (upstream, receivers), rarely on the CPU.
 DEFAULT_CONCURRENCY = 16
+# Pause before a worker that ended on an error starts afresh.
+RESTART_PAUSE = 2.0
 
 
 def run_worker(
@@ -27,8 +34,23 @@ def run_worker(
     loglevel: str = "INFO",
     hostname: str | None = None,
 ) -> None:
-    """Run a Celery worker in this process until it is stopped."""
+    """Run a Celery worker in this process until it is stopped (SIGTERM, SIGINT).
+
+    A worker that ends without being asked to starts afresh in the same process
+    (exec): Celery gives up with "Unrecoverable error" when the broker drops the
+    connection again while the worker is reconnecting (Redis restarted or down a
+    while; kombu's Redis transport then fails to close its channel). The broker
+    is only a doorbell, so its hiccups must not end the role; leases and the
+    sweep take care of the jobs the old worker held.
+    """
+    from celery.signals import worker_init, worker_shutting_down
+
     from tracker.celery_app import celery_app
+
+    stop_requested = threading.Event()
+    worker_shutting_down.connect(lambda **_: stop_requested.set(), weak=False)
+    controllers: list[Any] = []  # the WorkController, which keeps the exit code
+    worker_init.connect(lambda sender, **_: controllers.append(sender), weak=False)
 
     argv = [
         "worker",
@@ -42,6 +64,18 @@ def run_worker(
     if hostname:
         argv.append(f"--hostname={hostname}")
     celery_app.worker_main(argv)
+    exit_code = controllers[-1].exitcode if controllers else None
+    if exit_code and not stop_requested.is_set():
+        log.error(
+            "the worker ended on an error (exit code %s) without being asked to stop; "
+            "starting afresh in %.0f s",
+            exit_code,
+            RESTART_PAUSE,
+        )
+        time.sleep(RESTART_PAUSE)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def run_beat(*, loglevel: str = "INFO", schedule_file: Path | None = None) -> None:
