@@ -34,7 +34,12 @@ from bench.common import (
 )
 from tracker.config import Settings, load_settings
 from tracker.db import make_engine
-from tracker.delivery import attempt_deliveries, delivery_batches, due_delivery_ids
+from tracker.delivery import (
+    DeliveryOutcome,
+    attempt_deliveries,
+    delivery_batches,
+    due_delivery_ids,
+)
 from tracker.models import WebhookDelivery, WebhookSecret
 from tracker.roles import DEFAULT_CONCURRENCY
 from tracker.signing import webhook_headers
@@ -136,15 +141,15 @@ def _due_ids(sessions: sessionmaker[Session], count: int) -> list[str]:
 def _deliver_pooled(sessions: sessionmaker[Session], ids: list[str], settings: Settings) -> float:
     """Deliveries per second of `deliver` jobs' `attempt_deliveries` from THREADS threads."""
 
-    def job(batch: list[str]) -> int:
-        outcomes = attempt_deliveries(sessions, batch, settings=settings)
-        return sum(outcome.status == "succeeded" for outcome in outcomes)
+    def job(batch: list[str]) -> list[DeliveryOutcome]:
+        return attempt_deliveries(sessions, batch, settings=settings)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(THREADS) as pool:
-        succeeded = sum(pool.map(job, delivery_batches(ids)))
+        outcomes = [o for batch in pool.map(job, delivery_batches(ids)) for o in batch]
     elapsed = time.perf_counter() - started
-    assert succeeded == len(ids), f"{succeeded} of {len(ids)} deliveries succeeded"
+    others = [outcome for outcome in outcomes if outcome.status != "succeeded"]
+    assert not others, f"{len(others)} of {len(ids)} deliveries did not succeed: {others[:3]}"
     return len(ids) / elapsed
 
 

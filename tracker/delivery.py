@@ -25,10 +25,23 @@ from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import requests
-from sqlalchemy import ColumnElement, Engine, exists, insert, or_, select, update
-from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    any_,
+    exists,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, sessionmaker
 
 from tracker import metrics
 from tracker.clients import secrets_in_force
@@ -59,6 +72,20 @@ RECORD_EVERY = 0.5
 
 # Built once: a fresh alias per call costs more than the claim's SQL itself.
 _OLDER_DELIVERY = aliased(WebhookDelivery, name="older_delivery")
+
+
+def _among(
+    column: InstrumentedAttribute[Any], values: Collection[Any], session: Session
+) -> ColumnElement[bool]:
+    """`column IN values`; on PostgreSQL one array parameter, not one per value, so a
+    batch's statement is compiled and converted once, whatever its size."""
+    if is_postgresql(session):
+        return column == any_(literal(list(values), ARRAY(column.type)))
+    return column.in_(values)
+
+
+def _among_ids(ids: Collection[str], session: Session) -> ColumnElement[bool]:
+    return _among(WebhookDelivery.id, ids, session)
 
 
 def _lease_free(now: datetime) -> ColumnElement[bool]:
@@ -129,7 +156,7 @@ def claim_deliveries(
             WebhookDelivery.payload,
         )
         .where(
-            WebhookDelivery.id.in_(delivery_ids),
+            _among_ids(delivery_ids, session),
             WebhookDelivery.status == DELIVERY_PENDING,
             WebhookDelivery.next_attempt_at <= now,
             _lease_free(now),
@@ -145,7 +172,7 @@ def claim_deliveries(
     lease = now + timedelta(seconds=lease_seconds)
     session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id.in_([row.id for row in rows]))
+        .where(_among_ids([row.id for row in rows], session))
         .values(claimed_until=lease)
         .execution_options(synchronize_session=False)
     )
@@ -367,7 +394,7 @@ def _not_claimed(session: Session, delivery_ids: list[str], now: datetime) -> li
                 WebhookDelivery.status,
                 WebhookDelivery.next_attempt_at,
                 _older_event_unsettled(now).label("waiting"),
-            ).where(WebhookDelivery.id.in_(delivery_ids))
+            ).where(_among_ids(delivery_ids, session))
         )
     }
     outcomes = []
@@ -418,6 +445,7 @@ _ROW_COLUMNS = tuple(getattr(WebhookDelivery, name) for name in _Row.__dataclass
 _WRITTEN = tuple(
     name for name in _Row.__dataclass_fields__ if name not in ("task_row_id", "created_at")
 )
+_SHARED = tuple(name for name in _WRITTEN if name not in ("id", "attempts"))
 
 
 def _record_attempts(
@@ -435,13 +463,13 @@ def _record_attempts(
     """
     query = (
         select(*_ROW_COLUMNS)
-        .where(WebhookDelivery.id.in_([claim.id for claim, _ in answered]))
+        .where(_among_ids([claim.id for claim, _ in answered], session))
         .order_by(WebhookDelivery.id)  # rows locked in one order: no deadlock between batches
     )
     if is_postgresql(session):
         query = query.with_for_update()
     rows = {row.id: _Row(*row) for row in session.execute(query)}
-    attempt_rows: list[dict[str, object]] = []
+    attempt_rows: list[dict[str, Any]] = []
     settled: list[_Row] = []
     recorded: list[tuple[_Row, WebhookAnswer]] = []
     outcomes: list[DeliveryOutcome] = []
@@ -472,11 +500,8 @@ def _record_attempts(
         delivery.updated_at = now
         recorded.append((delivery, answer))
     if recorded:
-        session.execute(insert(WebhookAttempt), attempt_rows)
-        session.execute(
-            update(WebhookDelivery),
-            [{name: getattr(delivery, name) for name in _WRITTEN} for delivery, _ in recorded],
-        )
+        _insert_attempts(session, attempt_rows)
+        _write_rows(session, [delivery for delivery, _ in recorded])
     follow_ups = _waiting_newer_events(session, settled, now)
     for delivery, answer in recorded:
         log.info(
@@ -515,6 +540,63 @@ def _count_attempt(delivery: _Row, answer: WebhookAnswer, now: datetime) -> None
         metrics.COMPLETION_TO_DELIVERY.observe((now - delivery.created_at).total_seconds())
 
 
+_ATTEMPT_COLUMNS = (
+    "delivery_id",
+    "attempt",
+    "started_at",
+    "duration_ms",
+    "status_code",
+    "response_excerpt",
+    "error",
+)
+# PostgreSQL: the batch's attempts as one array per column, so the statement is the same
+# (compiled and converted once) whatever the batch size.
+_INSERT_ATTEMPTS_PG = text(
+    f"INSERT INTO {WebhookAttempt.__tablename__} ({', '.join(_ATTEMPT_COLUMNS)}) "
+    "SELECT * FROM unnest(CAST(:delivery_id AS varchar[]), CAST(:attempt AS integer[]), "
+    "CAST(:started_at AS timestamptz[]), CAST(:duration_ms AS integer[]), "
+    "CAST(:status_code AS integer[]), CAST(:response_excerpt AS text[]), "
+    "CAST(:error AS text[]))"
+)
+
+
+def _insert_attempts(session: Session, attempt_rows: list[dict[str, Any]]) -> None:
+    if is_postgresql(session):
+        session.execute(
+            _INSERT_ATTEMPTS_PG,
+            {name: [row[name] for row in attempt_rows] for name in _ATTEMPT_COLUMNS},
+        )
+    else:
+        session.execute(insert(WebhookAttempt), attempt_rows)
+
+
+def _write_rows(session: Session, deliveries: Sequence[_Row]) -> None:
+    """Write the rows back: one UPDATE per set of equal values (a batch that succeeded is
+    one statement), the rest (retries, each with its own jittered time) in one executemany."""
+    groups: dict[tuple[object, ...], list[_Row]] = {}
+    for delivery in deliveries:
+        groups.setdefault(tuple(getattr(delivery, name) for name in _SHARED), []).append(delivery)
+    singles = []
+    for values, group in groups.items():
+        if len(group) == 1:
+            singles.append({name: getattr(group[0], name) for name in _WRITTEN})
+            continue
+        # Each row's attempts were read under the lock and raised by one: the same as +1.
+        session.execute(
+            update(WebhookDelivery)
+            .where(_among_ids([delivery.id for delivery in group], session))
+            .values(
+                {
+                    **dict(zip(_SHARED, values, strict=True)),
+                    "attempts": WebhookDelivery.attempts + 1,
+                }
+            )
+            .execution_options(synchronize_session=False)
+        )
+    if singles:
+        session.execute(update(WebhookDelivery), singles)
+
+
 def _waiting_newer_events(
     session: Session, settled: Sequence[_Row], now: datetime
 ) -> dict[str, tuple[str, ...]]:
@@ -526,7 +608,11 @@ def _waiting_newer_events(
     for row in session.execute(
         select(WebhookDelivery.task_row_id, WebhookDelivery.created_at, WebhookDelivery.id)
         .where(
-            WebhookDelivery.task_row_id.in_({delivery.task_row_id for delivery in settled}),
+            _among(
+                WebhookDelivery.task_row_id,
+                {delivery.task_row_id for delivery in settled},
+                session,
+            ),
             WebhookDelivery.status == DELIVERY_PENDING,
             WebhookDelivery.next_attempt_at <= now,
         )
