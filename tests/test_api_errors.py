@@ -186,6 +186,20 @@ def test_an_unexpected_failure_answers_500_without_a_stack_trace_and_logs_the_tr
     assert failure[0].exc_info is not None
 
 
+def test_a_database_that_cannot_be_reached_answers_503_to_be_retried(settings: Settings) -> None:
+    """PostgreSQL restarting or down (the fault suite does both) is no reason for a 500."""
+    from tracker.demo import free_port
+
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/gone"
+    api = TestClient(create_app(settings.model_copy(update={"database_url": nowhere})))
+    body = {"task_id": "t1"}
+    answer = api.post("/v1/tasks", json=body, headers={"Authorization": "Bearer tk_whatever"})
+
+    assert answer.status_code == 503
+    assert error_of(answer)["code"] == "database_unavailable"
+    assert answer.headers["retry-after"] == "2"
+
+
 def test_every_answer_is_logged_once_with_its_trace_id(
     api: TestClient, auth: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -6,8 +6,9 @@ Tracker errors map to their status by class (NotFound 404, Conflict 409,
 InvalidQuery 422); FastAPI's validation errors become one message naming each
 bad field (`tasks[3].callback_url: ...`), or 400 `invalid_json` when the body
 is not JSON at all; Starlette's own errors (unknown route, wrong method) keep
-their status. The last-resort 500 lives in the middleware, which sees every
-exception no handler took.
+their status; a database that cannot be reached (restarting, down, locked)
+answers 503 `database_unavailable`, to be retried. The last-resort 500 lives in
+the middleware, which sees every exception no handler took.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic_core import ErrorDetails
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 
@@ -193,8 +195,29 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, code, message, trace_id_of(request), headers=headers)
 
 
+# Seconds a client is asked to wait when the database cannot be reached.
+DATABASE_RETRY_AFTER = 2
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # Nothing was committed: the request can be sent again as it is (registrations are
+    # idempotent). The fault suite restarts PostgreSQL under load and expects no 500.
+    message = (
+        "the database cannot be reached right now (restarting or down); nothing was saved, "
+        "send the request again in a few seconds. /readyz shows the database's state"
+    )
+    return error_response(
+        503,
+        "database_unavailable",
+        message,
+        trace_id_of(request),
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error through the one answer shape."""
+    app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(TrackerError, _tracker_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -209,6 +232,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         409: "A conflict with the current state; the message says which.",
         413: "The body is larger than 1 MiB (`payload_too_large`).",
         422: "A parameter or field is invalid; the message names it (`validation_error`).",
+        503: "The database cannot be reached; nothing was saved, retry (`database_unavailable`).",
         500: "An unexpected error; quote the trace id when reporting it.",
     }
     return {status: {"model": ErrorBody, "description": described[status]} for status in statuses}
