@@ -24,6 +24,7 @@ from tracker.clients import NewClient, create_client, rotate_secret
 from tracker.config import Settings
 from tracker.delivery import (
     DeliveryOutcome,
+    attempt_deliveries,
     attempt_delivery,
     claim_delivery,
     due_delivery_ids,
@@ -735,3 +736,106 @@ def test_redeliver_refuses_an_older_event_once_a_newer_one_exists(
         redeliver(session, running.id, now=utcnow())
     assert caught.value.code == "delivery_outdated"
     redeliver(session, completed.id, now=utcnow())  # the newest event may always be resent
+
+
+def test_a_batch_is_claimed_sent_and_recorded_per_delivery(
+    engine: Engine, session: Session, settings: Settings, client: NewClient, receiver: Receiver
+) -> None:
+    """Each delivery of a batch gets its own outcome, attempt row and schedule."""
+    clock = Clock()
+    receiver.script("/retry", Reply(500))
+    receiver.script("/gone", Reply(410))
+    ok = completed_delivery(session, client, settings, receiver.url("/ok"), task_id="ok")
+    also_ok = completed_delivery(session, client, settings, receiver.url("/ok"), task_id="ok2")
+    retry = completed_delivery(session, client, settings, receiver.url("/retry"), task_id="r")
+    gone = completed_delivery(session, client, settings, receiver.url("/gone"), task_id="g")
+    ids = [ok, "msg_missing", retry, gone, also_ok, ok]
+
+    outcomes = attempt_deliveries(engine, ids, settings=settings, now_fn=clock)
+
+    assert [o.delivery_id for o in outcomes] == [ok, "msg_missing", retry, gone, also_ok]
+    assert [o.status for o in outcomes] == ["succeeded", None, "pending", "failed", "succeeded"]
+    assert outcomes[1].skipped == "not_found"
+    assert sorted(r.headers["webhook-id"] for r in receiver.requests) == sorted(
+        [ok, retry, gone, also_ok]
+    )
+    for delivery_id in (ok, also_ok):
+        delivery, attempts = load(engine, delivery_id)
+        assert (delivery.status, delivery.attempts, delivery.last_status_code) == (
+            "succeeded",
+            1,
+            200,
+        )
+        assert (delivery.claimed_until, delivery.next_attempt_at) == (None, None)
+        assert [(a.attempt, a.status_code) for a in attempts] == [(1, 200)]
+    delivery, attempts = load(engine, retry)
+    assert (delivery.status, delivery.attempts, delivery.claimed_until) == ("pending", 1, None)
+    assert delivery.next_attempt_at is not None
+    assert 4 <= (delivery.next_attempt_at - clock()).total_seconds() <= 6
+    assert [(a.attempt, a.status_code) for a in attempts] == [(1, 500)]
+    delivery, attempts = load(engine, gone)
+    assert (delivery.status, delivery.failure_code, delivery.attempts) == ("failed", "gone", 1)
+    assert [(a.attempt, a.status_code) for a in attempts] == [(1, 410)]
+
+    clock.advance(10)
+    again = attempt_deliveries(engine, [ok, retry, gone], settings=settings, now_fn=clock)
+
+    assert [(o.attempted, o.skipped, o.status) for o in again] == [
+        (False, "not_pending", "succeeded"),
+        (True, None, "succeeded"),
+        (False, "not_pending", "failed"),
+    ]
+    delivery, attempts = load(engine, retry)
+    assert (delivery.attempts, [a.status_code for a in attempts]) == (2, [500, 200])
+
+
+def test_two_events_of_one_task_in_one_batch_go_out_oldest_first(
+    engine: Engine, session: Session, settings: Settings, client: NewClient, receiver: Receiver
+) -> None:
+    task = new_task(
+        session, client, settings, receiver.url(), events=["task.running", "task.completed"]
+    )
+    running = transition(session, task, "running")
+    completed = transition(session, task, "completed")
+    assert running is not None
+    assert completed is not None
+    running.status, running.next_attempt_at = "pending", utcnow()  # as in the test above
+    session.commit()
+
+    first, newer = attempt_deliveries(engine, [completed.id, running.id], settings=settings)
+    later = attempt_delivery(engine, completed.id, settings=settings)
+
+    assert (first.delivery_id, first.skipped) == (completed.id, "waiting_for_older")
+    assert (newer.delivery_id, newer.status) == (running.id, "succeeded")
+    assert newer.follow_up_ids == (completed.id,)  # the job rings for it at once
+    assert later.status == "succeeded"
+    assert [r.headers["webhook-id"] for r in receiver.requests] == [running.id, completed.id]
+
+
+def test_a_batch_is_sent_at_once_and_a_slow_receiver_does_not_hold_back_the_record(
+    engine: Engine, session: Session, settings: Settings, client: NewClient, receiver: Receiver
+) -> None:
+    receiver.script("/hook", Reply(delay=0.6), Reply(delay=0.6), Reply(delay=0.6))
+    receiver.script("/slow", Reply(delay=2.5))
+    ids = [
+        completed_delivery(session, client, settings, receiver.url(), task_id=f"t{n}")
+        for n in range(3)
+    ]
+    slow = completed_delivery(session, client, settings, receiver.url("/slow"), task_id="slow")
+    start = time.monotonic()
+
+    with ThreadPoolExecutor(1) as pool:
+        batch = pool.submit(attempt_deliveries, engine, [*ids, slow], settings=settings)
+        time.sleep(1.6)
+        # The three 0.6 s answers came together, and were recorded before the slow one.
+        recorded = [load(engine, delivery_id)[0].status for delivery_id in ids]
+        in_flight = load(engine, slow)[0]
+        outcomes = batch.result(timeout=10)
+
+    assert recorded == ["succeeded"] * 3
+    assert (in_flight.status, in_flight.attempts) == ("pending", 0)
+    assert in_flight.claimed_until is not None
+    assert [o.status for o in outcomes] == ["succeeded"] * 4
+    assert 2.4 <= time.monotonic() - start < 4.5
+    starts = sorted(r.at for r in receiver.requests)
+    assert starts[-1] - starts[0] < 0.5  # not one after another

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tracker.netguard import (
+    AttemptDeadline,
     CallbackRefused,
     ForbiddenAddress,
     UnresolvableHost,
@@ -99,3 +102,26 @@ def test_dns_failure_and_empty_answers_are_unresolvable() -> None:
 def test_a_url_without_http_scheme_is_refused() -> None:
     with pytest.raises(CallbackRefused, match="http"):
         vet_callback("ftp://example.com/x", allow_private=True, resolver=lambda h, p: [])
+
+
+def test_a_short_deadline_fires_on_time_behind_a_long_one() -> None:
+    """One watchdog thread keeps every deadline: a later, shorter one is not kept waiting."""
+    long = AttemptDeadline(30)
+    short = AttemptDeadline(0.2)
+    left = AttemptDeadline(0.1)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(long.__enter__).result()
+        with left:
+            pass  # left in time: never expires
+        start = time.monotonic()
+        with short:
+            while not short.expired and time.monotonic() - start < 5:
+                time.sleep(0.01)
+        elapsed = time.monotonic() - start
+        time.sleep(0.2)
+        pool.submit(long.__exit__, None, None, None).result()
+
+    assert short.expired
+    assert 0.15 <= elapsed < 1.0
+    assert not left.expired
+    assert not long.expired
