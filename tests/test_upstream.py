@@ -279,3 +279,21 @@ def test_parse_retry_after_reads_an_http_date() -> None:
     in_a_minute = formatdate(time.time() + 60, usegmt=True)
     assert parse_retry_after(in_a_minute) == pytest.approx(60, abs=2)
     assert parse_retry_after(formatdate(time.time() - 60, usegmt=True)) == 0.0
+
+
+def test_proxy_and_ca_bundle_variables_are_read_once_when_the_client_is_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read at construction (not per request, which costs CPU), and still honoured."""
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, "http://proxy.example:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/example.pem")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = UpstreamClient("https://api.example", "token")
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.delenv("https_proxy")
+    assert client.session.proxies.get("https") == "http://proxy.example:3128"
+    assert client.session.verify == "/etc/ssl/certs/example.pem"
+    assert client.session.trust_env is False
+    client.close()
