@@ -182,9 +182,15 @@ def simulator_process() -> Iterator[str]:
 
 @contextmanager
 def receiver_process() -> Iterator[str]:
-    """`tests.receiver.Receiver` (200 at once) in its own process; the hook URL."""
+    """`tests.receiver.Receiver` (200 at once) in its own process; the hook URL.
+
+    Its listen backlog is raised from socketserver's 5 to what web servers use
+    (nginx 511, uvicorn 2048): a worker opening its sending threads' connections
+    at once would otherwise see some of them reset.
+    """
     code = (
         "import sys; from tests.receiver import Receiver; r = Receiver(); "
+        "r._server.socket.listen(1024); "
         "print(r.port, flush=True); sys.stdin.read(); r.close()"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
