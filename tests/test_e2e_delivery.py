@@ -175,6 +175,46 @@ def test_a_worker_killed_mid_delivery_loses_nothing(
     assert count(pg_url, select(func.sum(WebhookDelivery.attempts))) == 1
 
 
+def test_failed_first_attempts_are_retried_by_their_countdown_doorbell(
+    pg_url: str, group: TrackerProcesses, simulator: SimulatorHandle, receiver: Receiver
+) -> None:
+    """A batch whose receivers answer 500 is rung again for the 1 s retry, long before
+    the sweep would find the rows (it waits until they are 10 s overdue)."""
+    owner = new_client(pg_url)
+    task_ids = simulator.seed([{"outcome": "completed", "duration": 0}] * 6)
+    receiver.script("/flaky", *[Reply(500)] * 6)
+    settings = load_settings(database_url=pg_url, _env_file=None)
+    with Session(_engine_for(pg_url)) as session, session.begin():
+        from tracker.registry import register_task
+        from tracker.schemas import TaskRegistration
+
+        for task_id in task_ids:
+            register_task(
+                session,
+                owner.client,
+                TaskRegistration(task_id=task_id, callback_url=receiver.url("/flaky")),
+                settings=settings,
+            )
+    group.worker()
+    group.beat()
+    first = receiver.wait_for(6, timeout=30)
+    failed_at = max(request.at for request in first)
+    received = receiver.wait_for(12, timeout=30)
+
+    retried_at = max(request.at for request in received)
+    assert retried_at - failed_at < 6  # retry due after 0.8-1.2 s; the sweep rings at 10 s
+    wait_until(
+        lambda: (
+            count(pg_url, select(func.count()).where(WebhookDelivery.status == "succeeded")) == 6
+        ),
+        timeout=30,
+        what="6 webhooks delivered on their second attempt",
+    )
+    # Six 500s and six 200s, whichever delivery got which: twelve attempts, six webhook-ids.
+    assert count(pg_url, select(func.sum(WebhookDelivery.attempts))) == 12
+    assert len({request.headers["webhook-id"] for request in received}) == 6
+
+
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     server = shutil.which("redis-server")
