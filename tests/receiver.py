@@ -7,7 +7,9 @@
     receiver.requests                        # [Received(method, path, headers, body, at)]
     receiver.close()
 
-Each path answers its scripted replies in order, then `Reply()` (200) for ever.
+Each path answers its scripted replies in order, then `default_reply` (200) for ever;
+each recorded request keeps the reply it got. `Receiver(port=N)` listens on a
+given port, so a receiver closed and opened again is "the same" to a sender.
 A reply can wait before answering (`delay`) or drip its status line one byte
 at a time (`drip`), to play slow and hostile receivers. `Receiver(tls=context)`
 serves https with the context's certificate.
@@ -43,18 +45,23 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float  # time.monotonic() when the request was read
+    reply: Reply | None = None  # the answer chosen for it
+    # When that answer was written in full (time.monotonic()); empty if it never was.
+    answered: list[float] = field(default_factory=list, compare=False)
 
 
 class Receiver:
     """A threaded HTTP server on 127.0.0.1 that answers as scripted and records requests."""
 
-    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None, port: int = 0) -> None:
         self.requests: list[Received] = []
+        # Answered once the scripts are used up; fault tests swap it to play a slow receiver.
+        self.default_reply = Reply()
         self._scripts: defaultdict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._closing = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
         if tls is not None:
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
@@ -95,7 +102,7 @@ class Receiver:
     def _next_reply(self, path: str) -> Reply:
         with self._lock:
             queue = self._scripts.get(path)
-            return queue.popleft() if queue else Reply()
+            return queue.popleft() if queue else self.default_reply
 
     def _record(self, request: Received) -> None:
         with self._arrived:
@@ -112,36 +119,50 @@ class Receiver:
             disable_nagle_algorithm = True
 
             def do_POST(self) -> None:
+                if receiver._closing.is_set():
+                    # Closed: a kept-alive connection must not outlive the server.
+                    self.close_connection = True
+                    return
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length)
-                receiver._record(
-                    Received(
-                        "POST",
-                        self.path,
-                        {name.lower(): value for name, value in self.headers.items()},
-                        body,
-                        time.monotonic(),
-                    )
+                reply = receiver._next_reply(self.path)
+                request = Received(
+                    "POST",
+                    self.path,
+                    {name.lower(): value for name, value in self.headers.items()},
+                    body,
+                    time.monotonic(),
+                    reply,
                 )
-                self._answer(receiver._next_reply(self.path))
+                receiver._record(request)
+                if self._answer(reply):
+                    request.answered.append(time.monotonic())
 
-            def _answer(self, reply: Reply) -> None:
+            def _answer(self, reply: Reply) -> bool:
+                """Write the answer; False if it was not written in full."""
                 if reply.delay and receiver._closing.wait(reply.delay):
-                    return
+                    self.close_connection = True
+                    return False
                 if reply.drip:
                     for byte in f"HTTP/1.1 {reply.status} Slow\r\n".encode():
                         if receiver._closing.wait(reply.drip):
-                            return
+                            return False
                         self.wfile.write(bytes([byte]))
                         self.wfile.flush()
                     self.close_connection = True
-                    return
-                self.send_response(reply.status)
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply.body)))
-                self.end_headers()
-                self.wfile.write(reply.body)
+                    return False
+                try:
+                    self.send_response(reply.status)
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+                    self.wfile.flush()
+                except OSError:  # the sender gave up and closed the connection
+                    self.close_connection = True
+                    return False
+                return True
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # keep test output clean
