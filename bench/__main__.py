@@ -21,10 +21,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.common import Figure, private_database, receiver_process, simulator_process
+from bench.freshness import freshness
 from bench.polling import poll_throughput, upstream_economy
+from bench.scale import memory, registration_api
 from bench.webhooks import webhook_throughput
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+PARTS = ["economy", "poll", "webhooks", "freshness", "scale"]
 
 
 def machine() -> str:
@@ -57,10 +60,22 @@ def main() -> int:
     parser.add_argument(
         "--webhook-runs", type=int, default=3, help="Webhook runs (median; ~10 s each at 10k)."
     )
-    parser.add_argument("--only", choices=["economy", "poll", "webhooks"], action="append")
+    parser.add_argument(
+        "--fresh-tasks", type=int, default=10_000, help="Tasks of the freshness run (~2 min)."
+    )
+    parser.add_argument(
+        "--fresh-window", type=float, default=60.0, help="Seconds over which they settle."
+    )
+    parser.add_argument(
+        "--scale-tasks", type=int, default=100_000, help="Outstanding tasks of the memory run."
+    )
+    parser.add_argument(
+        "--scale-cycles", type=int, default=2, help="Full poll cycles of the memory run."
+    )
+    parser.add_argument("--only", choices=PARTS, action="append")
     parser.add_argument("--no-results", action="store_true", help="Do not append to RESULTS.md.")
     args = parser.parse_args()
-    only = set(args.only or ["economy", "poll", "webhooks"])
+    only = set(args.only or PARTS)
     # Webhook attempts log one line each at INFO: keep the output to the figures.
     logging.basicConfig(level=logging.WARNING)
 
@@ -75,7 +90,7 @@ def main() -> int:
 
     print(f"machine: {machine()}", flush=True)
     with private_database() as db_url:
-        if only & {"economy", "poll"}:
+        if only & {"economy", "poll", "freshness", "scale"}:
             with simulator_process() as sim_url:
                 if "economy" in only:
                     for distinct in args.economy:
@@ -84,6 +99,17 @@ def main() -> int:
                 if "poll" in only:
                     new, profiles["poll throughput"] = poll_throughput(
                         db_url, sim_url, args.poll_tasks, runs=args.runs
+                    )
+                    show(new)
+                if "freshness" in only:
+                    new, profiles["tracker worker while 10k tasks settle"] = freshness(
+                        db_url, sim_url, tasks=args.fresh_tasks, window=args.fresh_window
+                    )
+                    show(new)
+                if "scale" in only:
+                    show(memory(db_url, sim_url, tasks=args.scale_tasks, cycles=args.scale_cycles))
+                    new, profiles["tracker api under 200 registrations/s"] = registration_api(
+                        db_url
                     )
                     show(new)
         if "webhooks" in only:
@@ -96,7 +122,7 @@ def main() -> int:
     failed = [f.name for f in figures if f.passed is False]
     print(f"suite: {elapsed:.0f} s, {len(failed)} target(s) failed", flush=True)
     for name, profile in profiles.items():
-        print(f"cProfile of {name}:\n{profile}")
+        print(f"Profile of {name}:\n{profile}")
     if not args.no_results:
         write_results(figures, profiles, elapsed)
     return 1 if failed else 0
@@ -117,7 +143,7 @@ def write_results(figures: list[Figure], profiles: dict[str, str], elapsed: floa
         "",
     ]
     for name, profile in profiles.items():
-        lines += [f"cProfile of {name}:", "", "```", profile.strip(), "```", ""]
+        lines += [f"Profile of {name}:", "", "```", profile.strip(), "```", ""]
     new_file = not RESULTS.exists()
     with RESULTS.open("a") as results:
         if new_file:

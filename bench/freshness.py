@@ -24,6 +24,7 @@ from sqlalchemy.orm import sessionmaker
 from bench.common import Figure, clear_tasks, plain_url, reset_simulator
 from bench.list_pages import serving
 from bench.roles import (
+    Spy,
     arrivals_receiver,
     log_dir,
     new_api_key,
@@ -81,8 +82,11 @@ def settled_at(sim_url: str) -> dict[str, float]:
 
 def freshness(
     db_url: str, sim_url: str, *, tasks: int = 10_000, window: float = 60.0, lead: float = 20.0
-) -> list[Figure]:
-    """One run: p50 / p99 completion-to-webhook latency against poll interval + 1 s."""
+) -> tuple[list[Figure], str]:
+    """One run: p50 / p99 completion-to-webhook latency against poll interval + 1 s.
+
+    Also returns a py-spy profile of the worker while the tasks settle.
+    """
     interval = float(Settings.model_fields["poll_interval"].default)
     clear_tasks(db_url)
     reset_simulator(sim_url)
@@ -101,8 +105,10 @@ def freshness(
             register_batches(http, api_url, registrations)
         seed_settling(sim_url, ids, lead=lead, window=window)
         env = tracker_env(db_url, sim_url)
-        with worker_and_beat(env, logs):
+        with worker_and_beat(env, logs) as roles:
+            spy = Spy(roles.children["worker"].pid, lead + window, "tracker worker (freshness)")
             wait_for(lambda: delivered(db_url) >= tasks, timeout=lead + window + DRAIN, interval=1)
+            profile = spy.text()
     settled = settled_at(sim_url)
     observed = observed_at(db_url)
     first: dict[str, float] = {}
@@ -115,7 +121,7 @@ def freshness(
     p99 = percentile(latency, 0.99)
     name = f"freshness {tasks:,} tasks settling over {window:.0f} s"
     base = {"baseline": interval, "baseline_name": "poll interval"}
-    return [
+    figures = [
         Figure(
             f"{name}: webhooks received", len(first), "hooks", f"== {tasks}", len(first) == tasks
         ),
@@ -124,6 +130,7 @@ def freshness(
         Figure(f"{name}: detection p99", percentile(detection, 0.99), "s", "(informative)", None),
         Figure(f"{name}: delivery p99", percentile(delivery, 0.99), "s", "(informative)", None),
     ]
+    return figures, profile
 
 
 def main() -> None:
@@ -132,8 +139,10 @@ def main() -> None:
 
     started = time.perf_counter()
     with private_database() as db_url, simulator_process() as sim_url:
-        for figure in freshness(db_url, sim_url):
+        figures, profile = freshness(db_url, sim_url)
+        for figure in figures:
             print(figure.line(), flush=True)
+        print(profile)
     print(f"freshness: {time.perf_counter() - started:.0f} s", flush=True)
 
 

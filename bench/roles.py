@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,3 +194,85 @@ def register_batches(
         if statuses != {201}:
             raise RuntimeError(f"batch registration answered item statuses {sorted(statuses)}")
     return times
+
+
+PY_SPY = Path(sys.executable).with_name("py-spy")
+# Frames every sample passes through (start-up, CLI, thread bootstrap): not worth a line.
+NOISE = ("runpy", "typer", "click", "threading.py", "celery/bin", "__main__", "asyncio/runners")
+
+
+def pid_of(*words: str) -> int:
+    """The process whose command line holds every one of `words`."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    argv = cmdline.read().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if all(word in argv for word in words):
+                return int(entry)
+    raise LookupError(f"no process runs with {words}")
+
+
+class Spy:
+    """`py-spy record` of a process (CPU samples holding the GIL), if py-spy is installed.
+
+    py-spy comes with the dev extra; without it, or without ptrace rights, `text`
+    says why there is no profile.
+    """
+
+    def __init__(self, pid: int, seconds: float, label: str) -> None:
+        self.label = label
+        self.output = log_dir("spy") / "samples.txt"
+        self.process: subprocess.Popen[bytes] | None = None
+        if PY_SPY.exists():
+            self.process = subprocess.Popen(
+                [
+                    *(str(PY_SPY), "record", "--pid", str(pid), "--duration", str(int(seconds))),
+                    *("--rate", "100", "--gil", "--nonblocking", "--format", "raw"),
+                    *("--output", str(self.output)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+
+    def text(self, top: int = 25) -> str:
+        """Own and inclusive sample counts of the busiest functions."""
+        if self.process is None:
+            return f"no profile of {self.label}: py-spy is not installed (pip install -e .[dev])"
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        if not self.output.exists():
+            return f"no profile of {self.label}: py-spy could not attach (ptrace refused?)"
+        own: Counter[str] = Counter()
+        inclusive: Counter[str] = Counter()
+        total = 0
+        for line in self.output.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = stack.split(";")
+            total += int(count)
+            own[frames[-1]] += int(count)
+            for frame in set(frames):
+                if not any(noise in frame for noise in NOISE):
+                    inclusive[frame] += int(count)
+        root = str(ROOT) + "/"
+        site = str(ROOT / ".venv/lib/python3.11/site-packages") + "/"
+
+        def rows(counter: Counter[str]) -> list[str]:
+            return [
+                f"{n:7d} {100 * n / max(total, 1):5.1f}%  {f.replace(site, '').replace(root, '')}"
+                for f, n in counter.most_common(top)
+            ]
+
+        return "\n".join(
+            [
+                f"py-spy of {self.label}: {total} samples holding the GIL",
+                "own:",
+                *rows(own),
+                "inclusive:",
+                *rows(inclusive),
+            ]
+        )
