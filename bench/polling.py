@@ -34,7 +34,7 @@ from bench.common import (
     seed_tasks,
     simulator_stats,
 )
-from bench.roles import BROKER_URL, empty_broker, log_dir, tracker_env, wait_for
+from bench.roles import BROKER_URL, Spy, empty_broker, log_dir, tracker_env, wait_for
 from tracker.budget import DatabaseBudget, credential_key, wait_for_slot
 from tracker.celery_app import SCHEDULE_QUEUE
 from tracker.config import Settings, load_settings
@@ -234,7 +234,7 @@ def poll_throughput(
         profiler.disable()
     finally:
         worker.close()
-    set_up_rates = _default_worker_set_up(db_url, sim_url, tasks, runs=runs)
+    set_up_rates, worker_profile = _default_worker_set_up(db_url, sim_url, tasks, runs=runs)
     floor = median(floors)
     figures = []
     for name, rate in [
@@ -251,37 +251,50 @@ def poll_throughput(
     figures.append(
         Figure("floor: bare retrieve_batch + JSON, no db", floor, "ids/s", "(baseline)", None)
     )
-    return figures, profile_text(profiler, r"tracker/|sqlalchemy/orm/session|requests/sessions")
+    loop_profile = profile_text(profiler, r"tracker/|sqlalchemy/orm/session|requests/sessions")
+    return figures, f"{loop_profile}\n{worker_profile}"
 
 
-def _default_worker_set_up(db_url: str, sim_url: str, tasks: int, *, runs: int) -> list[float]:
+def _default_worker_set_up(
+    db_url: str, sim_url: str, tasks: int, *, runs: int
+) -> tuple[list[float], str]:
     """Observations per second of a real `tracker worker` (default concurrency) per run.
 
     Each run makes every registration due, enqueues one `tracker.dispatch_polls`
     (which claims them all: the budget is unlimited) and times until every
-    registration has been polled once, read from the database every 0.1 s.
+    registration has been polled once, read from the database every 0.1 s. The
+    last run is profiled with py-spy (samples holding the GIL), if installed.
     """
     env = tracker_env(db_url, sim_url, upstream_rps=UNLIMITED_RPS, log_level="WARNING")
     app = Celery("bench", broker=BROKER_URL)
-    rates = []
+    rates: list[float] = []
+    profile = ""
     empty_broker()
     supervisor = Supervisor(env=env, log_dir=log_dir("poll"))
     supervisor.start("worker", ["worker"])
     try:
         if not wait_for(lambda: app.control.ping(timeout=0.5), timeout=60):
-            raise RuntimeError(f"the worker did not answer a ping within 60 s (logs: {env})")
-        for _ in range(runs):
+            raise RuntimeError("the worker did not answer a ping within 60 s")
+        for run in range(runs):
             make_due_again(db_url, utcnow() - timedelta(seconds=1))
+            spy = None
+            if run == runs - 1:
+                # As long as the previous run took (py-spy needs its duration up front).
+                seconds = math.ceil(tasks / rates[-1]) if rates else 30
+                label = f"tracker worker polling {tasks:,} tasks"
+                spy = Spy(supervisor.children["worker"].pid, seconds, label)
             started = time.perf_counter()
             app.send_task("tracker.dispatch_polls", queue=SCHEDULE_QUEUE)
             if not wait_for(lambda: _polled(db_url) >= tasks, timeout=600, interval=0.1):
                 raise RuntimeError(f"only {_polled(db_url)} of {tasks} polled within 600 s")
             rates.append(tasks / (time.perf_counter() - started))
+            if spy is not None:
+                profile = spy.text()
     finally:
         supervisor.stop(timeout=15)
         empty_broker()
         app.close()
-    return rates
+    return rates, profile
 
 
 def _polled(db_url: str) -> int:

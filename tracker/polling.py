@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, cast
 
-from sqlalchemy import String, Table, any_, bindparam, or_, select, true, update
+from sqlalchemy import String, Table, any_, bindparam, literal_column, or_, select, true, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -185,31 +185,39 @@ def _active_registrations(session: Session, service: str, task_ids: Sequence[str
     return list(session.scalars(query.order_by(Task.id)))
 
 
+# What a poll reads of each active registration of its ids, locked. The statements
+# are built once: the ids go as one parameter (an array on PostgreSQL, so the text
+# is the same for every batch and psycopg prepares it), the active states inline.
+_ACTIVE = Task.state.in_([literal_column(f"'{state}'") for state in sorted(ACTIVE_STATES)])
+_POLLED = select(
+    Task.id,
+    Task.task_id,
+    Task.state,
+    Task.upstream_state,
+    Task.polls,
+    Task.misses,
+    Task.created_at,
+    Task.claimed_until,
+).order_by(Task.id)
+_LOCK_POSTGRESQL = _POLLED.where(
+    Task.service == bindparam("service"),
+    Task.task_id == any_(bindparam("task_ids", type_=ARRAY(String))),
+    _ACTIVE,
+).with_for_update()
+_LOCK_SQLITE = _POLLED.where(
+    Task.service == bindparam("service"),
+    Task.task_id.in_(bindparam("task_ids", expanding=True)),
+    _ACTIVE,
+)
+
+
 def _lock_active_registrations(
     session: Session, service: str, task_ids: Sequence[str]
 ) -> list[_Polled]:
     """The active registrations of `task_ids`, locked: only the columns a poll compares."""
-    postgresql = is_postgresql(session)
-    # PostgreSQL gets the ids as one array: one parameter, so the statement text is
-    # the same for every batch and psycopg caches and prepares it.
-    wanted = (
-        Task.task_id == any_(bindparam("task_ids", list(task_ids), type_=ARRAY(String)))
-        if postgresql
-        else Task.task_id.in_(task_ids)
-    )
-    query = select(
-        Task.id,
-        Task.task_id,
-        Task.state,
-        Task.upstream_state,
-        Task.polls,
-        Task.misses,
-        Task.created_at,
-        Task.claimed_until,
-    ).where(Task.service == service, wanted, Task.state.in_(ACTIVE_STATES))
-    if postgresql:
-        query = query.with_for_update()
-    return [_Polled(*row) for row in session.execute(query.order_by(Task.id))]
+    query = _LOCK_POSTGRESQL if is_postgresql(session) else _LOCK_SQLITE
+    rows = session.execute(query, {"service": service, "task_ids": list(task_ids)})
+    return [_Polled(*row) for row in rows]
 
 
 def _leased_by_another(row: _Polled, lease_until: datetime | None, now: datetime) -> bool:
