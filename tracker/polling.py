@@ -216,7 +216,8 @@ def _lock_active_registrations(
 ) -> list[_Polled]:
     """The active registrations of `task_ids`, locked: only the columns a poll compares."""
     query = _LOCK_POSTGRESQL if is_postgresql(session) else _LOCK_SQLITE
-    rows = session.execute(query, {"service": service, "task_ids": list(task_ids)})
+    session.flush()  # what Session.execute would do; plain rows need no ORM loading
+    rows = session.connection().execute(query, {"service": service, "task_ids": list(task_ids)})
     return [_Polled(*row) for row in rows]
 
 
