@@ -6,16 +6,21 @@ batches the doorbells carry (`delivery_batches`), and `attempt_deliveries`,
 what the `deliver` job calls, runs on them from as many threads as a worker
 has by default (`tracker.roles.DEFAULT_CONCURRENCY`), on an engine with the
 worker's pool settings, sending from the process's sending threads and pooled
-HTTP session. The floor posts the same signed payloads from one plain
-`requests.Session`, one after another.
+HTTP session, logging each attempt as a worker does (to /dev/null). The floor
+posts the same signed payloads from one plain `requests.Session`, one after
+another.
 """
 
 from __future__ import annotations
 
 import cProfile
 import json
+import logging
+import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 
 import psycopg
@@ -40,6 +45,7 @@ from tracker.delivery import (
     delivery_batches,
     due_delivery_ids,
 )
+from tracker.logs import JsonFormatter, SecretMask
 from tracker.models import WebhookDelivery, WebhookSecret
 from tracker.roles import DEFAULT_CONCURRENCY
 from tracker.signing import webhook_headers
@@ -138,16 +144,37 @@ def _due_ids(sessions: sessionmaker[Session], count: int) -> list[str]:
         return due_delivery_ids(session, now=utcnow(), limit=count)
 
 
+@contextmanager
+def _worker_attempt_log() -> Iterator[None]:
+    """The line a worker logs per attempt (INFO, JSON, secrets masked), written to /dev/null."""
+    logger = logging.getLogger("tracker.delivery")
+    with open(os.devnull, "w") as sink:
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(JsonFormatter())
+        handler.addFilter(SecretMask())
+        level, propagate = logger.level, logger.propagate
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
 def _deliver_pooled(sessions: sessionmaker[Session], ids: list[str], settings: Settings) -> float:
     """Deliveries per second of `deliver` jobs' `attempt_deliveries` from THREADS threads."""
 
     def job(batch: list[str]) -> list[DeliveryOutcome]:
         return attempt_deliveries(sessions, batch, settings=settings)
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(THREADS) as pool:
-        outcomes = [o for batch in pool.map(job, delivery_batches(ids)) for o in batch]
-    elapsed = time.perf_counter() - started
+    with _worker_attempt_log():
+        started = time.perf_counter()
+        with ThreadPoolExecutor(THREADS) as pool:
+            outcomes = [o for batch in pool.map(job, delivery_batches(ids)) for o in batch]
+        elapsed = time.perf_counter() - started
     others = [outcome for outcome in outcomes if outcome.status != "succeeded"]
     assert not others, f"{len(others)} of {len(ids)} deliveries did not succeed: {others[:3]}"
     return len(ids) / elapsed

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import requests
@@ -46,7 +48,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, sessionmaker
 from tracker import metrics
 from tracker.clients import secrets_in_force
 from tracker.config import Settings
-from tracker.db import is_postgresql
+from tracker.db import is_postgresql, retry_while_unreachable
 from tracker.errors import Conflict, DeliveryNotFound
 from tracker.models import WebhookAttempt, WebhookDelivery
 from tracker.netguard import Resolver
@@ -66,8 +68,10 @@ RETRY_JITTER = 0.2
 MANUAL_RETRY_HINT = "`tracker deliveries retry {id}` or `POST /v1/deliveries/{id}/retry`"
 # Deliveries per `deliver` job: one claim, one record, their requests sent at once.
 DELIVERY_BATCH = 50
-# While some receivers of a batch are still answering, the answers so far are recorded this often.
-RECORD_EVERY = 0.5
+# Answers are recorded as they come in, those arriving within this many seconds of the
+# first together: an answer acknowledged but not yet recorded is sent again if the
+# worker dies, so the wait stays short, while a batch answered at once is one transaction.
+RECORD_LINGER = 0.01
 
 
 # Built once: a fresh alias per call costs more than the claim's SQL itself.
@@ -267,7 +271,7 @@ def next_retry_delay(
 
 @dataclass(frozen=True)
 class DeliveryOutcome:
-    """What one call of `attempt_delivery` did.
+    """What became of one delivery of an `attempt_deliveries` batch.
 
     `attempted` is False when nothing was sent and `skipped` says why:
     `not_found`, `not_pending`, `not_due`, `claimed` (another worker has it)
@@ -329,16 +333,16 @@ def attempt_deliveries(
     A short transaction claims the batch and reads the payloads and the
     clients' secrets; the requests then go out at once from the process's
     sending threads (`tracker.sender.send_pool`), outside any transaction; the
-    attempts are recorded together, every `RECORD_EVERY` seconds while some
-    receivers are still answering, so one slow receiver does not hold back the
-    record of the others. Safe to call twice for the same ids at once (a
-    duplicated job): the lease lets one call send, the other returns
-    `attempted=False`.
+    answers are recorded as they come in (`RECORD_LINGER`), so neither a slow
+    receiver nor a dying worker holds back the record of the others. Safe to
+    call twice for the same ids at once (a duplicated job): the lease lets one
+    call send, the other returns `attempted=False`.
     """
     ids = list(dict.fromkeys(delivery_ids))
     with _transaction(sessions) as session:
         now = now_fn()
         claims = claim_deliveries(session, ids, now=now, lease_seconds=settings.webhook_lease)
+        lease_ends = time.monotonic() + settings.webhook_lease
         claimed = {claim.id for claim in claims}
         outcomes = {
             outcome.delivery_id: outcome
@@ -365,7 +369,10 @@ def attempt_deliveries(
     unsent: BaseException | None = None
     waiting: set[Future[WebhookAnswer]] = set(sending)
     while waiting:
-        done, waiting = wait(waiting, timeout=RECORD_EVERY)
+        done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+        if waiting:
+            more, waiting = wait(waiting, timeout=RECORD_LINGER)
+            done |= more
         answered = []
         for future in done:
             error = future.exception()
@@ -374,12 +381,28 @@ def attempt_deliveries(
             else:  # a bug, not a receiver's answer: its lease expires and it is tried again
                 unsent = unsent or error
         if answered:
-            with _transaction(sessions) as session:
-                recorded = _record_attempts(session, answered, settings=settings, now=now_fn())
+            # The receivers have answered: if the database is away (restarting), wait for
+            # it while the leases hold rather than lose the answers, each of which would
+            # be sent again once its lease expires (a duplicate for the receiver).
+            recorded = retry_while_unreachable(
+                partial(_record_answers, sessions, answered, settings, now_fn),
+                deadline=lease_ends,
+                what="recording webhook answers",
+            )
             outcomes.update((outcome.delivery_id, outcome) for outcome in recorded)
     if unsent is not None:
         raise unsent
     return [outcomes[delivery_id] for delivery_id in ids]
+
+
+def _record_answers(
+    sessions: Sessions,
+    answered: Sequence[tuple[Claim, WebhookAnswer]],
+    settings: Settings,
+    now_fn: Callable[[], datetime],
+) -> list[DeliveryOutcome]:
+    with _transaction(sessions) as session:
+        return _record_attempts(session, answered, settings=settings, now=now_fn())
 
 
 def _not_claimed(session: Session, delivery_ids: list[str], now: datetime) -> list[DeliveryOutcome]:
