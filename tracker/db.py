@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.config import get_settings
+
+log = logging.getLogger("tracker.db")
+
+T = TypeVar("T")
+
+# Seconds between tries of a transaction while the database cannot be reached.
+UNREACHABLE_PAUSE = 0.5
 
 
 def normalise_url(url: str) -> str:
@@ -85,3 +95,22 @@ def transaction(engine: Engine | None = None) -> Iterator[Session]:
     """`with transaction() as session:` one unit of work, committed on success."""
     with Session(engine or get_engine(), expire_on_commit=False) as session, session.begin():
         yield session
+
+
+def retry_while_unreachable(work: Callable[[], T], *, deadline: float, what: str) -> T:
+    """Run `work`, one whole transaction, again while the database cannot be reached.
+
+    For work whose loss costs more than a wait, such as recording webhook answers
+    (lost, each would be sent again once its lease expires). Gives up, raising the
+    last error, at `deadline` (a `time.monotonic()` value). If a commit landed but
+    its acknowledgement was lost, `work` runs twice: callers must make that harmless.
+    """
+    while True:
+        try:
+            return work()
+        except OperationalError as exc:  # refused, dropped, shutting down, locked
+            if time.monotonic() + UNREACHABLE_PAUSE >= deadline:
+                raise
+            reason = str(exc.orig or exc).splitlines()[0]
+            log.warning("the database cannot be reached (%s); %s again shortly", reason, what)
+            time.sleep(UNREACHABLE_PAUSE)
