@@ -75,13 +75,13 @@ MAX_DUPLICATE_SHARE = 0.01
 UPSTREAM_TOKEN = "fault-token-0123456789abcdef"
 
 # Every duration shrunk so that a scenario takes seconds, with the shapes kept:
-# leases of a few seconds, retries every 1-2 s for about a minute, a 2 s webhook timeout.
+# leases of 4-8 s, retries every 1-2 s for about a minute, a 2 s webhook timeout.
 FAST_ENV = {
     "TRACKER_POLL_INTERVAL": "1",
     "TRACKER_MAX_POLL_INTERVAL": "2",
     "TRACKER_SWEEP_INTERVAL": "1",
     "TRACKER_POLL_LEASE": "4",
-    "TRACKER_DELIVERY_LEASE": "4",
+    "TRACKER_DELIVERY_LEASE": "8",
     "TRACKER_WEBHOOK_TIMEOUT": "2",
     "TRACKER_WEBHOOK_RETRY_SCHEDULE": ",".join(["0", "1", "1"] + ["2"] * 40),
     "TRACKER_UPSTREAM_TIMEOUT": "5",
@@ -276,6 +276,8 @@ class Figures:
     transitions_checked: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
+    # (webhook-id, when it was first acknowledged, when it came again), time.monotonic()
+    duplicate_receipts: list[tuple[str, float, float]] = field(default_factory=list)
 
     @property
     def duplicate_share(self) -> float:
@@ -408,6 +410,10 @@ def check_invariants(
         figures.retries_received += before
         if first_ack is not None:
             figures.duplicates += len(requests_of_id) - first_ack - 1
+            figures.duplicate_receipts += [
+                (webhook_id, requests_of_id[first_ack].at, again.at)
+                for again in requests_of_id[first_ack + 1 :]
+            ]
     if figures.duplicate_share >= MAX_DUPLICATE_SHARE:
         problems.append(
             f"{figures.duplicates} duplicates in {figures.deliveries} deliveries "
@@ -452,7 +458,9 @@ class FaultRig:
         self.workdir = workdir
         self.simulator = simulator
         self.faults: Counter[str] = Counter()
+        self.fault_log: list[tuple[float, str]] = []  # (time.monotonic(), fault)
         self.rng = random.Random(8)
+        self.started = time.monotonic()
         self._lock = threading.RLock()
         self._closers: list[Any] = []
         try:
@@ -475,7 +483,7 @@ class FaultRig:
             )
             self._closers.append(self.receiver.close)
             self.processes = TrackerProcesses(self.env, workdir)
-            self._closers.append(self.processes.stop_all)
+            self._closers.append(self._kill_all)
             self.engine = make_engine(self.postgres.url, pool_pre_ping=True)
             self._closers.append(self.engine.dispose)
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
@@ -483,6 +491,20 @@ class FaultRig:
         except BaseException:
             self.close()
             raise
+
+    def fault(self, name: str) -> None:
+        """Count a fault and note when it happened."""
+        self.faults[name] += 1
+        self.fault_log.append((time.monotonic(), name))
+
+    def timeline(self, figures: Figures) -> str:
+        """Faults and duplicate receipts in time order, in seconds since the rig started."""
+        events = [(at, f"fault: {name}") for at, name in self.fault_log]
+        events += [
+            (again, f"duplicate of {webhook_id} (acknowledged at {first - self.started:.1f} s)")
+            for webhook_id, first, again in figures.duplicate_receipts
+        ]
+        return "\n".join(f"{at - self.started:8.1f} s  {what}" for at, what in sorted(events))
 
     # The system's parts.
 
@@ -499,8 +521,7 @@ class FaultRig:
             self.start_api()
 
     def start_api(self) -> None:
-        self.processes.start("api", name="api")
-        wait_until(self._api_answers, timeout=60, what="the API")
+        self._start_role("api")
 
     def _api_answers(self) -> bool:
         try:
@@ -519,22 +540,27 @@ class FaultRig:
             victims = self.running(role)
             if victims:
                 self.processes.kill(self.rng.choice(victims), signal.SIGKILL)
-                self.faults[f"{role} SIGKILL"] += 1
+                self.fault(f"{role} SIGKILL")
             if restart:
-                self._start_role(role)
+                self._start_role(role, wait=False)
+        if restart and role == "api":  # outside the lock: other faults go on meanwhile
+            wait_until(self._api_answers, timeout=60, what="the API")
 
     def restart_all(self, **env: str) -> None:
         """Stop every process and start the same roles again with `env` changed."""
-        roles = [name.rsplit("-", 1)[0] for name in self.processes.children]
-        self.processes.stop_all()
-        self.env.update(env)
-        self.processes.env.update(env)
-        for role in roles:
-            self._start_role(role)
+        with self._lock:  # no fault thread kills a process meanwhile
+            roles = [name.rsplit("-", 1)[0] for name in self.processes.children]
+            self.processes.stop_all()
+            self.env.update(env)
+            self.processes.env.update(env)
+            for role in roles:
+                self._start_role(role)
 
-    def _start_role(self, role: str) -> None:
+    def _start_role(self, role: str, *, wait: bool = True) -> None:
         if role == "api":
-            self.start_api()
+            self.processes.start("api", name="api")
+            if wait:
+                wait_until(self._api_answers, timeout=60, what="the API")
         elif role == "worker":
             self.processes.worker()
         else:
@@ -579,10 +605,10 @@ class FaultRig:
                 f"{self.api_url}/v1/tasks/batch", json=body, headers=headers, timeout=timeout
             )
         except requests.RequestException:
-            self.faults["API unreachable"] += 1
+            self.fault("API unreachable")
             return []
         if answer.status_code >= 500:
-            self.faults[f"API answered {answer.status_code}"] += 1
+            self.fault(f"API answered {answer.status_code}")
         if answer.status_code != 200:
             return []
         items = answer.json()["items"]
@@ -645,9 +671,15 @@ class FaultRig:
             shown = "\n  ".join(figures.violations[:30])
             raise AssertionError(
                 f"{len(figures.violations)} invariants broken:\n  {shown}\n"
-                f"{figures.summary()}\n{self.processes.logs(tail=25)}"
+                f"{figures.summary()}\n{self.timeline(figures)}\n{self.processes.logs(tail=25)}"
             )
         return figures
+
+    def _kill_all(self) -> None:
+        """SIGKILL every process: the run is over, nothing needs a graceful stop."""
+        with self._lock:
+            for name in list(self.processes.children):
+                self.processes.kill(name, signal.SIGKILL)
 
     def close(self) -> None:
         for closer in reversed(self._closers):

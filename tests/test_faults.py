@@ -53,10 +53,10 @@ def test_workers_sigkilled_every_few_seconds_while_polling_and_delivering(
 ) -> None:
     # Answers take 0.3 s, so kills also land while webhooks are in flight.
     rig = make_rig(receiver_delay=0.3)
-    expected = rig.seed(300, spread=12)
+    expected = rig.seed(300, spread=10)
     rig.register(expected)
     rig.start(workers=2)
-    run_for(16, Repeating(2.5, lambda: rig.kill("worker")))
+    run_for(13, Repeating(2.5, lambda: rig.kill("worker")))
     figures = rig.settle_and_check(expected)
     assert figures.faults["worker SIGKILL"] >= 5
     print(figures.summary())
@@ -67,7 +67,7 @@ def test_beats_sigkilled_and_two_beats_at_once(make_rig: RigFactory) -> None:
     expected = rig.seed(300, spread=10)
     rig.register(expected)
     rig.start(workers=1, beats=2)
-    run_for(14, Repeating(3, lambda: rig.kill("beat")))
+    run_for(11, Repeating(2.5, lambda: rig.kill("beat")))
     figures = rig.settle_and_check(expected)
     assert figures.faults["beat SIGKILL"] >= 3
     print(figures.summary())
@@ -77,16 +77,16 @@ def test_redis_restarted_empty_and_down_for_a_while(make_rig: RigFactory) -> Non
     """Restarts lose every queued message; a restart soon followed by an outage also
     used to end the worker (kombu fails while reconnecting): it must start afresh."""
     rig = make_rig()
-    expected = rig.seed(300, spread=18)
+    expected = rig.seed(300, spread=15)
     rig.register(expected)
     rig.start(workers=1)
-    time.sleep(4)
-    for outage in (3.0, 10.0):  # the issue's 30 s, scaled like every other duration
+    time.sleep(3)
+    for outage in (2.0, 8.0):  # the issue's 30 s, scaled like every other duration
         rig.redis.restart()  # it keeps nothing: every queued message is gone
-        rig.faults["redis restart"] += 1
+        rig.fault("redis restart")
         time.sleep(3)
         rig.redis.stop()
-        rig.faults["redis down"] += 1
+        rig.fault("redis down")
         time.sleep(outage)
         rig.redis.start()
     figures = rig.settle_and_check(expected)
@@ -105,11 +105,11 @@ def test_postgresql_restarted_mid_run_worker_and_api_recover_on_their_own(
     accepted += rig.register_through_api(ids[150:200])
     time.sleep(3)
     rig.postgres.restart("fast")  # every connection dropped
-    rig.faults["postgresql restart"] += 1
+    rig.fault("postgresql restart")
     accepted += rig.register_through_api(ids[200:250])
     time.sleep(2)
     rig.postgres.stop("immediate")
-    rig.faults["postgresql down 4 s"] += 1
+    rig.fault("postgresql down 4 s")
     down = rig.register_through_api(ids[250:260], timeout=5)
     time.sleep(4)
     rig.postgres.start()
@@ -137,12 +137,12 @@ def test_receiver_down_then_slower_than_the_timeout_then_back(make_rig: RigFacto
     expected = rig.seed(250, spread=8)
     rig.register(expected)
     rig.receiver.down()  # connection refused, for many retry intervals (1-2 s)
-    rig.faults["receiver down 15 s"] += 1
+    rig.fault("receiver down 12 s")
     rig.start(workers=1)
-    time.sleep(15)
+    time.sleep(12)
     rig.receiver.up(delay=3)  # answers after 3 s, the webhook timeout is 2 s
-    rig.faults["receiver slow 8 s"] += 1
-    time.sleep(8)
+    rig.fault("receiver slow 6 s")
+    time.sleep(6)
     rig.receiver.up(delay=0)
     figures = rig.settle_and_check(expected)
     assert figures.retries_received > 0  # the slow answers really were re-sent
@@ -153,25 +153,25 @@ def test_upstream_errors_rate_limits_garbage_gaps_and_a_revoked_token(
     make_rig: RigFactory, simulator: SimulatorHandle
 ) -> None:
     rig = make_rig(env={"TRACKER_NOT_FOUND_AFTER": "3"})
-    expected = rig.seed(300, spread=30)
+    expected = rig.seed(300, spread=24)
     unknown = {f"gone-{n}": "failed" for n in range(5)}  # the upstream never heard of them
     expected.update(unknown)
     rig.register(expected)
     rig.start(workers=1)
     phases: list[tuple[str, dict[str, Any], float]] = [
-        ("upstream 500s 8 s", {"error_500_share": 1.0}, 8),
-        ("upstream 429 storm 6 s", {"error_429_share": 0.8, "retry_after": 2}, 6),
-        ("upstream non-JSON 5 s", {"malformed_share": 0.6}, 5),
-        ("upstream missing items 6 s", {"drop_share": 0.5}, 6),
+        ("upstream 500s 6 s", {"error_500_share": 1.0}, 6),
+        ("upstream 429 storm 5 s", {"error_429_share": 0.8, "retry_after": 2}, 5),
+        ("upstream non-JSON 4 s", {"malformed_share": 0.6}, 4),
+        ("upstream missing items 5 s", {"drop_share": 0.5}, 5),
     ]
     clear = {"error_500_share": 0.0, "error_429_share": 0.0, "malformed_share": 0.0}
     for name, knobs, seconds in phases:
         simulator.configure(**{**clear, "drop_share": 0.0, **knobs})
-        rig.faults[name] += 1
+        rig.fault(name)
         time.sleep(seconds)
     simulator.configure(**clear, drop_share=0.0, tokens=["rotated-token-0123456789"])
-    rig.faults["upstream 401, token rotated by configuration"] += 1
-    time.sleep(5)
+    rig.fault("upstream 401, token rotated by configuration")
+    time.sleep(4)
     rig.restart_all(TRACKER_UPSTREAM_TOKEN="rotated-token-0123456789")
     figures = rig.settle_and_check(expected)
     statuses = simulator.stats()["requests_by_status"]
@@ -183,7 +183,7 @@ def test_upstream_errors_rate_limits_garbage_gaps_and_a_revoked_token(
 def test_api_under_load_while_workers_are_killed(make_rig: RigFactory) -> None:
     """Registrations answered 2xx are tracked to the end; errors are allowed, loss is not.
 
-    Four clients register 400 tasks, 5 per batch call, spread over 15 s, while a
+    Four clients register 400 tasks, 5 per batch call, spread over 12 s, while a
     worker is SIGKILLed every 2.5 s and the API itself is SIGKILLed once; the
     clients send again what was not answered 2xx (registering is idempotent)."""
     rig = make_rig(receiver_delay=0.2)
@@ -191,7 +191,7 @@ def test_api_under_load_while_workers_are_killed(make_rig: RigFactory) -> None:
     ids = list(expected)
     rig.start(workers=2, api=True)
     chunks = [ids[n : n + 5] for n in range(0, len(ids), 5)]
-    pace = 15.0 / len(chunks)
+    pace = 12.0 / len(chunks)
     started = time.monotonic()
 
     def register(index: int) -> list[str]:
@@ -203,20 +203,20 @@ def test_api_under_load_while_workers_are_killed(make_rig: RigFactory) -> None:
             missing = [i for i in chunks[index] if i not in done]
             done += rig.register_through_api(missing)
             if len(done) < len(chunks[index]):
-                rig.faults["registration sent again"] += 1
+                rig.fault("registration sent again")
                 time.sleep(0.5)
         return done
 
     killer = Repeating(2.5, lambda: rig.kill("worker"))
     with ThreadPoolExecutor(4) as pool:
         pending = pool.map(register, range(len(chunks)))
-        time.sleep(7)
+        time.sleep(6)
         rig.kill("api")  # in the middle of the load; started again at once
         answers = list(pending)
     killer.stop()
     accepted = [task_id for chunk in answers for task_id in chunk]
     assert len(accepted) == len(ids), f"only {len(accepted)} of {len(ids)} accepted"
     figures = rig.settle_and_check(expected, accepted=accepted)
-    assert figures.faults["worker SIGKILL"] >= 4
+    assert figures.faults["worker SIGKILL"] >= 3
     assert requests.get(f"{rig.api_url}/readyz", timeout=10).status_code == 200
     print(figures.summary())
