@@ -296,7 +296,13 @@ def _apply_changes(
     settings: Settings,
 ) -> None:
     """New states (history and outbox through `record_transition`) and new upstream words."""
-    tasks = session.scalars(select(Task).where(Task.id.in_(changed)).order_by(Task.id))
+    # populate_existing: objects already in the session take the values just read under lock.
+    tasks = session.scalars(
+        select(Task)
+        .where(Task.id.in_(changed))
+        .order_by(Task.id)
+        .execution_options(populate_existing=True)
+    )
     for task in tasks:
         record, observation = changed[task.id]
         if observation.state is not None and can_transition(task.state, observation.state):
