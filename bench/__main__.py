@@ -61,10 +61,10 @@ def main() -> int:
         "--webhook-runs", type=int, default=3, help="Webhook runs (median; ~10 s each at 10k)."
     )
     parser.add_argument(
-        "--fresh-tasks", type=int, default=10_000, help="Tasks of the freshness run (~2 min)."
+        "--fresh-tasks", type=int, default=10_000, help="Tasks of the freshness run (~100 s)."
     )
     parser.add_argument(
-        "--fresh-window", type=float, default=60.0, help="Seconds over which they settle."
+        "--fresh-window", type=float, default=40.0, help="Seconds over which they settle."
     )
     parser.add_argument(
         "--scale-tasks", type=int, default=100_000, help="Outstanding tasks of the memory run."
@@ -83,10 +83,15 @@ def main() -> int:
     figures: list[Figure] = []
     profiles: dict[str, str] = {}
 
+    last = [started]
+
     def show(new: list[Figure]) -> None:
         for figure in new:
             print(figure.line(), flush=True)
         figures.extend(new)
+        now = time.perf_counter()
+        print(f"({now - last[0]:.0f} s)", flush=True)  # the suite's time budget, part by part
+        last[0] = now
 
     print(f"machine: {machine()}", flush=True)
     with private_database() as db_url:

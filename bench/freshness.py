@@ -3,11 +3,12 @@
 10,000 tasks are registered through the API's batch endpoint (`tracker api`,
 1000 a request), each with a callback to a loopback receiver. The simulator is
 then seeded with the same ids, running, each set to settle at its own moment,
-spread evenly (in random order) over a window that starts `lead` seconds later.
-Real `tracker worker` and `tracker beat` processes, with the SPEC's default
-settings, poll and deliver. A task's latency is the first arrival of its
-webhook minus the simulator's `settled_at`; it splits into the detection lag
-(until the tracker recorded the terminal transition) and the delivery lag.
+spread evenly (in random order) over a window that starts `lead` seconds later
+(time for the roles to start and make a first poll cycle). Real `tracker
+worker` and `tracker beat` processes, with the SPEC's default settings (and any
+stated overrides), poll and deliver. A task's latency is the first arrival of
+its webhook minus the simulator's `settled_at`; it splits into the detection
+lag (until the tracker recorded the terminal transition) and the delivery lag.
 """
 
 from __future__ import annotations
@@ -81,13 +82,21 @@ def settled_at(sim_url: str) -> dict[str, float]:
 
 
 def freshness(
-    db_url: str, sim_url: str, *, tasks: int = 10_000, window: float = 60.0, lead: float = 20.0
+    db_url: str,
+    sim_url: str,
+    *,
+    tasks: int = 10_000,
+    window: float = 40.0,
+    lead: float = 20.0,
+    **settings: object,
 ) -> tuple[list[Figure], str]:
     """One run: p50 / p99 completion-to-webhook latency against poll interval + 1 s.
 
     Also returns a py-spy profile of the worker while the tasks settle.
+    `settings` (e.g. batch_size=100) override the defaults, and are named in the figures.
     """
-    interval = float(Settings.model_fields["poll_interval"].default)
+    default_interval = Settings.model_fields["poll_interval"].default
+    interval = float(str(settings.get("poll_interval", default_interval)))
     clear_tasks(db_url)
     reset_simulator(sim_url)
     engine = make_engine(db_url)
@@ -103,8 +112,9 @@ def freshness(
         with serving(db_url, str(logs / "api.log")) as api_url, requests.Session() as http:
             http.headers["Authorization"] = f"Bearer {api_key}"
             register_batches(http, api_url, registrations)
+        # Seeded after registering: no task settles before the tracker knows it.
         seed_settling(sim_url, ids, lead=lead, window=window)
-        env = tracker_env(db_url, sim_url)
+        env = tracker_env(db_url, sim_url, **settings)
         with worker_and_beat(env, logs) as roles:
             spy = Spy(roles.children["worker"].pid, lead + window, "tracker worker (freshness)")
             wait_for(lambda: delivered(db_url) >= tasks, timeout=lead + window + DRAIN, interval=1)
@@ -120,6 +130,7 @@ def freshness(
     target = interval + 1.0
     p99 = percentile(latency, 0.99)
     name = f"freshness {tasks:,} tasks settling over {window:.0f} s"
+    name += "".join(f", {key} {value}" for key, value in settings.items())
     base = {"baseline": interval, "baseline_name": "poll interval"}
     figures = [
         Figure(
@@ -134,12 +145,15 @@ def freshness(
 
 
 def main() -> None:
-    """Run the benchmark alone: `python -m bench.freshness`."""
+    """Run the benchmark alone: `python -m bench.freshness [SETTING=VALUE ...]`."""
+    import sys
+
     from bench.common import private_database, simulator_process
 
+    settings = dict(arg.split("=", 1) for arg in sys.argv[1:])
     started = time.perf_counter()
     with private_database() as db_url, simulator_process() as sim_url:
-        figures, profile = freshness(db_url, sim_url)
+        figures, profile = freshness(db_url, sim_url, **settings)
         for figure in figures:
             print(figure.line(), flush=True)
         print(profile)

@@ -234,7 +234,7 @@ class Spy:
                     *("--output", str(self.output)),
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=self.output.with_suffix(".err").open("wb"),
             )
 
     def text(self, top: int = 25) -> str:
@@ -246,7 +246,8 @@ class Spy:
         except subprocess.TimeoutExpired:
             self.process.kill()
         if not self.output.exists():
-            return f"no profile of {self.label}: py-spy could not attach (ptrace refused?)"
+            errors = self.output.with_suffix(".err").read_text(errors="replace").strip()
+            return f"no profile of {self.label}: py-spy failed: {errors[-300:]}"
         own: Counter[str] = Counter()
         inclusive: Counter[str] = Counter()
         total = 0
