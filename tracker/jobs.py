@@ -27,7 +27,7 @@ from tracker.budget import (
 )
 from tracker.celery_app import celery_app
 from tracker.config import Settings, get_settings
-from tracker.db import session_factory
+from tracker.db import make_engine, session_factory
 from tracker.delivery import attempt_deliveries, delivery_batches
 from tracker.polling import (
     MAX_BUDGET_WAIT,
@@ -38,6 +38,7 @@ from tracker.polling import (
     run_poll_batch,
     time_out_overdue_tasks,
 )
+from tracker.roles import DEFAULT_CONCURRENCY
 from tracker.states import DELIVERY_PENDING
 from tracker.timeutil import utcnow
 from tracker.upstream import UpstreamClient
@@ -65,7 +66,9 @@ class WorkerContext:
 @lru_cache(maxsize=1)
 def worker_context() -> WorkerContext:
     settings = get_settings()
-    sessions = session_factory()
+    # A connection per worker thread stays open: the default pool (5 kept, 10 more
+    # opened and closed as needed) makes 16 threads connect again every few jobs.
+    sessions = session_factory(make_engine(settings.database_url, pool_size=DEFAULT_CONCURRENCY))
     token = settings.upstream_token.get_secret_value() if settings.upstream_token else None
     credential = credential_key(token)
     budget: Budget
