@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session
@@ -32,9 +33,15 @@ def add_task(
     service: str = "luma",
     state: str = "pending",
     callback_url: str | None = "https://hooks.example.com/tracker",
+    events: Sequence[str] | None = None,
 ) -> Task:
     """A registration at `created_at`, moved through `running` to `state` a minute apart."""
-    registration = TaskRegistration(task_id=task_id, service=service, callback_url=callback_url)
+    registration = TaskRegistration(
+        task_id=task_id,
+        service=service,
+        callback_url=callback_url,
+        **({"events": list(events)} if events is not None else {}),
+    )
     task = register_task(session, client, registration, now=created_at).task
     later = created_at
     if state != "pending":

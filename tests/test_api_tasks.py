@@ -347,7 +347,8 @@ def test_one_task_shows_its_history_and_webhooks(
 def test_cancelling_stops_tracking_keeps_history_and_supersedes_a_running_webhook(
     api: TestClient, auth: dict[str, str], session: Session, client: NewClient, engine: Engine
 ) -> None:
-    task = add_task(session, client.client, "t1", state="running", created_at=T0)
+    events = ["task.running", "task.completed", "task.failed", "task.timed_out"]
+    task = add_task(session, client.client, "t1", state="running", created_at=T0, events=events)
     running = add_delivery(session, task, event="task.running", created_at=T0)
     session.commit()
 

@@ -128,8 +128,8 @@ def record_transition(
 
 def _supersede_running_events(session: Session, task: Task, now: datetime) -> None:
     """A `task.running` webhook not yet delivered would arrive after the terminal one: drop it."""
-    if task.id is None:
-        return
+    if task.id is None or EVENT_FOR_STATE[RUNNING] not in task.events:
+        return  # nothing to drop; and no statement, which would flush the session first
     session.execute(
         update(WebhookDelivery)
         .where(
