@@ -27,6 +27,9 @@ from bench.scale import memory, registration_api
 from bench.webhooks import webhook_throughput
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+# The defaults' budget (20 requests/s of 50 ids) polls 10k tasks every 10 s, not every 5:
+# freshness runs with a budget that covers them, so it measures the tracker, not the budget.
+FRESHNESS_RPS = 50
 PARTS = ["economy", "poll", "webhooks", "freshness", "scale"]
 
 
@@ -108,7 +111,11 @@ def main() -> int:
                     show(new)
                 if "freshness" in only:
                     new, profiles["tracker worker while 10k tasks settle"] = freshness(
-                        db_url, sim_url, tasks=args.fresh_tasks, window=args.fresh_window
+                        db_url,
+                        sim_url,
+                        tasks=args.fresh_tasks,
+                        window=args.fresh_window,
+                        upstream_rps=FRESHNESS_RPS,
                     )
                     show(new)
                 if "scale" in only:
