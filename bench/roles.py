@@ -253,6 +253,8 @@ class Spy:
         total = 0
         for line in self.output.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue  # a line cut short when py-spy was stopped
             frames = stack.split(";")
             total += int(count)
             own[frames[-1]] += int(count)
