@@ -305,3 +305,42 @@ def test_unchanged_answers_reschedule_each_registration_from_its_own_age(
     assert (ghost.polls, ghost.misses) == (0, 4)
     assert young.claimed_until is None
     assert transitions(session, young) == [(None, "pending")]
+
+
+def test_next_polls_count_from_the_claiming_tick_not_from_the_answer(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    """Counted from a late answer, the next poll would miss the next tick and wait for another."""
+    unchanged = register(session, settings, client, "unchanged")
+    started = register(session, settings, client, "started")
+    session.commit()
+    tick = utcnow() + timedelta(seconds=1)
+    [batch] = plan_batches(
+        claim_due_tasks(session, now=tick, limit=10, lease_seconds=60), settings.batch_size
+    )
+    session.commit()
+    answered = tick + timedelta(seconds=3)
+    answer = {"unchanged": record("unchanged", None), "started": record("started", "processing")}
+    apply_batch_answer(session, batch, answer, now=answered, settings=settings)
+    session.commit()
+    next_tick = tick + timedelta(seconds=settings.poll_interval)
+    for task in (unchanged, started):
+        session.refresh(task)
+        assert task.next_poll_at == next_tick
+    assert started.state == "running"
+    reclaimed = claim_due_tasks(session, now=next_tick, limit=10, lease_seconds=60)
+    assert sorted(c.task_id for c in reclaimed) == ["started", "unchanged"]
+
+
+def test_a_tick_takes_polls_falling_due_within_its_lookahead(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    task = register(session, settings, client, "t1")
+    session.commit()
+    now = utcnow()
+    task.next_poll_at = now + timedelta(seconds=0.5)
+    session.commit()
+
+    assert claim_due_tasks(session, now=now, limit=10, lease_seconds=60) == []
+    claimed = claim_due_tasks(session, now=now, limit=10, lease_seconds=60, lookahead=1.0)
+    assert [c.task_id for c in claimed] == ["t1"]

@@ -34,6 +34,7 @@ from tracker.polling import (
     PollBatch,
     claim_due_tasks,
     claim_limit,
+    claim_lookahead,
     plan_batches,
     run_poll_batch,
     time_out_overdue_tasks,
@@ -111,27 +112,38 @@ def dispatch_polls() -> int:
         ):
             return 0  # the token was rejected: probe again only once per max poll interval
         claimed = claim_due_tasks(
-            session, now=now, limit=claim_limit(settings), lease_seconds=settings.poll_lease
+            session,
+            now=now,
+            limit=claim_limit(settings),
+            lease_seconds=settings.poll_lease,
+            lookahead=claim_lookahead(settings),
         )
     for claim in claimed:
         metrics.POLL_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
     batches = plan_batches(claimed, settings.batch_size)
     for batch in batches:
         lease = batch.lease_until.isoformat() if batch.lease_until else None
-        poll_batch.apply_async((batch.service, list(batch.task_ids), lease))
+        tick = batch.claimed_at.isoformat() if batch.claimed_at else None
+        poll_batch.apply_async((batch.service, list(batch.task_ids), lease, tick))
     return len(batches)
 
 
 @celery_app.task(name="tracker.poll_batch")  # type: ignore[untyped-decorator]
-def poll_batch(service: str, task_ids: list[str], lease_until: str | None = None) -> None:
-    """Poll one batch; `lease_until` (ISO 8601) is the claim's lease, to skip rows leased since."""
+def poll_batch(
+    service: str, task_ids: list[str], lease_until: str | None = None, claimed_at: str | None = None
+) -> None:
+    """Poll one batch claimed at `claimed_at` with lease `lease_until` (both ISO 8601).
+
+    Rows leased since by another worker are skipped; next polls count from `claimed_at`.
+    """
     ctx = worker_context()
     lease = datetime.fromisoformat(lease_until) if lease_until else None
+    tick = datetime.fromisoformat(claimed_at) if claimed_at else None
     outcome = run_poll_batch(
         ctx.sessions,
         ctx.upstream,
         ctx.budget,
-        PollBatch(service, tuple(task_ids), lease),
+        PollBatch(service, tuple(task_ids), lease, tick),
         settings=ctx.settings,
         credential=ctx.credential,
     )

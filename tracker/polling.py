@@ -49,6 +49,9 @@ log = logging.getLogger("tracker.polling")
 # Polls back off in proportion to a task's age: a task running for 10 minutes is
 # polled every 30 s (5 % of its age), bounded by the poll interval settings.
 BACKOFF_SHARE_OF_AGE = 0.05
+# A tick also takes polls falling due within this many seconds (at most a quarter of
+# the poll interval): beat and the broker move a tick by some milliseconds either way.
+CLAIM_LOOKAHEAD = 1.0
 # How long a poll waits for its upstream slot before giving the batch back.
 MAX_BUDGET_WAIT = 10.0
 DEFAULT_RATE_LIMIT_PAUSE = 5.0
@@ -69,6 +72,7 @@ class Claim(NamedTuple):
     task_id: str
     due_at: datetime
     lease_until: datetime | None = None
+    claimed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -77,11 +81,16 @@ class PollBatch:
 
     `lease_until` is the `claimed_until` the claim wrote: a registration leased
     since by another worker (its lease differs and is live) is not written.
+    `claimed_at` is the tick that claimed it: the next poll is counted from there,
+    not from the answer, so a task keeps its place in the ticks' rhythm however
+    long the job waited (counted from the answer, it would fall just after the
+    next tick and be polled every other tick).
     """
 
     service: str
     task_ids: tuple[str, ...]
     lease_until: datetime | None = None
+    claimed_at: datetime | None = None
 
 
 @dataclass
@@ -117,14 +126,19 @@ def next_poll_at(created_at: datetime, now: datetime, settings: Settings) -> dat
     return now + timedelta(seconds=interval)
 
 
+def claim_lookahead(settings: Settings) -> float:
+    """Seconds ahead of a tick whose due polls it takes: ticks run a little early or late."""
+    return min(CLAIM_LOOKAHEAD, settings.poll_interval / 4)
+
+
 def claim_due_tasks(
-    session: Session, *, now: datetime, limit: int, lease_seconds: float
+    session: Session, *, now: datetime, limit: int, lease_seconds: float, lookahead: float = 0.0
 ) -> list[Claim]:
-    """Lease up to `limit` due registrations in one statement."""
+    """Lease up to `limit` registrations due by `now` (plus `lookahead` s) in one statement."""
     due = (
         select(Task.id)
         .where(
-            Task.next_poll_at <= now,
+            Task.next_poll_at <= now + timedelta(seconds=lookahead),
             or_(Task.claimed_until.is_(None), Task.claimed_until < now),
         )
         .order_by(Task.next_poll_at)
@@ -142,24 +156,24 @@ def claim_due_tasks(
     )
     # next_poll_at is set on every row the claim matched (it was compared with now).
     return [
-        Claim(service, task_id, due_at or now, lease_until) for service, task_id, due_at in claimed
+        Claim(service, task_id, due_at or now, lease_until, now)
+        for service, task_id, due_at in claimed
     ]
 
 
 def plan_batches(claimed: Iterable[Claim], batch_size: int) -> list[PollBatch]:
     """Group claimed registrations by service, each upstream id once, `batch_size` per batch."""
-    by_service: dict[tuple[str, datetime | None], dict[str, None]] = defaultdict(dict)
+    by_service: dict[tuple[str, datetime | None, datetime | None], dict[str, None]]
+    by_service = defaultdict(dict)
     for claim in claimed:
-        by_service[claim.service, claim.lease_until][claim.task_id] = (
-            None  # a dict keeps first-seen order, unlike a set
-        )
+        key = (claim.service, claim.lease_until, claim.claimed_at)
+        by_service[key][claim.task_id] = None  # a dict keeps first-seen order, unlike a set
     batches = []
-    for (service, lease_until), ids in by_service.items():
+    for (service, lease_until, claimed_at), ids in by_service.items():
         distinct = list(ids)
         for start in range(0, len(distinct), batch_size):
-            batches.append(
-                PollBatch(service, tuple(distinct[start : start + batch_size]), lease_until)
-            )
+            chunk = tuple(distinct[start : start + batch_size])
+            batches.append(PollBatch(service, chunk, lease_until, claimed_at))
     return batches
 
 
@@ -247,6 +261,11 @@ def apply_batch_answer(
     Registrations another worker has leased since are left to that worker.
     """
     applied = BatchApplied()
+    scheduled_from = batch.claimed_at or now
+
+    def scheduled(row: _Polled) -> datetime:
+        return next_poll_at(row.created_at, scheduled_from, settings)
+
     unchanged: list[_Rescheduled] = []
     changed: dict[int, tuple[dict[str, Any], Observation]] = {}
     for row in _lock_active_registrations(session, batch.service, batch.task_ids):
@@ -258,9 +277,7 @@ def apply_batch_answer(
             misses = row.misses + 1
             if misses >= settings.not_found_after and row.task_id not in applied.missing:
                 applied.missing.append(row.task_id)
-            unchanged.append(
-                _Rescheduled(row.id, row.polls, misses, next_poll_at(row.created_at, now, settings))
-            )
+            unchanged.append(_Rescheduled(row.id, row.polls, misses, scheduled(row)))
             continue
         observation = normalise(record)
         if (
@@ -268,11 +285,11 @@ def apply_batch_answer(
         ) or observation.upstream_state not in (None, row.upstream_state):
             changed[row.id] = (record, observation)
         else:
-            unchanged.append(
-                _Rescheduled(row.id, row.polls + 1, 0, next_poll_at(row.created_at, now, settings))
-            )
+            unchanged.append(_Rescheduled(row.id, row.polls + 1, 0, scheduled(row)))
     if changed:
-        _apply_changes(session, changed, applied, now=now, settings=settings)
+        _apply_changes(
+            session, changed, applied, now=now, scheduled_from=scheduled_from, settings=settings
+        )
     if unchanged:
         _reschedule(session, unchanged)
     return applied
@@ -293,6 +310,7 @@ def _apply_changes(
     applied: BatchApplied,
     *,
     now: datetime,
+    scheduled_from: datetime,
     settings: Settings,
 ) -> None:
     """New states (history and outbox through `record_transition`) and new upstream words."""
@@ -322,7 +340,7 @@ def _apply_changes(
             ]
             applied.transitions += 1
             if not is_terminal(task.state):
-                task.next_poll_at = next_poll_at(task.created_at, now, settings)
+                task.next_poll_at = next_poll_at(task.created_at, scheduled_from, settings)
                 task.claimed_until = None
         else:
             # A new upstream word, same state (queued -> pending): keep it, no history row.
@@ -333,7 +351,7 @@ def _apply_changes(
             )
             task.polls += 1
             task.misses = 0
-            task.next_poll_at = next_poll_at(task.created_at, now, settings)
+            task.next_poll_at = next_poll_at(task.created_at, scheduled_from, settings)
             task.claimed_until = None
 
 
