@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
@@ -108,3 +110,17 @@ def test_metrics_answer_prometheus_text(api: TestClient) -> None:
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/plain")
     assert "# TYPE tracker_tasks gauge" in answer.text
+
+
+def test_the_api_starts_on_each_database_with_its_connections_open(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-up fills the connection pool: on SQLite it must not wait on its own lock."""
+    with (
+        caplog.at_level(logging.WARNING, logger="tracker.api"),
+        TestClient(create_app(settings)) as api,  # runs the start-up
+    ):
+        answer = api.get("/healthz")
+
+    assert answer.status_code == 200
+    assert [r.getMessage() for r in caplog.records if r.name == "tracker.api"] == []

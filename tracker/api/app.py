@@ -41,7 +41,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     collection walks them all and stalls one request in every few thousand by 30-40 ms.
     """
     engine: sa.Engine = app.state.sessions.kw["bind"]
-    size = engine.pool.size() if isinstance(engine.pool, sa.pool.QueuePool) else 1
+    # SQLite: connecting costs nothing, and each statement takes the write lock
+    # (BEGIN IMMEDIATE, see tracker.db), so a second held connection would wait on the first.
+    pool = engine.pool
+    pooled = isinstance(pool, sa.pool.QueuePool) and engine.dialect.name != "sqlite"
+    size = pool.size() if isinstance(pool, sa.pool.QueuePool) and pooled else 1
     try:
         with contextlib.ExitStack() as held:
             for _ in range(size):
