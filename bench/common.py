@@ -181,17 +181,19 @@ def simulator_process() -> Iterator[str]:
 
 
 @contextmanager
-def receiver_process() -> Iterator[str]:
-    """`tests.receiver.Receiver` (200 at once) in its own process; the hook URL.
+def receiver_subprocess(after: str = "") -> Iterator[tuple[str, list[str]]]:
+    """`tests.receiver.Receiver` (200 at once) in its own process: the hook URL, its output.
 
     Its listen backlog is raised from socketserver's 5 to what web servers use
     (nginx 511, uvicorn 2048): a worker opening its sending threads' connections
-    at once would otherwise see some of them reset.
+    at once would otherwise see some of them reset. `after` is Python run once
+    the receiver is closed (its `Receiver` is `r`); what it prints is put in the
+    yielded list on the way out.
     """
     code = (
         "import sys; from tests.receiver import Receiver; r = Receiver(); "
         "r._server.socket.listen(1024); "
-        "print(r.port, flush=True); sys.stdin.read(); r.close()"
+        "print(r.port, flush=True); sys.stdin.read(); r.close(); " + after
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     server = subprocess.Popen(
@@ -204,11 +206,20 @@ def receiver_process() -> Iterator[str]:
     assert server.stdout is not None
     assert server.stdin is not None
     port = int(server.stdout.readline())
+    output: list[str] = []
     try:
-        yield f"http://127.0.0.1:{port}/hook"
+        yield f"http://127.0.0.1:{port}/hook", output
     finally:
         server.stdin.close()
+        output.append(server.stdout.read())
         server.wait(10)
+
+
+@contextmanager
+def receiver_process() -> Iterator[str]:
+    """A receiver in its own process (`receiver_subprocess`); the hook URL."""
+    with receiver_subprocess() as (hook, _):
+        yield hook
 
 
 def _wait_until_up(url: str) -> None:

@@ -26,6 +26,7 @@ import redis
 import requests
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.common import receiver_subprocess
 from tracker.api.tasks import MAX_BATCH
 from tracker.clients import create_client
 from tracker.roles import Supervisor
@@ -131,30 +132,15 @@ def arrivals_receiver() -> Iterator[tuple[str, list[tuple[str, float]]]]:
     Yields the hook URL and a list that is filled on the way out with
     (task id, wall-clock arrival time) of every webhook received.
     """
-    code = (
-        "import json, sys, time; from tests.receiver import Receiver; r = Receiver(); "
-        "print(r.port, flush=True); sys.stdin.read(); r.close(); "
-        "offset = time.time() - time.monotonic(); "
+    after = (
+        "import json, time; offset = time.time() - time.monotonic(); "
         "print(json.dumps([[json.loads(q.body)['data']['task_id'], q.at + offset] "
         "for q in r.requests]), flush=True)"
     )
-    server = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert server.stdout is not None
-    assert server.stdin is not None
-    port = int(server.stdout.readline())
     arrivals: list[tuple[str, float]] = []
-    try:
-        yield f"http://127.0.0.1:{port}/hook", arrivals
-    finally:
-        server.stdin.close()
-        arrivals += [(task_id, at) for task_id, at in json.loads(server.stdout.read() or "[]")]
-        server.wait(10)
+    with receiver_subprocess(after) as (hook, output):
+        yield hook, arrivals
+    arrivals += [(task_id, at) for task_id, at in json.loads(output[0] or "[]")]
 
 
 def log_dir(prefix: str) -> Path:
