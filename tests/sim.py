@@ -17,6 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 
 class SimulatorHandle:
@@ -25,6 +27,9 @@ class SimulatorHandle:
     def __init__(self, url: str) -> None:
         self.url = url
         self._http = requests.Session()
+        # A kept-alive connection the server has just closed is reset on reuse: the
+        # idempotent admin calls (GET, PUT) are sent again; POSTs are not.
+        self._http.mount("http://", HTTPAdapter(max_retries=Retry(total=3, backoff_factor=0.1)))
 
     def configure(self, **knobs: Any) -> dict[str, Any]:
         """Change knobs (fields of `tracker.simulator.SimulatorConfig`); the knobs in force."""
