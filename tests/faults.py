@@ -62,7 +62,7 @@ from tracker.clients import NewClient, create_client
 from tracker.config import load_settings
 from tracker.db import make_engine
 from tracker.demo import free_port
-from tracker.models import Task, TaskTransition, WebhookDelivery
+from tracker.models import Task, TaskTransition, WebhookAttempt, WebhookDelivery
 from tracker.registry import register_task
 from tracker.schemas import TaskRegistration
 from tracker.states import (
@@ -210,7 +210,8 @@ class FaultReceiver:
     """A webhook receiver on a fixed port that can go down, turn slow and come back.
 
     It keeps every request across restarts. A request counts as acknowledged when
-    it was answered 2xx sooner than `ack_within` (the sender's timeout).
+    it was answered 2xx sooner than `ack_within` (the sender's timeout) to a sender
+    still there to read it (a killed sender's request is not answered).
     """
 
     def __init__(self, *, ack_within: float, delay: float = 0.0) -> None:
@@ -279,10 +280,20 @@ class Figures:
     violations: list[str] = field(default_factory=list)
     # (webhook-id, when it was first acknowledged, when it came again), time.monotonic()
     duplicate_receipts: list[tuple[str, float, float]] = field(default_factory=list)
+    # Per succeeded delivery, seconds from the receiver's answer to its record in the database:
+    # a worker killed inside that window makes the webhook a duplicate.
+    record_lags: list[float] = field(default_factory=list)
 
     @property
     def duplicate_share(self) -> float:
         return self.duplicates / self.deliveries if self.deliveries else 0.0
+
+    def _lags(self) -> str:
+        if not self.record_lags:
+            return "-"
+        lags = sorted(self.record_lags)
+        p50, p99 = (lags[min(len(lags) - 1, int(q * len(lags)))] for q in (0.5, 0.99))
+        return f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms"
 
     def summary(self) -> str:
         faults = ", ".join(f"{name} {n}" for name, n in sorted(self.faults.items())) or "none"
@@ -295,6 +306,7 @@ class Figures:
                 f"webhooks acknowledged {self.webhooks_acknowledged}",
                 f"requests received     {self.requests_received}",
                 f"duplicates            {self.duplicates} ({self.duplicate_share:.2%})",
+                f"answer to record      {self._lags()}",
                 f"retries received      {self.retries_received} (after a refusal, an error "
                 "or a late answer)",
                 f"stuck                 {self.stuck}",
@@ -331,6 +343,18 @@ def check_invariants(
                 WebhookDelivery.claimed_until,
             )
         ).all()
+        answered = session.execute(
+            select(
+                WebhookDelivery.delivered_at,
+                WebhookAttempt.started_at,
+                WebhookAttempt.duration_ms,
+            )
+            .join(WebhookAttempt, WebhookAttempt.delivery_id == WebhookDelivery.id)
+            .where(
+                WebhookDelivery.status == DELIVERY_SUCCEEDED,
+                WebhookAttempt.attempt == WebhookDelivery.attempts,
+            )
+        ).all()
         transitions = session.execute(
             select(
                 TaskTransition.task_row_id, TaskTransition.from_state, TaskTransition.to_state
@@ -338,6 +362,10 @@ def check_invariants(
         ).all()
 
     figures.tasks = len(tasks)
+    figures.record_lags = [
+        (row.delivered_at - row.started_at).total_seconds() - row.duration_ms / 1000
+        for row in answered
+    ]
     figures.deliveries = len(deliveries)
     by_row = {row.id: row for row in tasks}
     seen_ids = {row.task_id for row in tasks}

@@ -17,6 +17,8 @@ serves https with the context's certificate.
 
 from __future__ import annotations
 
+import select
+import socket
 import ssl
 import threading
 import time
@@ -143,6 +145,11 @@ class Receiver:
                 if reply.delay and receiver._closing.wait(reply.delay):
                     self.close_connection = True
                     return False
+                if self._sender_gone():
+                    # Written now, the answer would reach nobody (under load the sender's
+                    # reset can come too late for the write to fail): not an answer.
+                    self.close_connection = True
+                    return False
                 if reply.drip:
                     for byte in f"HTTP/1.1 {reply.status} Slow\r\n".encode():
                         if receiver._closing.wait(reply.drip):
@@ -163,6 +170,21 @@ class Receiver:
                     self.close_connection = True
                     return False
                 return True
+
+            def _sender_gone(self) -> bool:
+                """Whether the sender hung up (or died) while its request waited for the answer.
+
+                A sender waiting for its answer sends nothing more, so anything readable
+                on the connection now is its end: EOF or a reset.
+                """
+                connection = self.connection
+                if isinstance(connection, ssl.SSLSocket):  # no peeking under TLS; not needed
+                    return False
+                try:
+                    readable, _, _ = select.select([connection], [], [], 0)
+                    return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+                except OSError:  # reset
+                    return True
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # keep test output clean

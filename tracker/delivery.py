@@ -68,10 +68,6 @@ RETRY_JITTER = 0.2
 MANUAL_RETRY_HINT = "`tracker deliveries retry {id}` or `POST /v1/deliveries/{id}/retry`"
 # Deliveries per `deliver` job: one claim, one record, their requests sent at once.
 DELIVERY_BATCH = 50
-# Answers are recorded as they come in, those arriving within this many seconds of the
-# first together: an answer acknowledged but not yet recorded is sent again if the
-# worker dies, so the wait stays short, while a batch answered at once is one transaction.
-RECORD_LINGER = 0.01
 
 
 # Built once: a fresh alias per call costs more than the claim's SQL itself.
@@ -333,10 +329,10 @@ def attempt_deliveries(
     A short transaction claims the batch and reads the payloads and the
     clients' secrets; the requests then go out at once from the process's
     sending threads (`tracker.sender.send_pool`), outside any transaction; the
-    answers are recorded as they come in (`RECORD_LINGER`), so neither a slow
-    receiver nor a dying worker holds back the record of the others. Safe to
-    call twice for the same ids at once (a duplicated job): the lease lets one
-    call send, the other returns `attempted=False`.
+    answers are recorded as they come in (those in together in one transaction),
+    so neither a slow receiver nor a dying worker holds back the record of the
+    others. Safe to call twice for the same ids at once (a duplicated job): the
+    lease lets one call send, the other returns `attempted=False`.
     """
     ids = list(dict.fromkeys(delivery_ids))
     with _transaction(sessions) as session:
@@ -369,10 +365,9 @@ def attempt_deliveries(
     unsent: BaseException | None = None
     waiting: set[Future[WebhookAnswer]] = set(sending)
     while waiting:
+        # Every answer in so far, recorded at once: an answer acknowledged but not yet
+        # recorded is sent again if the worker dies, so none waits for the others.
         done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-        if waiting:
-            more, waiting = wait(waiting, timeout=RECORD_LINGER)
-            done |= more
         answered = []
         for future in done:
             error = future.exception()
