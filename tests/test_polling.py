@@ -17,6 +17,7 @@ from tracker.polling import (
     apply_batch_answer,
     claim_due_tasks,
     claim_limit,
+    dispatch_interval,
     fail_not_found,
     next_poll_at,
     plan_batches,
@@ -100,8 +101,12 @@ def test_plan_batches_takes_each_upstream_id_once_per_service() -> None:
 
 
 def test_claim_limit_is_what_the_budget_serves_until_the_next_tick(settings: Settings) -> None:
-    tuned = settings.model_copy(update={"upstream_rps": 2, "poll_interval": 5, "batch_size": 10})
-    assert claim_limit(tuned) == 100
+    tuned = settings.model_copy(update={"upstream_rps": 4, "poll_interval": 5, "batch_size": 10})
+    assert dispatch_interval(tuned) == 1.0  # ticks every second, whatever the poll interval
+    assert claim_limit(tuned) == 40
+    fast = tuned.model_copy(update={"poll_interval": 0.5})
+    assert dispatch_interval(fast) == 0.5  # never less often than tasks are due
+    assert claim_limit(fast) == 20
 
 
 def test_answer_moves_each_task_and_writes_history_and_outbox(

@@ -15,6 +15,7 @@ from celery.signals import setup_logging
 
 from tracker.config import Settings, get_settings
 from tracker.logs import configure_logging
+from tracker.polling import dispatch_interval
 
 POLL_QUEUE = "polls"
 DELIVERY_QUEUE = "deliveries"
@@ -46,8 +47,8 @@ def make_celery(settings: Settings) -> Celery:
         beat_schedule={
             "dispatch-polls": {
                 "task": "tracker.dispatch_polls",
-                "schedule": settings.poll_interval,
-                "options": {"expires": settings.poll_interval * 2},
+                "schedule": dispatch_interval(settings),
+                "options": {"expires": dispatch_interval(settings) * 2},
             },
             "sweep": {
                 "task": "tracker.sweep",

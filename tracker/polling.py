@@ -49,9 +49,11 @@ log = logging.getLogger("tracker.polling")
 # Polls back off in proportion to a task's age: a task running for 10 minutes is
 # polled every 30 s (5 % of its age), bounded by the poll interval settings.
 BACKOFF_SHARE_OF_AGE = 0.05
-# A tick also takes polls falling due within this many seconds (at most a quarter of
-# the poll interval): beat and the broker move a tick by some milliseconds either way.
-CLAIM_LOOKAHEAD = 1.0
+# Beat dispatches due polls this often (or every poll interval, if shorter). Each task
+# keeps the phase of the tick that first claimed it, so ticks more frequent than the
+# poll interval spread the tasks' polls over it instead of handing all of them to the
+# workers at once, every poll interval.
+DISPATCH_INTERVAL = 1.0
 # How long a poll waits for its upstream slot before giving the batch back.
 MAX_BUDGET_WAIT = 10.0
 DEFAULT_RATE_LIMIT_PAUSE = 5.0
@@ -111,9 +113,14 @@ class PollOutcome:
     error: str | None = None
 
 
+def dispatch_interval(settings: Settings) -> float:
+    """Seconds between two dispatch ticks of beat."""
+    return min(DISPATCH_INTERVAL, settings.poll_interval)
+
+
 def claim_limit(settings: Settings) -> int:
     """Registrations one tick may claim: what the upstream budget can serve until the next tick."""
-    requests = max(1, int(settings.upstream_rps * settings.poll_interval))
+    requests = max(1, int(settings.upstream_rps * dispatch_interval(settings)))
     return requests * settings.batch_size
 
 
@@ -127,8 +134,10 @@ def next_poll_at(created_at: datetime, now: datetime, settings: Settings) -> dat
 
 
 def claim_lookahead(settings: Settings) -> float:
-    """Seconds ahead of a tick whose due polls it takes: ticks run a little early or late."""
-    return min(CLAIM_LOOKAHEAD, settings.poll_interval / 4)
+    """Seconds ahead of a tick whose due polls it takes (a quarter of the tick interval):
+    beat and the broker move a tick by some milliseconds either way, and a poll due just
+    after its tick would otherwise wait a whole tick."""
+    return dispatch_interval(settings) / 4
 
 
 def claim_due_tasks(
