@@ -37,7 +37,7 @@ def make_celery(settings: Settings) -> Celery:
         # status checks), so a job lost with its worker is simply run again.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=4,
+        worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         task_default_queue=SCHEDULE_QUEUE,
         task_routes={

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
+from celery.signals import worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker import metrics
@@ -29,6 +30,7 @@ from tracker.celery_app import celery_app
 from tracker.config import Settings, get_settings
 from tracker.db import make_engine, session_factory
 from tracker.delivery import attempt_deliveries, delivery_batches
+from tracker.doorbells import Doorbell
 from tracker.polling import (
     MAX_BUDGET_WAIT,
     PollBatch,
@@ -86,16 +88,34 @@ def worker_context() -> WorkerContext:
 
 
 def ring_delivery_doorbells(delivery_ids: Iterable[str], *, countdown: float = 0.0) -> None:
-    """Ask workers to attempt these deliveries, a job per batch; the sweep covers a lost message."""
+    """Ask workers to attempt these deliveries: due now, gathered with the other jobs' for
+    a moment (`tracker.doorbells`); due later, a job per batch with that countdown."""
+    if not countdown:
+        _doorbell.ring(delivery_ids)
+        return
     for batch in delivery_batches(delivery_ids):
-        try:
-            deliver.apply_async((batch,), countdown=countdown or None)
-        except Exception:  # the broker is down: the rows are due, the sweep will find them
-            log.warning(
-                "could not enqueue %d deliveries (%s, ...); the sweep will retry",
-                len(batch),
-                batch[0],
-            )
+        _enqueue_deliveries(batch, countdown=countdown)
+
+
+def _enqueue_deliveries(batch: list[str], *, countdown: float = 0.0) -> None:
+    """One `deliver` job; the sweep covers a message that could not be sent."""
+    try:
+        deliver.apply_async((batch,), countdown=countdown or None)
+    except Exception:  # the broker is down: the rows are due, the sweep will find them
+        log.warning(
+            "could not enqueue %d deliveries (%s, ...); the sweep will retry",
+            len(batch),
+            batch[0],
+        )
+
+
+_doorbell = Doorbell(_enqueue_deliveries)
+
+
+@worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _ring_gathered_doorbells(**_: object) -> None:
+    """A worker asked to stop sends what it gathered rather than leave it to the sweep."""
+    _doorbell.flush()
 
 
 @celery_app.task(name="tracker.dispatch_polls")  # type: ignore[untyped-decorator]
