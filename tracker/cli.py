@@ -122,7 +122,7 @@ def worker(
 
 @app.command()
 def beat() -> None:
-    """Run the scheduler: a poll tick every TRACKER_POLL_INTERVAL, a sweep every few seconds."""
+    """Run the scheduler: a poll tick every second, a sweep every TRACKER_SWEEP_INTERVAL."""
     from tracker.roles import run_beat
 
     settings = load_cli_settings()
