@@ -78,7 +78,8 @@ class Doorbell:
         return taken
 
     def _start(self) -> None:
-        if self._thread is None:
+        # Not alive also after a fork (a prefork pool's child): start one of its own.
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="doorbell", daemon=True)
             self._thread.start()
 
