@@ -37,16 +37,13 @@ from bench.common import (
     seed_clients,
     seed_tasks,
 )
+from tracker.attempts import DeliveryOutcome
 from tracker.config import Settings, load_settings
 from tracker.db import make_engine
-from tracker.delivery import (
-    DeliveryOutcome,
-    attempt_deliveries,
-    delivery_batches,
-    due_delivery_ids,
-)
+from tracker.delivery import attempt_deliveries
 from tracker.logs import JsonFormatter, SecretMask
 from tracker.models import WebhookDelivery, WebhookSecret
+from tracker.outbox import delivery_batches, due_delivery_ids
 from tracker.roles import DEFAULT_CONCURRENCY
 from tracker.signing import webhook_headers
 from tracker.timeutil import utcnow

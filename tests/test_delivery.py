@@ -20,20 +20,14 @@ from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from tests.receiver import Receiver, Reply
+from tracker.attempts import DeliveryOutcome, next_retry_delay
 from tracker.clients import NewClient, create_client, rotate_secret
 from tracker.config import Settings
-from tracker.delivery import (
-    DeliveryOutcome,
-    attempt_deliveries,
-    attempt_delivery,
-    claim_delivery,
-    due_delivery_ids,
-    next_retry_delay,
-    redeliver,
-)
+from tracker.delivery import attempt_deliveries, attempt_delivery
 from tracker.errors import Conflict, DeliveryNotFound
 from tracker.history import record_transition
 from tracker.models import Task, WebhookAttempt, WebhookDelivery
+from tracker.outbox import claim_delivery, due_delivery_ids, redeliver
 from tracker.registry import register_task
 from tracker.schemas import TaskRegistration
 from tracker.sender import new_http_session

@@ -486,7 +486,7 @@ def deliveries_retry(
     delivery_id: Annotated[str, typer.Argument(help="The delivery id (its `webhook-id`).")],
 ) -> None:
     """Deliver a webhook again now, with the same webhook-id; also after it failed for good."""
-    from tracker.delivery import redeliver
+    from tracker.outbox import redeliver
     from tracker.timeutil import utcnow
 
     with cli_transaction() as session:

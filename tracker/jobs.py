@@ -29,8 +29,9 @@ from tracker.budget import (
 from tracker.celery_app import celery_app
 from tracker.config import Settings, get_settings
 from tracker.db import make_engine, session_factory
-from tracker.delivery import attempt_deliveries, delivery_batches
+from tracker.delivery import attempt_deliveries
 from tracker.doorbells import Doorbell
+from tracker.outbox import delivery_batches
 from tracker.polling import (
     MAX_BUDGET_WAIT,
     PollBatch,
@@ -175,7 +176,7 @@ def sweep() -> None:
     """Beat tick: time out overdue tasks and ring again for deliveries whose doorbell was lost."""
     from datetime import timedelta
 
-    from tracker.delivery import due_delivery_ids
+    from tracker.outbox import due_delivery_ids
 
     ctx = worker_context()
     now = utcnow()

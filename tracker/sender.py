@@ -1,8 +1,8 @@
 """Send one webhook request: vet the address, sign, POST within a deadline, keep the answer.
 
 `send_webhook` never raises: every outcome, a refused address included, is a
-`WebhookAnswer` for the attempt log. The database side (claims, outcome rules,
-the retry schedule) is `tracker.delivery`'s.
+`WebhookAnswer` for the attempt log. The database side is elsewhere: claims in
+`tracker.outbox`, outcome rules and the retry schedule in `tracker.attempts`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path, Query
 from tracker.api.deps import CurrentClient, SessionDep
 from tracker.api.errors import error_responses
 from tracker.api.resources import DeliveryDetail, DeliveryPage, DeliveryStatus
-from tracker.delivery import redeliver
+from tracker.outbox import redeliver
 from tracker.queries import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,

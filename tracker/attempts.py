@@ -1,0 +1,328 @@
+"""Recording webhook attempts: the attempt log and the outcome rules of SPEC section 4.
+
+A receiver's answer becomes a `webhook_attempts` row, and for a delivery still
+leased by the attempt, its new status: succeeded on 2xx; failed on 410, on a
+refused callback address or when the retry schedule is done; otherwise pending
+again at the next time of `TRACKER_WEBHOOK_RETRY_SCHEDULE` (jittered, honouring
+`Retry-After` within bounds).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, text, update
+from sqlalchemy.orm import Session
+
+from tracker import metrics
+from tracker.config import Settings
+from tracker.db import is_postgresql
+from tracker.models import WebhookAttempt, WebhookDelivery
+from tracker.outbox import Claim, among, among_ids
+from tracker.sender import WebhookAnswer
+from tracker.states import DELIVERY_FAILED, DELIVERY_PENDING, DELIVERY_SUCCEEDED
+
+# The attempt log lines keep the logger name operators filter on.
+log = logging.getLogger("tracker.delivery")
+
+# Scheduled delays vary by +-20 %, so receivers that failed together are not retried together.
+RETRY_JITTER = 0.2
+MANUAL_RETRY_HINT = "`tracker deliveries retry {id}` or `POST /v1/deliveries/{id}/retry`"
+
+
+def next_retry_delay(
+    schedule: Sequence[float],
+    attempts_made: int,
+    *,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float | None:
+    """Seconds before the next attempt once `attempts_made` failed; None: the schedule is done.
+
+    `schedule[k]` is the delay before attempt k+1, jittered by +-20 %. A
+    receiver's `Retry-After` is honoured, clamped between the scheduled delay
+    and twice it, so no receiver can push a delivery out for days.
+    """
+    if attempts_made >= len(schedule):
+        return None
+    nominal = schedule[attempts_made]
+    delay = nominal * (rng or random).uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
+    if retry_after is not None:
+        delay = min(max(delay, retry_after), 2 * nominal)
+    return delay
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What became of one delivery of an `attempt_deliveries` batch.
+
+    `attempted` is False when nothing was sent and `skipped` says why:
+    `not_found`, `not_pending`, `not_due`, `claimed` (another worker has it)
+    or `waiting_for_older` (an older event of the task is pending or in flight).
+    """
+
+    delivery_id: str
+    attempted: bool
+    status: str | None = None  # the delivery's status afterwards
+    attempt: int | None = None
+    status_code: int | None = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    skipped: str | None = None
+    # Newer deliveries of the same task that waited for this attempt and are due: enqueue them.
+    follow_up_ids: tuple[str, ...] = ()
+
+
+@dataclass
+class _Row:
+    """The columns of a delivery that recording an attempt reads and writes."""
+
+    id: str
+    task_row_id: int
+    created_at: datetime
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    claimed_until: datetime | None
+    updated_at: datetime
+    delivered_at: datetime | None
+    last_status_code: int | None
+    failure_code: str | None
+    failure_message: str | None
+
+
+_ROW_COLUMNS = tuple(getattr(WebhookDelivery, name) for name in _Row.__dataclass_fields__)
+_WRITTEN = tuple(
+    name for name in _Row.__dataclass_fields__ if name not in ("task_row_id", "created_at")
+)
+_SHARED = tuple(name for name in _WRITTEN if name not in ("id", "attempts"))
+
+
+def record_attempts(
+    session: Session,
+    answered: Sequence[tuple[Claim, WebhookAnswer]],
+    *,
+    settings: Settings,
+    now: datetime,
+) -> list[DeliveryOutcome]:
+    """Log the attempts; apply the outcome rules to the rows still ours, then free them.
+
+    A row superseded, retried by hand or taken over meanwhile (its lease is not
+    the claim's any more) only gets the attempt logged. One select, one insert
+    and one executemany update for the whole batch.
+    """
+    query = (
+        select(*_ROW_COLUMNS)
+        .where(among_ids([claim.id for claim, _ in answered], session))
+        .order_by(WebhookDelivery.id)  # rows locked in one order: no deadlock between batches
+    )
+    if is_postgresql(session):
+        query = query.with_for_update()
+    rows = {row.id: _Row(*row) for row in session.execute(query)}
+    attempt_rows: list[dict[str, Any]] = []
+    settled: list[_Row] = []
+    recorded: list[tuple[_Row, WebhookAnswer]] = []
+    outcomes: list[DeliveryOutcome] = []
+    for claim, answer in answered:
+        delivery = rows.get(claim.id)
+        if delivery is None:  # the task (and its outbox) was deleted meanwhile
+            outcomes.append(DeliveryOutcome(claim.id, attempted=True, error=answer.error))
+            continue
+        delivery.attempts += 1
+        attempt_rows.append(
+            {
+                "delivery_id": delivery.id,
+                "attempt": delivery.attempts,
+                "started_at": answer.started_at,
+                "duration_ms": answer.duration_ms,
+                "status_code": answer.status_code,
+                "response_excerpt": answer.excerpt,
+                "error": answer.error,
+            }
+        )
+        if delivery.claimed_until == claim.lease:
+            delivery.claimed_until = None
+            if delivery.status == DELIVERY_PENDING:
+                _apply_outcome(delivery, answer, settings=settings, now=now)
+            if delivery.status != DELIVERY_PENDING:
+                settled.append(delivery)
+        # Otherwise it was superseded, retried by hand or taken over meanwhile: only logged.
+        delivery.updated_at = now
+        recorded.append((delivery, answer))
+    if recorded:
+        _insert_attempts(session, attempt_rows)
+        _write_rows(session, [delivery for delivery, _ in recorded])
+    follow_ups = _waiting_newer_events(session, settled, now)
+    for delivery, answer in recorded:
+        log.info(
+            "webhook attempt",
+            extra={
+                "delivery_id": delivery.id,
+                "attempt": delivery.attempts,
+                "status_code": answer.status_code,
+                "delivery_status": delivery.status,
+                "duration_ms": answer.duration_ms,
+                "error": answer.error,
+            },
+        )
+        _count_attempt(delivery, answer, now)
+        outcomes.append(
+            DeliveryOutcome(
+                delivery.id,
+                attempted=True,
+                status=delivery.status,
+                attempt=delivery.attempts,
+                status_code=answer.status_code,
+                error=answer.error,
+                next_attempt_at=delivery.next_attempt_at,
+                follow_up_ids=follow_ups.get(delivery.id, ()),
+            )
+        )
+    return outcomes
+
+
+def _count_attempt(delivery: _Row, answer: WebhookAnswer, now: datetime) -> None:
+    metrics.DELIVERY_LATENCY.observe(answer.duration_ms / 1000)
+    outcome = "retry" if delivery.status == DELIVERY_PENDING else delivery.status
+    metrics.DELIVERIES.labels(outcome=outcome).inc()
+    if delivery.status == DELIVERY_SUCCEEDED:
+        # created_at is when the transition was observed: this is the client's wait.
+        metrics.COMPLETION_TO_DELIVERY.observe((now - delivery.created_at).total_seconds())
+
+
+_ATTEMPT_COLUMNS = (
+    "delivery_id",
+    "attempt",
+    "started_at",
+    "duration_ms",
+    "status_code",
+    "response_excerpt",
+    "error",
+)
+# PostgreSQL: the batch's attempts as one array per column, so the statement is the same
+# (compiled and converted once) whatever the batch size.
+_INSERT_ATTEMPTS_PG = text(
+    f"INSERT INTO {WebhookAttempt.__tablename__} ({', '.join(_ATTEMPT_COLUMNS)}) "
+    "SELECT * FROM unnest(CAST(:delivery_id AS varchar[]), CAST(:attempt AS integer[]), "
+    "CAST(:started_at AS timestamptz[]), CAST(:duration_ms AS integer[]), "
+    "CAST(:status_code AS integer[]), CAST(:response_excerpt AS text[]), "
+    "CAST(:error AS text[]))"
+)
+
+
+def _insert_attempts(session: Session, attempt_rows: list[dict[str, Any]]) -> None:
+    if is_postgresql(session):
+        session.execute(
+            _INSERT_ATTEMPTS_PG,
+            {name: [row[name] for row in attempt_rows] for name in _ATTEMPT_COLUMNS},
+        )
+    else:
+        session.execute(insert(WebhookAttempt), attempt_rows)
+
+
+def _write_rows(session: Session, deliveries: Sequence[_Row]) -> None:
+    """Write the rows back: one UPDATE per set of equal values (a batch that succeeded is
+    one statement), the rest (retries, each with its own jittered time) in one executemany."""
+    groups: dict[tuple[object, ...], list[_Row]] = {}
+    for delivery in deliveries:
+        groups.setdefault(tuple(getattr(delivery, name) for name in _SHARED), []).append(delivery)
+    singles = []
+    for values, group in groups.items():
+        if len(group) == 1:
+            singles.append({name: getattr(group[0], name) for name in _WRITTEN})
+            continue
+        # Each row's attempts were read under the lock and raised by one: the same as +1.
+        session.execute(
+            update(WebhookDelivery)
+            .where(among_ids([delivery.id for delivery in group], session))
+            .values(
+                {
+                    **dict(zip(_SHARED, values, strict=True)),
+                    "attempts": WebhookDelivery.attempts + 1,
+                }
+            )
+            .execution_options(synchronize_session=False)
+        )
+    if singles:
+        session.execute(update(WebhookDelivery), singles)
+
+
+def _waiting_newer_events(
+    session: Session, settled: Sequence[_Row], now: datetime
+) -> dict[str, tuple[str, ...]]:
+    """Per settled delivery, the due deliveries of its task created after it: the order
+    rule held them back. One query for the batch (a still pending one keeps them waiting)."""
+    if not settled:
+        return {}
+    newer_by_task: dict[int, list[tuple[datetime, str]]] = {}
+    for row in session.execute(
+        select(WebhookDelivery.task_row_id, WebhookDelivery.created_at, WebhookDelivery.id)
+        .where(
+            among(
+                WebhookDelivery.task_row_id,
+                {delivery.task_row_id for delivery in settled},
+                session,
+            ),
+            WebhookDelivery.status == DELIVERY_PENDING,
+            WebhookDelivery.next_attempt_at <= now,
+        )
+        .order_by(WebhookDelivery.created_at)
+    ):
+        newer_by_task.setdefault(row.task_row_id, []).append((row.created_at, row.id))
+    return {
+        delivery.id: tuple(
+            delivery_id
+            for created_at, delivery_id in newer_by_task.get(delivery.task_row_id, ())
+            if created_at > delivery.created_at
+        )
+        for delivery in settled
+    }
+
+
+def _apply_outcome(
+    delivery: _Row, answer: WebhookAnswer, *, settings: Settings, now: datetime
+) -> None:
+    """The outcome rules of SPEC section 4 for a pending delivery that was just attempted."""
+    delivery.last_status_code = answer.status_code
+    if answer.succeeded:
+        delivery.status = DELIVERY_SUCCEEDED
+        delivery.delivered_at = now
+        delivery.next_attempt_at = None
+        delivery.failure_code = delivery.failure_message = None
+        return
+    hint = MANUAL_RETRY_HINT.format(id=delivery.id)
+    if answer.refused is not None:
+        _fail(delivery, answer.refused.code, f"{answer.refused.message}; then retry: {hint}")
+        return
+    if answer.status_code == 410:
+        _fail(
+            delivery,
+            "gone",
+            "the receiver answered 410 Gone: it does not want this webhook, so it is not "
+            f"retried; if that was a mistake, fix the receiver and retry: {hint}",
+        )
+        return
+    delay = next_retry_delay(
+        settings.webhook_retry_schedule, delivery.attempts, retry_after=answer.retry_after
+    )
+    if delay is None:
+        _fail(
+            delivery,
+            "retries_exhausted",
+            f"gave up after {delivery.attempts} attempts (TRACKER_WEBHOOK_RETRY_SCHEDULE); "
+            f"last error: {answer.error}. Fix the receiver, then retry: {hint}",
+        )
+        return
+    delivery.next_attempt_at = now + timedelta(seconds=delay)
+
+
+def _fail(delivery: _Row, code: str, message: str) -> None:
+    delivery.status = DELIVERY_FAILED
+    delivery.next_attempt_at = None
+    delivery.failure_code = code
+    delivery.failure_message = message
