@@ -236,7 +236,7 @@ def registration_api(
         floor = open_loop(api_url, headers, health, rate=rate, seconds=floor_seconds)
         spy = Spy(pid_of("api", "--port", api_url.rsplit(":", 1)[1]), seconds, "tracker api")
         # Not measured: the first registrations of a process compile its statements.
-        open_loop(api_url, headers, register_warm_up, rate=rate, seconds=WARM_UP_SECONDS)
+        warm_up = open_loop(api_url, headers, register_warm_up, rate=rate, seconds=WARM_UP_SECONDS)
         load = open_loop(api_url, headers, register, rate=rate, seconds=seconds)
         profile = spy.text()
     batch = [
@@ -247,7 +247,8 @@ def registration_api(
     with serving(db_url, str(logs / "api-batch.log")) as api_url, requests.Session() as http:
         http.headers.update(headers)
         batch_times = register_batches(http, api_url, batch)
-    server = server_side_times(log_path, "/v1/tasks")
+    # The API logs the warm-up's requests first: they are not part of the measured run.
+    server = server_side_times(log_path, "/v1/tasks")[len(warm_up.latencies) :]
     ms = 1000.0
     floor_p50, floor_p99 = (
         percentile(floor.latencies, 0.5) * ms,
