@@ -21,6 +21,10 @@ def test_an_answer_read_by_the_sender_is_answered() -> None:
             sender.sendall(REQUEST)
             assert sender.recv(100).startswith(b"HTTP/1.1 200")
         (request,) = receiver.requests
+        # The server thread notes the answer just after writing it: give it a moment.
+        deadline = time.monotonic() + 2
+        while not request.answered and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert len(request.answered) == 1
     finally:
         receiver.close()
