@@ -11,6 +11,7 @@ nothing left claimed, clean histories). Durations are shrunk through settings
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +20,21 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import select
 
-from tests.faults import FaultRig, Repeating
+from tests.faults import FaultRig, PrivatePostgres, Repeating
+from tests.receiver import Receiver, Reply
 from tests.sim import SimulatorHandle
+from tracker import migrate
+from tracker.clients import create_client
+from tracker.config import load_settings
+from tracker.db import make_engine, session_factory
+from tracker.delivery import attempt_deliveries
+from tracker.history import record_transition
+from tracker.models import WebhookAttempt, WebhookDelivery
+from tracker.registry import register_task
+from tracker.schemas import TaskRegistration
+from tracker.timeutil import utcnow
 
 pytestmark = pytest.mark.slow
 
@@ -123,6 +136,52 @@ def test_postgresql_restarted_mid_run_worker_and_api_recover_on_their_own(
     assert figures.tasks >= 290
     assert not [fault for fault in figures.faults if "500" in fault]  # 503 while down
     print(figures.summary())
+
+
+def test_an_answer_is_recorded_when_the_database_returns_after_the_lease_ran_out(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The receiver answers while PostgreSQL is down, and stays down past the claim's
+    lease: nobody can claim the row again meanwhile, so the answer waits for the
+    database and is recorded once (before, it was dropped at the lease's end and the
+    webhook sent again: the soak's 54 duplicates)."""
+    postgres = PrivatePostgres()
+    engine = make_engine(postgres.url)
+    try:
+        migrate.upgrade(postgres.url)
+        settings = load_settings(
+            database_url=postgres.url,
+            webhook_allow_private=True,
+            webhook_timeout=2,
+            delivery_lease=3,
+            _env_file=None,
+        )
+        receiver.script("/hook", Reply(200, delay=1.0))
+        sessions = session_factory(engine)
+        with sessions.begin() as session:
+            owner = create_client(session, "acme").client
+            registration = TaskRegistration(task_id="t-1", callback_url=receiver.url("/hook"))
+            task = register_task(session, owner, registration, settings=settings).task
+            (delivery,) = record_transition(session, task, "completed", observed_at=utcnow())
+            delivery_id = delivery.id
+        with ThreadPoolExecutor(1) as pool, caplog.at_level(logging.WARNING, "tracker.db"):
+            claimed = time.monotonic()
+            attempt = pool.submit(attempt_deliveries, sessions, [delivery_id], settings=settings)
+            receiver.wait_for(1)
+            postgres.stop("immediate")  # the answer comes 1 s after the request
+            time.sleep(max(0.0, claimed + settings.webhook_lease + 0.5 - time.monotonic()))
+            postgres.start()
+            (outcome,) = attempt.result(timeout=30)
+        assert "recording webhook answers again shortly" in caplog.text  # it did wait
+        assert (outcome.attempted, outcome.status) == (True, "succeeded")
+        with sessions() as session:
+            row = session.get_one(WebhookDelivery, delivery_id)
+            attempts = session.scalars(select(WebhookAttempt.status_code)).all()
+        assert (row.status, row.claimed_until, attempts) == ("succeeded", None, [200])
+        assert len(receiver.requests) == 1
+    finally:
+        engine.dispose()
+        postgres.close()
 
 
 def _until_accepted(rig: FaultRig, ids: list[str], timeout: float = 30) -> list[str]:

@@ -132,11 +132,14 @@ def attempt_deliveries(
                 unsent = unsent or error
         if answered:
             # The receivers have answered: if the database is away (restarting), wait for
-            # it while the leases hold rather than lose the answers, each of which would
-            # be sent again once its lease expires (a duplicate for the receiver).
+            # it rather than lose the answers, each of which would be sent again once its
+            # lease expires (a duplicate for the receiver). Past the lease too: while the
+            # database is away nobody can claim the rows again, and a record arriving
+            # after someone has is only logged (`record_attempts`). One more lease at
+            # most, so that no thread waits for ever.
             recorded = retry_while_unreachable(
                 partial(_record_answers, sessions, answered, settings, now_fn),
-                deadline=lease_ends,
+                deadline=lease_ends + settings.webhook_lease,
                 what="recording webhook answers",
             )
             outcomes.update((outcome.delivery_id, outcome) for outcome in recorded)
