@@ -9,6 +9,7 @@ import itertools
 import math
 import random
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,48 @@ def test_capped_and_rate_limited_upstream_still_finishes_every_task_within_budge
     assert {task_id: state for (_, task_id), state in states.items()} == expected
     stats: dict[str, Any] = simulator.stats()
     assert stats["over_budget"] == 0
+
+
+def test_a_batch_whose_lease_ran_out_is_left_to_the_next_tick(
+    db_url: str, simulator: SimulatorHandle, settings: Settings
+) -> None:
+    """A job that starts after its lease ended does not ask the upstream: a tick re-claims."""
+    ids = simulator.seed([{"service": "luma", "outcome": "completed", "duration": 600}] * 3)
+    engine = make_engine(db_url)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        owner = create_client(session, "a").client
+        for task_id in ids:
+            register_task(session, owner, TaskRegistration(task_id=task_id), settings=settings)
+    claimed_at = utcnow()
+    with sessions.begin() as session:
+        claims = claim_due_tasks(session, now=claimed_at, limit=10, lease_seconds=30)
+    (batch,) = plan_batches(claims, settings.batch_size)
+    upstream = UpstreamClient.from_settings(
+        settings.model_copy(update={"upstream_url": simulator.url}), max_retries=0
+    )
+    budget = DatabaseBudget(sessions, credential_key("test-token"), settings.upstream_rps)
+    before = simulator.stats()["retrieve_batch_calls"]
+
+    def poll_at(moment: datetime) -> str | None:
+        outcome = run_poll_batch(
+            sessions,
+            upstream,
+            budget,
+            batch,
+            settings=settings,
+            credential="tok_test",
+            now=lambda: moment,
+        )
+        return outcome.error
+
+    assert poll_at(claimed_at + timedelta(seconds=31)) == "lease_expired"
+    assert simulator.stats()["retrieve_batch_calls"] == before
+    with Session(engine) as session:
+        assert set(session.scalars(select(Task.polls))) == {0}
+    assert poll_at(claimed_at + timedelta(seconds=29)) is None
+    assert simulator.stats()["retrieve_batch_calls"] == before + 1
+    with Session(engine) as session:
+        assert set(session.scalars(select(Task.polls))) == {1}
+    upstream.close()
+    engine.dispose()

@@ -41,6 +41,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         task_default_queue=SCHEDULE_QUEUE,
         task_routes={
+            "tracker.poll_batches": {"queue": POLL_QUEUE},
             "tracker.poll_batch": {"queue": POLL_QUEUE},
             "tracker.deliver": {"queue": DELIVERY_QUEUE},
         },

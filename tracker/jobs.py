@@ -54,6 +54,8 @@ OVERDUE_DELIVERY_GRACE = 10.0
 SWEEP_DELIVERY_LIMIT = 1000
 # Retries due within this many seconds get a countdown doorbell of their own.
 SHORT_RETRY = 60.0
+# Most batches one poll job carries (see `poll_jobs`).
+POLL_JOB_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -142,33 +144,63 @@ def dispatch_polls() -> int:
     for claim in claimed:
         metrics.POLL_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
     batches = plan_batches(claimed, settings.batch_size)
-    for batch in batches:
-        lease = batch.lease_until.isoformat() if batch.lease_until else None
-        tick = batch.claimed_at.isoformat() if batch.claimed_at else None
-        poll_batch.apply_async((batch.service, list(batch.task_ids), lease, tick))
+    for job in poll_jobs(batches):
+        poll_batches.apply_async(([_batch_message(batch) for batch in job],))
     return len(batches)
+
+
+def poll_jobs(
+    batches: list[PollBatch], threads: int = DEFAULT_CONCURRENCY
+) -> list[list[PollBatch]]:
+    """The batches of one tick, grouped into poll jobs.
+
+    One batch a job while a tick has no more batches than a worker has threads,
+    so they are all polled at once; beyond that (a backlog, a large fleet) up to
+    POLL_JOB_BATCHES a job, which spares a Celery message and its handling per
+    batch (a third of a worker's CPU when each job held one batch).
+    """
+    per_job = max(1, min(POLL_JOB_BATCHES, len(batches) // threads))
+    return [batches[start : start + per_job] for start in range(0, len(batches), per_job)]
+
+
+PollBatchMessage = tuple[str, list[str], str | None, str | None]
+
+
+def _batch_message(batch: PollBatch) -> PollBatchMessage:
+    """A batch as a poll job carries it: service, ids, lease and tick (ISO 8601)."""
+    lease = batch.lease_until.isoformat() if batch.lease_until else None
+    tick = batch.claimed_at.isoformat() if batch.claimed_at else None
+    return batch.service, list(batch.task_ids), lease, tick
+
+
+@celery_app.task(name="tracker.poll_batches")  # type: ignore[untyped-decorator]
+def poll_batches(batches: list[PollBatchMessage]) -> None:
+    """Poll batches one after another, each claimed at its tick with its lease.
+
+    Rows leased since by another worker are skipped; next polls count from the
+    tick. Each batch's doorbells ring as soon as it is applied.
+    """
+    ctx = worker_context()
+    for service, task_ids, lease_until, claimed_at in batches:
+        lease = datetime.fromisoformat(lease_until) if lease_until else None
+        tick = datetime.fromisoformat(claimed_at) if claimed_at else None
+        outcome = run_poll_batch(
+            ctx.sessions,
+            ctx.upstream,
+            ctx.budget,
+            PollBatch(service, tuple(task_ids), lease, tick),
+            settings=ctx.settings,
+            credential=ctx.credential,
+        )
+        ring_delivery_doorbells(outcome.applied.delivery_ids)
 
 
 @celery_app.task(name="tracker.poll_batch")  # type: ignore[untyped-decorator]
 def poll_batch(
     service: str, task_ids: list[str], lease_until: str | None = None, claimed_at: str | None = None
 ) -> None:
-    """Poll one batch claimed at `claimed_at` with lease `lease_until` (both ISO 8601).
-
-    Rows leased since by another worker are skipped; next polls count from `claimed_at`.
-    """
-    ctx = worker_context()
-    lease = datetime.fromisoformat(lease_until) if lease_until else None
-    tick = datetime.fromisoformat(claimed_at) if claimed_at else None
-    outcome = run_poll_batch(
-        ctx.sessions,
-        ctx.upstream,
-        ctx.budget,
-        PollBatch(service, tuple(task_ids), lease, tick),
-        settings=ctx.settings,
-        credential=ctx.credential,
-    )
-    ring_delivery_doorbells(outcome.applied.delivery_ids)
+    """One batch, as messages queued by earlier versions carry it."""
+    poll_batches([(service, task_ids, lease_until, claimed_at)])
 
 
 @celery_app.task(name="tracker.sweep")  # type: ignore[untyped-decorator]

@@ -107,7 +107,7 @@ class BatchApplied:
 
 @dataclass
 class PollOutcome:
-    """What one poll job did; `error` names the upstream problem, if any."""
+    """What polling one batch did; `error` names why its answer was not applied, if so."""
 
     applied: BatchApplied = field(default_factory=BatchApplied)
     error: str | None = None
@@ -490,9 +490,19 @@ def run_poll_batch(
 
     Upstream trouble never fails a task: the batch's leases are given back with a
     delay (a 429 also pauses the whole token; a rejected token is recorded for
-    `/readyz` and logged once).
+    `/readyz` and logged once). A batch whose lease ran out before its turn (its
+    job waited behind a slow upstream or a broker outage) is not polled: a tick
+    claims it again, and polling it here too would ask the upstream twice.
     """
     outcome = PollOutcome()
+    if batch.lease_until is not None and batch.lease_until <= now():
+        log.warning(
+            "the lease of %d %s ids ran out before their poll; the next tick claims them",
+            len(batch.task_ids),
+            batch.service,
+        )
+        outcome.error = "lease_expired"
+        return outcome
     try:
         records = upstream.retrieve_batch(batch.service, batch.task_ids)
     except (BudgetUnavailable, UpstreamError) as exc:
