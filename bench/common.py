@@ -81,6 +81,77 @@ def profile_text(profiler: cProfile.Profile, focus: str) -> str:
     )
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (/proc/stat).
+
+    The difference over a run is what the run cost the whole machine: the measured
+    process, PostgreSQL, the simulator, the broker, and anything else running.
+    """
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds used so far by the processes alive now, by role: postgres, redis,
+    worker, simulator, this process (bench), other. Differences over a run split
+    `machine_busy_seconds` between them (processes that ended meanwhile are missed)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    roles: dict[str, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        roles[_role(int(entry.name), command)] = (
+            roles.get(_role(int(entry.name), command), 0.0) + seconds
+        )
+    return roles
+
+
+def _role(pid: int, command: str) -> str:
+    if pid == os.getpid():
+        return "bench"
+    for role, marks in [
+        ("postgres", ("postgres",)),
+        ("redis", ("redis-server",)),
+        ("worker", ("tracker worker", "tracker.roles worker")),
+        ("simulator", ("simulator",)),
+    ]:
+        if any(mark in command for mark in marks):
+            return role
+    return "other"
+
+
+@dataclass(frozen=True)
+class CpuCost:
+    """Machine CPU seconds per unit of work over a stretch of time, and its split by role."""
+
+    total: float
+    by_role: dict[str, float]
+
+
+class CpuMeter:
+    """`meter = CpuMeter()`, the work, then `meter.per(units)`: what each unit cost."""
+
+    def __init__(self) -> None:
+        self.busy, self.roles = machine_busy_seconds(), cpu_by_role()
+
+    def per(self, units: int) -> CpuCost:
+        busy, roles = machine_busy_seconds(), cpu_by_role()
+        return CpuCost(
+            (busy - self.busy) / units,
+            {role: (used - self.roles.get(role, 0.0)) / units for role, used in roles.items()},
+        )
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import cProfile
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +24,8 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.common import (
+    CpuCost,
+    CpuMeter,
     Figure,
     clear_tasks,
     configure_simulator,
@@ -222,12 +225,19 @@ def poll_throughput(
             db_url, sim_url, worker.sessions, tasks, shared=False, prefix="throughput"
         )
         rates, floors = [], []
+        costs: list[CpuCost] = []
+        floor_costs: list[CpuCost] = []
         for _ in range(runs):
             make_due_again(db_url, utcnow() - timedelta(seconds=1))
+            meter = CpuMeter()
             observed, batches, elapsed = _poll_all(worker)
+            costs.append(meter.per(observed))
             assert observed == tasks, (observed, tasks)
             rates.append(observed / elapsed)
-            floors.append(_bare_floor(sim_url, batches, worker.settings))
+            meter = CpuMeter()
+            floor_rate, floor_ids = _bare_floor(sim_url, batches, worker.settings)
+            floor_costs.append(meter.per(floor_ids))
+            floors.append(floor_rate)
         make_due_again(db_url, utcnow() - timedelta(seconds=1))
         profiler = cProfile.Profile()
         profiler.enable()
@@ -235,31 +245,53 @@ def poll_throughput(
         profiler.disable()
     finally:
         worker.close()
-    set_up_rates, worker_profile = _default_worker_set_up(db_url, sim_url, tasks, runs=runs)
-    floor = median(floors)
+    set_up_rates, set_up_costs, worker_profile = _default_worker_set_up(
+        db_url, sim_url, tasks, runs=runs
+    )
+    floor, floor_cost = median(floors), _median_cost(floor_costs)
+    cores = len(os.sched_getaffinity(0))
     figures = []
-    for name, rate in [
-        (f"poll throughput {tasks:,} tasks, 1 process", median(rates)),
+    for name, rate, cost in [
+        (f"poll throughput {tasks:,} tasks, 1 process", median(rates), _median_cost(costs)),
         (
             f"poll throughput {tasks:,} tasks, worker x{DEFAULT_CONCURRENCY} threads",
             median(set_up_rates),
+            _median_cost(set_up_costs),
         ),
     ]:
         figures += [
             Figure(name, rate, "obs/s", ">= 5,000", rate >= 5000, floor, "floor"),
             Figure(f"{name} vs floor", rate / floor, "x", ">= 0.5", rate / floor >= 0.5),
+            # What one observation costs the whole machine (tracker, PostgreSQL, simulator),
+            # and the cap that puts on the rate: its cores cannot observe faster than
+            # `cores / cost`, whatever the concurrency. A cap/floor under 0.5 means the
+            # 0.5 target needs less CPU per observation, not more parallelism.
+            Figure(
+                f"{name}: CPU/obs",
+                cost.total * 1e6,
+                "us",
+                "(informative)",
+                None,
+                floor_cost.total * 1e6,
+                "floor's per id",
+            ),
+            Figure(f"{name}: cap/floor", cores / cost.total / floor, "x", "(informative)", None),
         ]
-    figures.append(
-        Figure("floor: bare retrieve_batch + JSON, no db", floor, "ids/s", "(baseline)", None)
-    )
+        figures += _cpu_split(name, cost)
+    figures += [
+        Figure("floor: bare retrieve_batch + JSON, no db", floor, "ids/s", "(baseline)", None),
+        Figure("floor: CPU/id", floor_cost.total * 1e6, "us", "(baseline)", None),
+        *_cpu_split("floor", floor_cost),
+    ]
     loop_profile = profile_text(profiler, r"tracker/|sqlalchemy/orm/session|requests/sessions")
     return figures, f"{loop_profile}\n{worker_profile}"
 
 
 def _default_worker_set_up(
     db_url: str, sim_url: str, tasks: int, *, runs: int
-) -> tuple[list[float], str]:
-    """Observations per second of a real `tracker worker` (default concurrency) per run.
+) -> tuple[list[float], list[CpuCost], str]:
+    """Observations per second and machine CPU seconds per observation of a real
+    `tracker worker` (default concurrency), per run.
 
     Each run makes every registration due, enqueues one `tracker.dispatch_polls`
     (which claims them all: the budget is unlimited) and times until every
@@ -269,6 +301,7 @@ def _default_worker_set_up(
     env = tracker_env(db_url, sim_url, upstream_rps=UNLIMITED_RPS, log_level="WARNING")
     app = Celery("bench", broker=BROKER_URL)
     rates: list[float] = []
+    costs: list[CpuCost] = []  # machine CPU per observation
     profile = ""
     empty_broker()
     supervisor = Supervisor(env=env, log_dir=log_dir("poll"))
@@ -286,11 +319,12 @@ def _default_worker_set_up(
                 seconds = math.ceil(tasks / rates[-1]) if rates else 30
                 label = f"tracker worker polling {tasks:,} tasks"
                 spy = Spy(supervisor.children["worker"].pid, seconds, label)
-            started = time.perf_counter()
+            started, meter = time.perf_counter(), CpuMeter()
             app.send_task("tracker.dispatch_polls", queue=SCHEDULE_QUEUE)
             if not wait_for(lambda: _polled(probe) >= tasks, timeout=600, interval=0.1):
                 raise RuntimeError(f"only {_polled(probe)} of {tasks} polled within 600 s")
             rates.append(tasks / (time.perf_counter() - started))
+            costs.append(meter.per(tasks))
             if spy is not None:
                 profile = spy.text()
     finally:
@@ -298,7 +332,21 @@ def _default_worker_set_up(
         supervisor.stop(timeout=15)
         empty_broker()
         app.close()
-    return rates, profile
+    return rates, costs, profile
+
+
+def _cpu_split(name: str, cost: CpuCost) -> list[Figure]:
+    """One informative line per role that used 5 us or more per unit."""
+    return [
+        Figure(f"{name}: CPU/obs, {role}", used * 1e6, "us", "(informative)", None)
+        for role, used in sorted(cost.by_role.items(), key=lambda item: -item[1])
+        if used >= 5e-6
+    ]
+
+
+def _median_cost(costs: list[CpuCost]) -> CpuCost:
+    """The run whose total CPU per unit is the median (the lower one of an even count)."""
+    return sorted(costs, key=lambda cost: cost.total)[(len(costs) - 1) // 2]
 
 
 def _polled(probe: psycopg.Connection[Any]) -> int:
@@ -338,8 +386,9 @@ def _poll_all(
     return observed, polled, time.perf_counter() - started
 
 
-def _bare_floor(sim_url: str, batches: list[PollBatch], settings: Settings) -> float:
-    """Ids per second of the same retrieve_batch calls, parsed, with no database and no budget."""
+def _bare_floor(sim_url: str, batches: list[PollBatch], settings: Settings) -> tuple[float, int]:
+    """Ids per second of the same retrieve_batch calls, parsed, with no database and no
+    budget; and how many ids they returned."""
     client = UpstreamClient.from_settings(settings, max_retries=0)
     ids = 0
     started = time.perf_counter()
@@ -347,4 +396,4 @@ def _bare_floor(sim_url: str, batches: list[PollBatch], settings: Settings) -> f
         ids += len(client.retrieve_batch(batch.service, batch.task_ids))
     elapsed = time.perf_counter() - started
     client.close()
-    return ids / elapsed
+    return ids / elapsed, ids
