@@ -45,11 +45,19 @@ class TrackerProcesses:
     def beat(self) -> str:
         return self.start("beat")
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+    def kill(self, name: str, sig: int = signal.SIGKILL, *, grace: float = 30.0) -> None:
+        """Send `sig` to the child's process group; SIGKILL it if it is not gone in `grace` s
+        (a worker asked to stop finishes its jobs first, and one may be waiting for a
+        database that is down)."""
         process = self.children.pop(name)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        process.wait(30)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
 
     def alive(self, name: str) -> bool:
         return self.children[name].poll() is None
