@@ -109,11 +109,9 @@ def cpu_by_role() -> dict[str, float]:
                 command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # ended meanwhile
             continue
-        seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-        roles[_role(int(entry.name), command)] = (
-            roles.get(_role(int(entry.name), command), 0.0) + seconds
-        )
-    return roles
+        role = _role(int(entry.name), command)
+        roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return roles  # fields 11, 12: utime, stime
 
 
 def _role(pid: int, command: str) -> str:
