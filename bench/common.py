@@ -253,15 +253,11 @@ def simulator_process() -> Iterator[str]:
 def receiver_subprocess(after: str = "") -> Iterator[tuple[str, list[str]]]:
     """`tests.receiver.Receiver` (200 at once) in its own process: the hook URL, its output.
 
-    Its listen backlog is raised from socketserver's 5 to what web servers use
-    (nginx 511, uvicorn 2048): a worker opening its sending threads' connections
-    at once would otherwise see some of them reset. `after` is Python run once
-    the receiver is closed (its `Receiver` is `r`); what it prints is put in the
-    yielded list on the way out.
+    `after` is Python run once the receiver is closed (its `Receiver` is `r`); what it
+    prints is put in the yielded list on the way out.
     """
     code = (
         "import sys; from tests.receiver import Receiver; r = Receiver(); "
-        "r._server.socket.listen(1024); "
         "print(r.port, flush=True); sys.stdin.read(); r.close(); " + after
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

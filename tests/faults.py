@@ -544,10 +544,10 @@ class FaultRig:
         """Faults and duplicate receipts in time order, in seconds since the rig started."""
         events = [(at, f"fault: {name}") for at, name in self.fault_log]
         events += [
-            (again, f"duplicate of {webhook_id} (acknowledged at {first - self.started:.1f} s)")
+            (again, f"duplicate of {webhook_id} (acknowledged at {first - self.started:.2f} s)")
             for webhook_id, first, again in figures.duplicate_receipts
         ]
-        return "\n".join(f"{at - self.started:8.1f} s  {what}" for at, what in sorted(events))
+        return "\n".join(f"{at - self.started:8.2f} s  {what}" for at, what in sorted(events))
 
     # The system's parts.
 
@@ -582,8 +582,8 @@ class FaultRig:
         with self._lock:  # faults may come from several threads
             victims = self.running(role)
             if victims:
+                self.fault(f"{role} SIGKILL")  # noted as it is sent: reaping it can lag
                 self.processes.kill(self.rng.choice(victims), signal.SIGKILL)
-                self.fault(f"{role} SIGKILL")
             if restart:
                 self._start_role(role, wait=False)
         if restart and role == "api":  # outside the lock: other faults go on meanwhile

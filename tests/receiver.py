@@ -27,6 +27,15 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    # The listen backlog of real web servers (nginx 511, uvicorn 2048), not socketserver's
+    # 5: a worker opening its sending threads' connections at once would otherwise see
+    # the overflow's handshakes dropped, and each such request start a second late (the
+    # client's SYN retransmission).
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 @dataclass(frozen=True)
 class Reply:
     """One scripted answer."""
@@ -63,8 +72,7 @@ class Receiver:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._closing = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", port), self._handler_class())
         if tls is not None:
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self.scheme = "https" if tls is not None else "http"
