@@ -15,7 +15,7 @@ from tests.history_factory import T0, add_delivery, add_task
 from tracker.clients import NewClient, create_client
 from tracker.config import Settings
 from tracker.models import Task, WebhookDelivery
-from tracker.registry import register_task_safely
+from tracker.registry import register_task
 from tracker.schemas import TaskRegistration
 
 HOOK = "https://hooks.example.com/tracker"
@@ -213,9 +213,7 @@ def test_concurrent_registrations_of_one_task_answer_created_once(
                 # Make sure the other registration has looked and found nothing yet.
                 first_inserted.wait(5)
             results.append(
-                register_task_safely(
-                    session, client.client, registration, settings=settings
-                ).created
+                register_task(session, client.client, registration, settings=settings).created
             )
             if wait:
                 first_inserted.set()

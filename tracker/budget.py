@@ -18,11 +18,9 @@ from typing import Protocol, cast
 
 import redis
 from sqlalchemy import Engine, Table, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker.db import is_postgresql
+from tracker.db import dialect_insert, is_postgresql
 from tracker.metrics import BUDGET_WAIT
 from tracker.models import UpstreamCredential
 from tracker.timeutil import utcnow
@@ -182,9 +180,8 @@ class DatabaseBudget:
 
 def _locked_credential(session: Session, key: str, now: datetime) -> UpstreamCredential:
     """The credential row, locked for this transaction; created on first use."""
-    insert = pg_insert if is_postgresql(session) else sqlite_insert
     session.execute(
-        insert(UpstreamCredential)
+        dialect_insert(session)(UpstreamCredential)
         .values(key=key, next_request_at=now)
         .on_conflict_do_nothing(index_elements=["key"])
     )

@@ -10,6 +10,8 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -78,6 +80,11 @@ def is_postgresql(engine_or_session: Engine | Session) -> bool:
         else engine_or_session
     )
     return bind.dialect.name == "postgresql"
+
+
+def dialect_insert(session: Session) -> Callable[..., Any]:
+    """The INSERT construct of the session's database, which knows `ON CONFLICT`."""
+    return pg_insert if is_postgresql(session) else sqlite_insert
 
 
 @lru_cache(maxsize=4)

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, insert, select
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from tracker.config import Settings, get_settings
+from tracker.db import dialect_insert
 from tracker.errors import RegistrationConflict, TaskNotFound
 from tracker.history import record_transition
 from tracker.models import Client, Task, TaskTransition
 from tracker.schemas import TaskRegistration
 from tracker.states import ACTIVE_STATES, CANCELLED, PENDING
 from tracker.timeutil import utcnow
+
+_TASKS = cast(Table, Task.__table__)
+_TRANSITIONS = cast(Table, TaskTransition.__table__)
 
 
 @dataclass(frozen=True)
@@ -49,67 +53,82 @@ def register_task(
     now: datetime | None = None,
     settings: Settings | None = None,
 ) -> Registered:
-    """Start tracking a task for `client`; repeating the same registration is harmless."""
+    """Start tracking a task for `client`; repeating the same registration is harmless.
+
+    The row is inserted first, `ON CONFLICT DO NOTHING`: a new task (the usual
+    case) costs two statements, and a registration racing another one for the
+    same task waits for it and then answers as a repeat or a conflict, without
+    breaking the caller's transaction (a batch goes on with its other items).
+    """
     settings = settings or get_settings()
     now = now or utcnow()
     timeout = registration.timeout_seconds or settings.task_timeout
-    existing = find_task(session, client, registration.task_id, registration.service)
-    if existing is not None:
-        if _same_settings(existing, registration, timeout):
-            return Registered(existing, created=False)
-        if existing.state in ACTIVE_STATES:
-            raise RegistrationConflict(
-                f"task {registration.task_id!r} of service {registration.service!r} is already "
-                "tracked with other settings (callback_url, metadata, events or timeout_seconds); "
-                "send the same settings, or DELETE it first"
-            )
-        raise RegistrationConflict(
-            f"task {registration.task_id!r} of service {registration.service!r} was tracked "
-            f"already and ended {existing.state!r}; its history is kept under that registration"
+    values = {
+        "client_id": client.id,
+        "task_id": registration.task_id,
+        "service": registration.service,
+        "state": PENDING,
+        "callback_url": registration.callback_url,
+        "events": list(registration.events),
+        "timeout_seconds": timeout,
+        "created_at": now,
+        "updated_at": now,
+        "deadline_at": now + timedelta(seconds=timeout),
+        "polls": 0,
+        "misses": 0,
+        "next_poll_at": now,  # due at once: a task already finished upstream is seen next tick
+    }
+    session.flush()  # what Session.execute would do before a statement of the ORM
+    connection = session.connection()
+    row_id = connection.execute(
+        dialect_insert(session)(_TASKS)
+        .values({**values, "metadata": registration.metadata})
+        .on_conflict_do_nothing(index_elements=["service", "task_id", "client_id"])
+        .returning(_TASKS.c.id)
+    ).scalar()
+    if row_id is None:
+        return _registered_before(session, client, registration, timeout)
+    connection.execute(
+        insert(_TRANSITIONS).values(
+            task_row_id=row_id, from_state=None, to_state=PENDING, observed_at=now
         )
-    task = Task(
-        client_id=client.id,
-        task_id=registration.task_id,
-        service=registration.service,
-        state=PENDING,
-        callback_url=registration.callback_url,
-        metadata_=registration.metadata,
-        events=list(registration.events),
-        timeout_seconds=timeout,
-        created_at=now,
-        updated_at=now,
-        deadline_at=now + timedelta(seconds=timeout),
-        polls=0,
-        misses=0,
-        next_poll_at=now,  # due at once: a task already finished upstream is seen on the next tick
     )
+    # The row as written, in the session without reading it back.
+    task = Task(
+        id=row_id,
+        upstream_state=None,
+        finished_at=None,
+        failure_code=None,
+        failure_message=None,
+        record=None,
+        claimed_until=None,
+        metadata_=registration.metadata,
+        **values,
+    )
+    make_transient_to_detached(task)
     session.add(task)
-    session.add(TaskTransition(task=task, from_state=None, to_state=PENDING, observed_at=now))
-    session.flush()
     return Registered(task, created=True)
 
 
-def register_task_safely(
-    session: Session,
-    client: Client,
-    registration: TaskRegistration,
-    *,
-    now: datetime | None = None,
-    settings: Settings | None = None,
+def _registered_before(
+    session: Session, client: Client, registration: TaskRegistration, timeout: int
 ) -> Registered:
-    """`register_task` in a savepoint, safe against a concurrent registration of the same task.
-
-    Two requests racing to register one task both pass the lookup; the loser's
-    insert breaks the unique constraint. Its savepoint is rolled back and the
-    lookup repeated, so it answers as an idempotent repeat or a conflict. A
-    failed item never spoils the rest of the caller's transaction (batches).
-    """
-    try:
-        with session.begin_nested():
-            return register_task(session, client, registration, now=now, settings=settings)
-    except IntegrityError:
-        with session.begin_nested():
-            return register_task(session, client, registration, now=now, settings=settings)
+    """The answer to a registration of a task the client has registered already."""
+    existing = find_task(session, client, registration.task_id, registration.service)
+    if existing is None:  # the insert met this row, and registrations are never deleted
+        raise RuntimeError(f"task {registration.task_id!r} conflicted but cannot be found")
+    if _same_settings(existing, registration, timeout):
+        return Registered(existing, created=False)
+    if existing.state in ACTIVE_STATES:
+        raise RegistrationConflict(
+            f"task {registration.task_id!r} of service {registration.service!r} is already "
+            "tracked with other settings (callback_url, metadata, events or timeout_seconds); "
+            "send the same settings, or DELETE it first"
+        )
+    raise RegistrationConflict(
+        f"task {registration.task_id!r} of service {registration.service!r} was tracked "
+        f"already and ended {existing.state!r}; its history is kept under that registration"
+    )
 
 
 def cancel_task(

@@ -24,7 +24,7 @@ from tracker.queries import (
     task_detail,
     task_resource,
 )
-from tracker.registry import cancel_task, register_task_safely
+from tracker.registry import cancel_task, register_task
 from tracker.schemas import SERVICE_PATTERN, TASK_ID_PATTERN, TaskRegistration
 from tracker.timeutil import utcnow
 
@@ -73,7 +73,7 @@ def register(
     response: Response,
 ) -> dict[str, Any]:
     """Start tracking a task: 201 new, 200 for a repeat of the same registration, else 409."""
-    result = register_task_safely(session, client, registration, settings=settings)
+    result = register_task(session, client, registration, settings=settings)
     if not result.created:
         response.status_code = 200
     return task_resource(result.task)
@@ -98,7 +98,7 @@ def register_batch(
             items.append({"status": 422, "error": {"code": VALIDATION_ERROR, "message": message}})
             continue
         try:
-            result = register_task_safely(session, client, registration, settings=settings)
+            result = register_task(session, client, registration, settings=settings)
         except RegistrationConflict as exc:
             message = f"tasks[{index}]: {exc.message}"
             items.append({"status": 409, "error": {"code": exc.code, "message": message}})
