@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -227,6 +228,34 @@ def test_concurrent_registrations_of_one_task_answer_created_once(
         thread.join(10)
 
     assert sorted(results) == [False, True]
+
+
+def test_a_burst_beyond_the_request_threads_and_the_pool_is_answered_in_full(
+    settings: Settings, auth: dict[str, str]
+) -> None:
+    """Sixty registrations at once, against 3 request threads and a pool of 5 (+10):
+    a request holds a connection only within one hop to a thread. Held across hops
+    (the key's lookup, then the route), requests holding every connection waited for
+    a thread, while the threads waited for a connection, until the pool's 30 s timeout."""
+    from tracker.api import create_app
+
+    statuses: dict[int, int] = {}
+
+    def register(n: int) -> None:
+        body = {"task_id": f"burst-{n}", "callback_url": HOOK}
+        statuses[n] = api.post("/v1/tasks", json=body, headers=auth).status_code
+
+    api = TestClient(create_app(settings)).__enter__()
+    # Daemon threads: stuck ones must not keep the test run from ending.
+    senders = [threading.Thread(target=register, args=(n,), daemon=True) for n in range(60)]
+    for sender in senders:
+        sender.start()
+    deadline = time.monotonic() + 20
+    for sender in senders:
+        sender.join(max(0.0, deadline - time.monotonic()))
+    assert len(statuses) == 60, f"{60 - len(statuses)} of 60 registrations got no answer in 20 s"
+    api.__exit__(None, None, None)
+    assert sorted(statuses.values()) == [201] * 60
 
 
 def seed_listing(session: Session, client: NewClient) -> list[Task]:

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 import sqlalchemy as sa
 from fastapi import FastAPI
 
@@ -31,9 +32,19 @@ fails or times out. Every `/v1` route needs `Authorization: Bearer <api key>`
 """
 
 
+# Worker threads running the requests' database work (anyio's default is 40): the API
+# key's lookup, then the route's transaction, each holding a pooled connection only
+# within its hop (`tracker.api.deps`). A few threads hide the database's latency; more
+# only fight over the interpreter lock with the event loop. At 200 registrations/s on
+# two cores (`bench/scale.py`), p99 was 446 ms with 40 threads, 47-68 ms with 3 (with 8
+# threads 244 ms, with 1 659 ms). Fewer than the pool keeps open (`tracker.db.make_engine`).
+API_THREADS = 3
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Before the first request: fill the connection pool, then settle the heap.
+    """Before the first request: fill the connection pool, set the request threads, then
+    settle the heap.
 
     Connections opened under the first burst of requests would each stall it by
     the connection set-up. `gc.freeze()` moves the objects alive after start-up
@@ -52,6 +63,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 held.enter_context(engine.connect()).execute(sa.text("SELECT 1"))
     except sa.exc.SQLAlchemyError as exc:  # the API still starts; /readyz reports the database
         log.warning("database not reachable at start-up: %s", exc.__class__.__name__)
+    anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
     gc.collect()
     gc.freeze()
     yield

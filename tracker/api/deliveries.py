@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 
-from tracker.api.deps import CurrentClient, SessionDep
+from tracker.api.deps import CurrentClient, request_transaction
 from tracker.api.errors import error_responses
 from tracker.api.resources import DeliveryDetail, DeliveryPage, DeliveryStatus
 from tracker.outbox import redeliver
@@ -44,7 +44,7 @@ DeliveryIdPath = Annotated[
     "", response_model=DeliveryPage, summary="List deliveries", responses=error_responses(422)
 )
 def list_(
-    session: SessionDep,
+    request: Request,
     client: CurrentClient,
     status: Annotated[
         DeliveryStatus | None, Query(description="Only deliveries in this status.")
@@ -61,10 +61,12 @@ def list_(
     ] = None,
 ) -> dict[str, Any]:
     """The client's webhook deliveries, newest first, a page at a time."""
-    page = list_deliveries(
-        session, client_id=client.id, status=status, task_id=task_id, limit=limit, cursor=cursor
-    )
-    return {"items": [delivery_resource(d) for d in page.items], "next_cursor": page.next_cursor}
+    with request_transaction(request) as session:
+        page = list_deliveries(
+            session, client_id=client.id, status=status, task_id=task_id, limit=limit, cursor=cursor
+        )
+        items = [delivery_resource(d) for d in page.items]
+        return {"items": items, "next_cursor": page.next_cursor}
 
 
 @router.get(
@@ -73,9 +75,10 @@ def list_(
     summary="Show a delivery with every attempt",
     responses=error_responses(404, 422),
 )
-def show(delivery_id: DeliveryIdPath, session: SessionDep, client: CurrentClient) -> dict[str, Any]:
+def show(delivery_id: DeliveryIdPath, request: Request, client: CurrentClient) -> dict[str, Any]:
     """One delivery: its payload and every attempt, first first."""
-    return delivery_detail(get_delivery(session, delivery_id, client_id=client.id))
+    with request_transaction(request) as session:
+        return delivery_detail(get_delivery(session, delivery_id, client_id=client.id))
 
 
 @router.post(
@@ -88,9 +91,8 @@ def show(delivery_id: DeliveryIdPath, session: SessionDep, client: CurrentClient
         **error_responses(404, 409, 422),
     },
 )
-def retry(
-    delivery_id: DeliveryIdPath, session: SessionDep, client: CurrentClient
-) -> dict[str, Any]:
+def retry(delivery_id: DeliveryIdPath, request: Request, client: CurrentClient) -> dict[str, Any]:
     """Make the delivery due again now, also after it failed for good; the same `webhook-id`."""
-    redeliver(session, delivery_id, client_id=client.id, now=utcnow())
-    return delivery_detail(get_delivery(session, delivery_id, client_id=client.id))
+    with request_transaction(request) as session:
+        redeliver(session, delivery_id, client_id=client.id, now=utcnow())
+        return delivery_detail(get_delivery(session, delivery_id, client_id=client.id))

@@ -1,8 +1,9 @@
-"""Request dependencies: one database transaction per request, the settings, the calling client."""
+"""Request dependencies: the settings, the calling client; one database transaction per request."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,20 +14,6 @@ from tracker.api.errors import ApiError
 from tracker.clients import authenticate
 from tracker.config import Settings
 from tracker.models import Client
-
-
-def get_db(request: Request) -> Iterator[Session]:
-    """A session in a transaction per request: committed if the route returns, else rolled back.
-
-    Scoped to the route function (see `SessionDep`), so the commit happens
-    before the answer is sent: a failed commit is a 500, never a false 201.
-    """
-    sessions: sessionmaker[Session] = request.app.state.sessions
-    with sessions() as session, session.begin():
-        yield session
-
-
-SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -44,11 +31,30 @@ bearer_scheme = HTTPBearer(
 )
 
 
+@contextmanager
+def request_transaction(request: Request) -> Iterator[Session]:
+    """The request's transaction: committed on leaving the block, rolled back on an error.
+
+    A route opens it in its own body, so its database work (statements and commit)
+    runs in one hop to a worker thread, holding one pooled connection from start to
+    end (see `tracker.api.app.API_THREADS`); a connection held across hops could
+    wait for a thread held by a request waiting for a connection. The commit
+    happens before the answer is sent: a failed commit is a 500, never a false 201.
+    """
+    sessions: sessionmaker[Session] = request.app.state.sessions
+    with sessions() as session, session.begin():
+        yield session
+
+
 def current_client(
-    session: SessionDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Client:
-    """The client whose API key the request carries; 401 `invalid_api_key` otherwise."""
+    """The client whose API key the request carries; 401 `invalid_api_key` otherwise.
+
+    Checked before the body is read, in a short read of its own: a caller without a
+    valid key learns nothing more. The client comes back detached (its columns loaded).
+    """
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or not credentials.credentials:
         raise ApiError(
@@ -58,7 +64,9 @@ def current_client(
             "`tracker clients create` printed",
             headers=challenge,
         )
-    client = authenticate(session, credentials.credentials)
+    sessions: sessionmaker[Session] = request.app.state.sessions
+    with sessions() as session:
+        client = authenticate(session, credentials.credentials)
     if client is None:
         raise ApiError(
             401,

@@ -9,10 +9,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tracker.api.deps import CurrentClient, SessionDep, SettingsDep
+from tracker.api.deps import CurrentClient, SettingsDep, request_transaction
 from tracker.api.errors import VALIDATION_ERROR, error_responses, validation_message
 from tracker.api.resources import BatchResult, TaskDetail, TaskPage, TaskResource, TaskState
 from tracker.errors import RegistrationConflict
@@ -67,16 +67,17 @@ class BatchRegistration(BaseModel):
 )
 def register(
     registration: TaskRegistration,
-    session: SessionDep,
+    request: Request,
     client: CurrentClient,
     settings: SettingsDep,
     response: Response,
 ) -> dict[str, Any]:
     """Start tracking a task: 201 new, 200 for a repeat of the same registration, else 409."""
-    result = register_task(session, client, registration, settings=settings)
-    if not result.created:
-        response.status_code = 200
-    return task_resource(result.task)
+    with request_transaction(request) as session:
+        result = register_task(session, client, registration, settings=settings)
+        if not result.created:
+            response.status_code = 200
+        return task_resource(result.task)
 
 
 @router.post(
@@ -86,30 +87,33 @@ def register(
     responses=error_responses(400, 413, 422),
 )
 def register_batch(
-    batch: BatchRegistration, session: SessionDep, client: CurrentClient, settings: SettingsDep
+    batch: BatchRegistration, request: Request, client: CurrentClient, settings: SettingsDep
 ) -> dict[str, Any]:
     """Register many tasks in one transaction, with one result per item, in order."""
     items: list[dict[str, Any]] = []
-    for index, raw in enumerate(batch.tasks):
-        try:
-            registration = TaskRegistration.model_validate(raw)
-        except ValidationError as exc:
-            message = validation_message(exc.errors(), prefix=f"tasks[{index}]")
-            items.append({"status": 422, "error": {"code": VALIDATION_ERROR, "message": message}})
-            continue
-        try:
-            result = register_task(session, client, registration, settings=settings)
-        except RegistrationConflict as exc:
-            message = f"tasks[{index}]: {exc.message}"
-            items.append({"status": 409, "error": {"code": exc.code, "message": message}})
-            continue
-        items.append({"status": 201 if result.created else 200, "task": task_resource(result.task)})
+    with request_transaction(request) as session:
+        for index, raw in enumerate(batch.tasks):
+            try:
+                registration = TaskRegistration.model_validate(raw)
+            except ValidationError as exc:
+                message = validation_message(exc.errors(), prefix=f"tasks[{index}]")
+                error = {"code": VALIDATION_ERROR, "message": message}
+                items.append({"status": 422, "error": error})
+                continue
+            try:
+                result = register_task(session, client, registration, settings=settings)
+            except RegistrationConflict as exc:
+                message = f"tasks[{index}]: {exc.message}"
+                items.append({"status": 409, "error": {"code": exc.code, "message": message}})
+                continue
+            task = task_resource(result.task)
+            items.append({"status": 201 if result.created else 200, "task": task})
     return {"items": items}
 
 
 @router.get("", response_model=TaskPage, summary="List tasks", responses=error_responses(422))
 def list_(
-    session: SessionDep,
+    request: Request,
     client: CurrentClient,
     state: Annotated[TaskState | None, Query(description="Only tasks in this state.")] = None,
     service: Annotated[
@@ -129,17 +133,18 @@ def list_(
     ] = None,
 ) -> dict[str, Any]:
     """The client's tasks, newest first, a page at a time."""
-    page = list_tasks(
-        session,
-        client_id=client.id,
-        state=state,
-        service=service,
-        created_after=created_after,
-        created_before=created_before,
-        limit=limit,
-        cursor=cursor,
-    )
-    return {"items": [task_resource(t) for t in page.items], "next_cursor": page.next_cursor}
+    with request_transaction(request) as session:
+        page = list_tasks(
+            session,
+            client_id=client.id,
+            state=state,
+            service=service,
+            created_after=created_after,
+            created_before=created_before,
+            limit=limit,
+            cursor=cursor,
+        )
+        return {"items": [task_resource(t) for t in page.items], "next_cursor": page.next_cursor}
 
 
 @router.get(
@@ -149,10 +154,11 @@ def list_(
     responses=error_responses(404, 422),
 )
 def show(
-    task_id: TaskIdPath, session: SessionDep, client: CurrentClient, service: ServiceQuery = "luma"
+    task_id: TaskIdPath, request: Request, client: CurrentClient, service: ServiceQuery = "luma"
 ) -> dict[str, Any]:
     """One task with its transitions (oldest first) and its webhook deliveries."""
-    return task_detail(get_task(session, task_id, service=service, client_id=client.id))
+    with request_transaction(request) as session:
+        return task_detail(get_task(session, task_id, service=service, client_id=client.id))
 
 
 @router.delete(
@@ -162,7 +168,8 @@ def show(
     responses=error_responses(404, 422),
 )
 def cancel(
-    task_id: TaskIdPath, session: SessionDep, client: CurrentClient, service: ServiceQuery = "luma"
+    task_id: TaskIdPath, request: Request, client: CurrentClient, service: ServiceQuery = "luma"
 ) -> dict[str, Any]:
     """The task becomes `cancelled`: its history stays, no further webhook is sent."""
-    return task_resource(cancel_task(session, client, task_id, service, now=utcnow()))
+    with request_transaction(request) as session:
+        return task_resource(cancel_task(session, client, task_id, service, now=utcnow()))
