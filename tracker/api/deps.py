@@ -52,7 +52,7 @@ def current_client(
 ) -> Client:
     """The client whose API key the request carries; 401 `invalid_api_key` otherwise.
 
-    Checked before the body is read, in a short read of its own: a caller without a
+    Checked before the body is validated, in a short read of its own: a caller without a
     valid key learns nothing more. The client comes back detached (its columns loaded).
     """
     challenge = {"WWW-Authenticate": "Bearer"}
