@@ -18,7 +18,9 @@ The invariants (issue #8), checked by `check_invariants`:
 
 - every registered task is terminal, in the state the simulator says is true;
 - every terminal event has exactly one delivery row, `succeeded`, whose
-  webhook-id the receiver acknowledged (answered 2xx before the sender's timeout);
+  webhook-id the receiver acknowledged (answered 2xx before the sender's timeout,
+  and read by the sender: an answer written into the socket of a sender being
+  killed is reset unread, and its re-send is a retry);
 - duplicates (a webhook-id received again after it was acknowledged) stay under
   1 % of deliveries; re-sends of an id whose earlier requests were refused,
   failed or answered too late are retries, counted apart;
@@ -216,7 +218,8 @@ class FaultReceiver:
 
     It keeps every request across restarts. A request counts as acknowledged when
     it was answered 2xx sooner than `ack_within` (the sender's timeout) to a sender
-    still there to read it (a killed sender's request is not answered).
+    still there to read it (a killed sender's request is not answered) and that read
+    it (`Received.unread`).
     """
 
     def __init__(self, *, ack_within: float, delay: float = 0.0) -> None:
@@ -255,12 +258,15 @@ class FaultReceiver:
         return self._past + current
 
     def acknowledged(self, request: Received) -> bool:
+        """Answered 2xx in time, and read by the sender: an answer written while the
+        sender's process was being killed reached nobody, and its re-send is a retry."""
         reply = request.reply
         return (
             reply is not None
             and 200 <= reply.status < 300
             and bool(request.answered)
             and request.answered[0] - request.at < self.ack_within
+            and not request.unread
         )
 
     def close(self) -> None:
@@ -283,7 +289,8 @@ class Figures:
     transitions_checked: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
-    # (webhook-id, when it was first acknowledged, when it came again), time.monotonic()
+    # (webhook-id, when its first acknowledgement was written, when it came again),
+    # time.monotonic(): set beside the SIGKILLs, it shows how long the sender had to record it.
     duplicate_receipts: list[tuple[str, float, float]] = field(default_factory=list)
     # Per succeeded delivery, seconds from the receiver's answer to its record in the database:
     # a worker killed inside that window makes the webhook a duplicate.
@@ -442,7 +449,7 @@ def check_invariants(
         if first_ack is not None:
             figures.duplicates += len(requests_of_id) - first_ack - 1
             figures.duplicate_receipts += [
-                (webhook_id, requests_of_id[first_ack].at, again.at)
+                (webhook_id, requests_of_id[first_ack].answered[0], again.at)
                 for again in requests_of_id[first_ack + 1 :]
             ]
     if figures.duplicate_share >= MAX_DUPLICATE_SHARE:
@@ -541,13 +548,14 @@ class FaultRig:
         self.fault_log.append((time.monotonic(), name))
 
     def timeline(self, figures: Figures) -> str:
-        """Faults and duplicate receipts in time order, in seconds since the rig started."""
+        """Faults and duplicates in time order, in seconds since the rig started; a duplicate
+        stands where its first 2xx answer was written, beside the fault that lost it."""
         events = [(at, f"fault: {name}") for at, name in self.fault_log]
         events += [
-            (again, f"duplicate of {webhook_id} (acknowledged at {first - self.started:.2f} s)")
+            (first, f"{webhook_id} answered 2xx, received again at {again - self.started:.3f} s")
             for webhook_id, first, again in figures.duplicate_receipts
         ]
-        return "\n".join(f"{at - self.started:8.2f} s  {what}" for at, what in sorted(events))
+        return "\n".join(f"{at - self.started:8.3f} s  {what}" for at, what in sorted(events))
 
     # The system's parts.
 
@@ -732,14 +740,22 @@ class FaultRig:
 
 
 class Repeating:
-    """Call `action` every `every` seconds on a background thread until stopped."""
+    """Call `action` every `every` seconds, give or take `jitter` of it, on a background
+    thread until stopped.
 
-    def __init__(self, every: float, action: Any) -> None:
+    The pauses are random so that the faults fall at any moment: at a fixed period they
+    lock onto the phase of beat's 1-s tick (a period of 2.5 s hits every other tick at
+    the same point), and a scenario then keeps killing a worker at the moment its
+    webhooks' answers come in, which no crash in the field aims for.
+    """
+
+    def __init__(self, every: float, action: Any, *, jitter: float = 0.3) -> None:
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
+        pauses = random.Random()  # not seeded: each run meets other moments
 
         def loop() -> None:
-            while not self._stop.wait(every):
+            while not self._stop.wait(every * pauses.uniform(1 - jitter, 1 + jitter)):
                 try:
                     action()
                 except BaseException as exc:

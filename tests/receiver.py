@@ -59,6 +59,9 @@ class Received:
     reply: Reply | None = None  # the answer chosen for it
     # When that answer was written in full (time.monotonic()); empty if it never was.
     answered: list[float] = field(default_factory=list, compare=False)
+    # When the sender's end reset the connection with that answer unread (its process
+    # died, or closed the socket, before reading it: see `Handler.handle`); empty if not.
+    unread: list[float] = field(default_factory=list, compare=False)
 
 
 class Receiver:
@@ -124,6 +127,7 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
+            last_answered: Received | None = None  # on this connection
             # Headers and body go out in two writes: without this, Nagle's algorithm and
             # the client's delayed ACK add 40 ms to every answer.
             disable_nagle_algorithm = True
@@ -147,6 +151,22 @@ class Receiver:
                 receiver._record(request)
                 if self._answer(reply):
                     request.answered.append(time.monotonic())
+                    self.last_answered = request
+
+            def handle(self) -> None:
+                """Serve the connection's requests; note an answer the sender never read.
+
+                A socket closed with received data still unread is reset (RST), not closed
+                in order (FIN): that is how a sender killed before reading its answer (an
+                answer written while its process was being torn down, say) shows up here,
+                as a reset where the next request or the end would be read.
+                """
+                self.last_answered = None
+                try:
+                    super().handle()
+                except ConnectionResetError:
+                    if self.last_answered is not None:
+                        self.last_answered.unread.append(time.monotonic())
 
             def _answer(self, reply: Reply) -> bool:
                 """Write the answer; False if it was not written in full."""

@@ -19,13 +19,40 @@ def test_an_answer_read_by_the_sender_is_answered() -> None:
     try:
         with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as sender:
             sender.sendall(REQUEST)
-            assert sender.recv(100).startswith(b"HTTP/1.1 200")
+            answer = b""
+            while not answer.endswith(b"\r\n\r\nok"):  # all of it, as HTTP clients read
+                answer += sender.recv(1000)
+            assert answer.startswith(b"HTTP/1.1 200")
         (request,) = receiver.requests
         # The server thread notes the answer just after writing it: give it a moment.
         deadline = time.monotonic() + 2
         while not request.answered and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(request.answered) == 1
+        time.sleep(0.1)  # the sender's orderly close has been read
+        assert request.unread == []
+    finally:
+        receiver.close()
+
+
+def test_an_answer_the_sender_never_read_is_marked_unread() -> None:
+    """A sender killed after the answer arrived but before it read it: its socket closes
+    with the answer unread, so its kernel resets the connection, and the answer reached
+    nobody (the kill's teardown takes some milliseconds, long enough for writes to land)."""
+    receiver = Receiver()
+    try:
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as sender:
+            sender.sendall(REQUEST)
+            (request,) = receiver.wait_for(1)
+            deadline = time.monotonic() + 2
+            while not request.answered and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert request.answered
+            time.sleep(0.05)  # the answer sits in the sender's receive buffer, unread
+        deadline = time.monotonic() + 2
+        while not request.unread and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert request.unread
     finally:
         receiver.close()
 
