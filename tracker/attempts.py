@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, exists, insert, select, text, update
+from sqlalchemy.orm import Session, aliased
 
 from tracker import metrics
 from tracker.config import Settings
@@ -114,16 +114,24 @@ def record_attempts(
 
     A row superseded, retried by hand or taken over meanwhile (its lease is not
     the claim's any more) only gets the attempt logged. One select, one insert
-    and one executemany update for the whole batch.
+    and one update for the whole batch (a statement per set of equal values), and
+    a select of the newer events to follow up only when there are some: a
+    receiver's answer waits for this record (a worker dying meanwhile makes it a
+    duplicate), so it keeps to few round trips.
     """
     query = (
-        select(*_ROW_COLUMNS)
+        select(*_ROW_COLUMNS, _newer_event_pending().label("newer_pending"))
         .where(among_ids([claim.id for claim, _ in answered], session))
         .order_by(WebhookDelivery.id)  # rows locked in one order: no deadlock between batches
     )
     if is_postgresql(session):
-        query = query.with_for_update()
-    rows = {row.id: _Row(*row) for row in session.execute(query)}
+        query = query.with_for_update(of=WebhookDelivery)
+    rows: dict[str, _Row] = {}
+    newer_pending: set[str] = set()  # rows of a task with a newer event pending
+    for *columns, newer in session.execute(query):
+        row = rows[columns[0]] = _Row(*columns)
+        if newer:
+            newer_pending.add(row.id)
     attempt_rows: list[dict[str, Any]] = []
     settled: list[_Row] = []
     recorded: list[tuple[_Row, WebhookAnswer]] = []
@@ -157,7 +165,9 @@ def record_attempts(
     if recorded:
         _insert_attempts(session, attempt_rows)
         _write_rows(session, [delivery for delivery, _ in recorded])
-    follow_ups = _waiting_newer_events(session, settled, now)
+    follow_ups = _waiting_newer_events(
+        session, [delivery for delivery in settled if delivery.id in newer_pending], now
+    )
     for delivery, answer in recorded:
         log.info(
             "webhook attempt",
@@ -250,6 +260,19 @@ def _write_rows(session: Session, deliveries: Sequence[_Row]) -> None:
         )
     if singles:
         session.execute(update(WebhookDelivery), singles)
+
+
+def _newer_event_pending() -> ColumnElement[bool]:
+    """A newer delivery of the same task is pending: it may be waiting for this one."""
+    newer = _NEWER_DELIVERY
+    return exists().where(
+        newer.task_row_id == WebhookDelivery.task_row_id,
+        newer.created_at > WebhookDelivery.created_at,
+        newer.status == DELIVERY_PENDING,
+    )
+
+
+_NEWER_DELIVERY = aliased(WebhookDelivery, name="newer_delivery")
 
 
 def _waiting_newer_events(
