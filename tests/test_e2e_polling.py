@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+import requests
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,8 +26,9 @@ from tracker.budget import DatabaseBudget, credential_key
 from tracker.clients import create_client
 from tracker.config import Settings, load_settings
 from tracker.db import make_engine, session_factory
+from tracker.demo import free_port
 from tracker.models import Task, TaskTransition
-from tracker.polling import claim_due_tasks, plan_batches, run_poll_batch
+from tracker.polling import claim_due_tasks, plan_batches, poll_lease, run_poll_batch
 from tracker.registry import register_task
 from tracker.schemas import TaskRegistration
 from tracker.states import ACTIVE_STATES, can_transition
@@ -147,7 +150,9 @@ def test_registered_tasks_reach_their_true_terminal_state(
     broker = request.getfixturevalue("broker") if use_redis else None
     expected = seed_outcomes(simulator, 500, max_duration=4)
     register_all(db_url, plain_settings, list(expected))
-    group = TrackerProcesses(tracker_env(db_url, simulator, broker), tmp_path)
+    env = tracker_env(db_url, simulator, broker)
+    env["TRACKER_METRICS_PORT"] = str(metrics_port := free_port())
+    group = TrackerProcesses(env, tmp_path)
     processes.append(group)
     group.worker()
     group.beat()
@@ -159,6 +164,11 @@ def test_registered_tasks_reach_their_true_terminal_state(
     states = task_states(db_url)
     assert {task_id: state for (_, task_id), state in states.items()} == expected
     assert_clean_histories(db_url)
+    # The worker serves its own metrics: every registration was compared with an answer.
+    scraped = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    observed = re.search(r"^tracker_poll_observations_total (\S+)$", scraped, re.MULTILINE)
+    assert observed is not None, scraped[:2000]
+    assert float(observed.group(1)) >= len(expected)
 
 
 def _fresh(request: pytest.FixtureRequest, backend: str) -> str:
@@ -185,7 +195,7 @@ def test_each_tick_asks_for_each_distinct_id_once(
                 register_task(session, owner, TaskRegistration(task_id=task_id), settings=settings)
     before = simulator.stats()
     with sessions.begin() as session:
-        claims = claim_due_tasks(session, now=utcnow(), limit=1000, lease_seconds=30)
+        claims = claim_due_tasks(session, now=utcnow(), limit=1000, settings=settings)
     assert len(claims) == 140
     batches = plan_batches(claims, settings.batch_size)
     upstream = UpstreamClient.from_settings(
@@ -279,10 +289,11 @@ def test_capped_and_rate_limited_upstream_still_finishes_every_task_within_budge
     assert stats["over_budget"] == 0
 
 
-def test_a_batch_whose_lease_ran_out_is_left_to_the_next_tick(
+def test_a_batch_whose_lease_ran_out_is_given_back_to_the_next_tick(
     db_url: str, simulator: SimulatorHandle, settings: Settings
 ) -> None:
-    """A job that starts after its lease ended does not ask the upstream: a tick re-claims."""
+    """A job that starts after its lease ended does not ask the upstream: its registrations
+    are due again at once, the poll the claim counted uncounted, and the next tick takes them."""
     ids = simulator.seed([{"service": "luma", "outcome": "completed", "duration": 600}] * 3)
     engine = make_engine(db_url)
     sessions = session_factory(engine)
@@ -290,17 +301,16 @@ def test_a_batch_whose_lease_ran_out_is_left_to_the_next_tick(
         owner = create_client(session, "a").client
         for task_id in ids:
             register_task(session, owner, TaskRegistration(task_id=task_id), settings=settings)
-    claimed_at = utcnow()
-    with sessions.begin() as session:
-        claims = claim_due_tasks(session, now=claimed_at, limit=10, lease_seconds=30)
-    (batch,) = plan_batches(claims, settings.batch_size)
     upstream = UpstreamClient.from_settings(
         settings.model_copy(update={"upstream_url": simulator.url}), max_retries=0
     )
     budget = DatabaseBudget(sessions, credential_key("test-token"), settings.upstream_rps)
     before = simulator.stats()["retrieve_batch_calls"]
 
-    def poll_at(moment: datetime) -> str | None:
+    def claim_and_poll(claimed_at: datetime, polled_at: datetime) -> str | None:
+        with sessions.begin() as session:
+            claims = claim_due_tasks(session, now=claimed_at, limit=10, settings=settings)
+        (batch,) = plan_batches(claims, settings.batch_size)
         outcome = run_poll_batch(
             sessions,
             upstream,
@@ -308,17 +318,23 @@ def test_a_batch_whose_lease_ran_out_is_left_to_the_next_tick(
             batch,
             settings=settings,
             credential="tok_test",
-            now=lambda: moment,
+            now=lambda: polled_at,
         )
         return outcome.error
 
-    assert poll_at(claimed_at + timedelta(seconds=31)) == "lease_expired"
+    def polls_due_leased() -> set[tuple[int, datetime | None, datetime | None]]:
+        with Session(engine) as session:
+            rows = session.execute(select(Task.polls, Task.next_poll_at, Task.claimed_until))
+            return {(polls, due, leased) for polls, due, leased in rows}
+
+    claimed_at = utcnow()
+    late = claimed_at + timedelta(seconds=poll_lease(settings, 0.0) + 1)
+    assert claim_and_poll(claimed_at, late) == "lease_expired"
     assert simulator.stats()["retrieve_batch_calls"] == before
-    with Session(engine) as session:
-        assert set(session.scalars(select(Task.polls))) == {0}
-    assert poll_at(claimed_at + timedelta(seconds=29)) is None
+    assert polls_due_leased() == {(0, late, None)}
+
+    assert claim_and_poll(late, late + timedelta(seconds=0.5)) is None
     assert simulator.stats()["retrieve_batch_calls"] == before + 1
-    with Session(engine) as session:
-        assert set(session.scalars(select(Task.polls))) == {1}
+    assert {polls for polls, _, _ in polls_due_leased()} == {1}
     upstream.close()
     engine.dispose()

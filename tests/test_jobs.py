@@ -1,11 +1,14 @@
-"""How beat's dispatch groups a tick's batches into poll jobs."""
+"""How beat's dispatch groups a tick's batches into poll jobs, and what a job carries."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
-from tracker.jobs import POLL_JOB_BATCHES, poll_jobs
-from tracker.polling import PollBatch
+from tracker.jobs import POLL_JOB_BATCHES, _batch_from_message, _batch_message, poll_jobs
+from tracker.polling import PollBatch, Seen
 
 
 def batches(count: int) -> list[PollBatch]:
@@ -31,3 +34,19 @@ def test_batches_share_jobs_only_when_there_are_more_than_threads(
     assert len(grouped) == jobs
     assert all(1 <= len(job) <= POLL_JOB_BATCHES for job in grouped)
     assert [batch for job in grouped for batch in job] == batches(count)  # each once, in order
+
+
+def test_a_poll_job_carries_what_the_claim_saw_and_reads_older_messages() -> None:
+    tick = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    batch = PollBatch(
+        "luma",
+        ("a", "b"),
+        tick + timedelta(seconds=4.75),
+        tick,
+        {"a": (Seen("running", "processing", 0),), "b": (Seen("pending", None, 2),) * 2},
+        probe=True,
+    )
+    message = json.loads(json.dumps(_batch_message(batch)))  # as the broker carries it
+    assert _batch_from_message(message) == batch
+    older = ["luma", ["a", "b"], batch.lease_until.isoformat(), tick.isoformat()]  # type: ignore[union-attr]
+    assert _batch_from_message(older) == PollBatch("luma", ("a", "b"), batch.lease_until, tick)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from tracker.clients import NewClient, create_client
@@ -14,6 +14,7 @@ from tracker.models import Task, TaskTransition, WebhookDelivery
 from tracker.polling import (
     Claim,
     PollBatch,
+    Seen,
     apply_batch_answer,
     claim_due_tasks,
     claim_limit,
@@ -21,6 +22,7 @@ from tracker.polling import (
     fail_not_found,
     next_poll_at,
     plan_batches,
+    poll_lease,
     release_batch,
     time_out_overdue_tasks,
 )
@@ -77,16 +79,16 @@ def test_claim_takes_due_tasks_once_until_the_lease_expires(
         register(session, settings, client, f"t{n}")
     session.commit()
     now = utcnow() + timedelta(seconds=1)
-    first = claim_due_tasks(session, now=now, limit=10, lease_seconds=60)
+    first = claim_due_tasks(session, now=now, limit=10, settings=settings)
     session.commit()
     assert sorted((c.service, c.task_id) for c in first) == [
         ("luma", "t0"),
         ("luma", "t1"),
         ("luma", "t2"),
     ]
-    assert claim_due_tasks(session, now=now, limit=10, lease_seconds=60) == []
+    assert claim_due_tasks(session, now=now, limit=10, settings=settings) == []
     later = now + timedelta(seconds=61)
-    assert len(claim_due_tasks(session, now=later, limit=2, lease_seconds=60)) == 2
+    assert len(claim_due_tasks(session, now=later, limit=2, settings=settings)) == 2
 
 
 def test_plan_batches_takes_each_upstream_id_once_per_service() -> None:
@@ -257,9 +259,9 @@ def test_a_poll_leaves_alone_registrations_another_worker_has_leased_since(
     task = register(session, settings, client, "t1")
     session.commit()
     now = utcnow() + timedelta(seconds=1)
-    (stale,) = claim_due_tasks(session, now=now, limit=10, lease_seconds=60)
+    (stale,) = claim_due_tasks(session, now=now, limit=10, settings=settings)
     later = now + timedelta(seconds=61)
-    (fresh,) = claim_due_tasks(session, now=later, limit=10, lease_seconds=60)
+    (fresh,) = claim_due_tasks(session, now=later, limit=10, settings=settings)
     session.commit()
     answer = {"t1": record("t1", "completed")}
     (stale_batch,) = plan_batches([stale], 50)
@@ -267,7 +269,8 @@ def test_a_poll_leaves_alone_registrations_another_worker_has_leased_since(
     session.commit()
     session.refresh(task)
     assert (applied.observed, applied.transitions) == (0, 0)
-    assert (task.state, task.polls, task.claimed_until) == ("pending", 0, fresh.lease_until)
+    # Both polls asked the upstream, each counted by its claim; only the fresh one writes.
+    assert (task.state, task.polls, task.claimed_until) == ("pending", 2, fresh.lease_until)
     release_batch(session, stale_batch, retry_at=later + timedelta(seconds=600))
     session.commit()
     session.refresh(task)
@@ -321,7 +324,7 @@ def test_next_polls_count_from_the_claiming_tick_not_from_the_answer(
     session.commit()
     tick = utcnow() + timedelta(seconds=1)
     [batch] = plan_batches(
-        claim_due_tasks(session, now=tick, limit=10, lease_seconds=60), settings.batch_size
+        claim_due_tasks(session, now=tick, limit=10, settings=settings), settings.batch_size
     )
     session.commit()
     answered = tick + timedelta(seconds=3)
@@ -333,7 +336,7 @@ def test_next_polls_count_from_the_claiming_tick_not_from_the_answer(
         session.refresh(task)
         assert task.next_poll_at == next_tick
     assert started.state == "running"
-    reclaimed = claim_due_tasks(session, now=next_tick, limit=10, lease_seconds=60)
+    reclaimed = claim_due_tasks(session, now=next_tick, limit=10, settings=settings)
     assert sorted(c.task_id for c in reclaimed) == ["started", "unchanged"]
 
 
@@ -346,6 +349,115 @@ def test_a_tick_takes_polls_falling_due_within_its_lookahead(
     task.next_poll_at = now + timedelta(seconds=0.5)
     session.commit()
 
-    assert claim_due_tasks(session, now=now, limit=10, lease_seconds=60) == []
-    claimed = claim_due_tasks(session, now=now, limit=10, lease_seconds=60, lookahead=1.0)
+    assert claim_due_tasks(session, now=now, limit=10, settings=settings) == []
+    claimed = claim_due_tasks(session, now=now, limit=10, settings=settings, lookahead=1.0)
     assert [c.task_id for c in claimed] == ["t1"]
+
+
+def test_a_claim_counts_the_poll_sets_the_next_and_leases_no_further_than_the_next_tick(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    young = register(session, settings, client, "young")
+    old = register(session, settings, client, "old")
+    session.commit()
+    tick = utcnow() + timedelta(seconds=1)
+    old.created_at = tick - timedelta(hours=1)
+    session.commit()
+    lookahead = 0.25
+    claims = claim_due_tasks(session, now=tick, limit=10, settings=settings, lookahead=lookahead)
+    session.commit()
+    assert {c.task_id: c.seen for c in claims} == {
+        "young": Seen("pending", None, 0),
+        "old": Seen("pending", None, 0),
+    }
+    lease_until = tick + timedelta(seconds=settings.poll_interval - lookahead)
+    assert poll_lease(settings, lookahead) < settings.poll_lease
+    for task in (young, old):
+        session.refresh(task)
+        assert (task.polls, task.claimed_until) == (1, lease_until)
+    assert young.next_poll_at == tick + timedelta(seconds=settings.poll_interval)
+    assert old.next_poll_at == tick + timedelta(seconds=settings.max_poll_interval)
+    # The next tick, a little early, takes the young one again: its lease has ended.
+    next_tick = tick + timedelta(seconds=settings.poll_interval - lookahead / 2)
+    again = claim_due_tasks(
+        session, now=next_tick, limit=10, settings=settings, lookahead=lookahead
+    )
+    assert [c.task_id for c in again] == ["young"]
+
+
+def claimed_batch(session: Session, settings: Settings, tick: datetime) -> PollBatch:
+    [batch] = plan_batches(
+        claim_due_tasks(session, now=tick, limit=10, settings=settings), settings.batch_size
+    )
+    session.commit()
+    return batch
+
+
+def test_an_answer_that_changes_nothing_the_claim_saw_costs_the_database_nothing(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    """Only ids whose answer differs from the claim's reading are read and written."""
+    tasks = {task_id: register(session, settings, client, task_id) for task_id in "abc"}
+    session.commit()
+    tick = utcnow() + timedelta(seconds=1)
+    batch = claimed_batch(session, settings, tick)
+    statements: list[str] = []
+    bind = session.get_bind()
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(bind, "before_cursor_execute", count)
+    try:
+        quiet = {task_id: record(task_id, None) for task_id in "abc"}
+        applied = apply_batch_answer(session, batch, quiet, now=tick, settings=settings)
+        session.commit()
+        assert (applied.observed, applied.transitions, applied.missing) == (3, 0, [])
+        assert statements == []
+
+        # `a` starts running, `b` is missing from the answer (a miss to count), `c` is quiet.
+        answer = {"a": record("a", "processing"), "c": record("c", None)}
+        applied = apply_batch_answer(session, batch, answer, now=tick, settings=settings)
+        session.commit()
+        assert (applied.observed, applied.transitions) == (3, 1)
+        assert statements
+    finally:
+        event.remove(bind, "before_cursor_execute", count)
+    for task in tasks.values():
+        session.refresh(task)
+    assert {t: (task.state, task.polls, task.misses) for t, task in tasks.items()} == {
+        "a": ("running", 1, 0),
+        "b": ("pending", 1, 1),
+        "c": ("pending", 1, 0),
+    }
+    assert (tasks["a"].claimed_until, tasks["b"].claimed_until) == (None, None)
+    assert tasks["a"].next_poll_at == tick + timedelta(seconds=settings.poll_interval)
+    assert tasks["c"].claimed_until == batch.lease_until  # untouched: it ends by itself
+
+
+def test_an_answer_after_misses_resets_them_without_counting_the_poll_twice(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    task = register(session, settings, client, "t1")
+    task.misses = 2
+    session.commit()
+    tick = utcnow() + timedelta(seconds=1)
+    batch = claimed_batch(session, settings, tick)
+    apply_batch_answer(session, batch, {"t1": record("t1", None)}, now=tick, settings=settings)
+    session.commit()
+    session.refresh(task)
+    assert (task.polls, task.misses, task.claimed_until) == (1, 0, None)
+
+
+def test_a_batch_given_back_uncounts_the_poll_its_claim_counted(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    task = register(session, settings, client, "t1")
+    session.commit()
+    tick = utcnow() + timedelta(seconds=1)
+    batch = claimed_batch(session, settings, tick)
+    retry_at = tick + timedelta(seconds=30)
+    release_batch(session, batch, retry_at=retry_at)
+    session.commit()
+    session.refresh(task)
+    assert (task.polls, task.next_poll_at, task.claimed_until) == (0, retry_at, None)

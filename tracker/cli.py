@@ -109,9 +109,15 @@ def worker(
     ] = "ticks,polls,deliveries",
 ) -> None:
     """Run a worker: polls the upstream and delivers webhooks. Run as many as you like."""
+    from tracker.metrics import serve_worker_metrics
     from tracker.roles import run_worker
 
     settings = load_cli_settings()
+    if settings.metrics_port and not serve_worker_metrics(settings.metrics_port):
+        err_console.print(
+            f"[yellow]TRACKER_METRICS_PORT {settings.metrics_port} is taken[/yellow] (another "
+            "worker on this host?): this worker serves no metrics; give each its own port."
+        )
     run_worker(
         concurrency=concurrency,
         pool=pool,

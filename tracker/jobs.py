@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from typing import Any
 
 from celery.signals import worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +36,7 @@ from tracker.outbox import delivery_batches
 from tracker.polling import (
     MAX_BUDGET_WAIT,
     PollBatch,
+    Seen,
     claim_due_tasks,
     claim_limit,
     claim_lookahead,
@@ -138,12 +140,12 @@ def dispatch_polls() -> int:
             session,
             now=now,
             limit=claim_limit(settings),
-            lease_seconds=settings.poll_lease,
+            settings=settings,
             lookahead=claim_lookahead(settings),
         )
     for claim in claimed:
         metrics.POLL_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
-    batches = plan_batches(claimed, settings.batch_size)
+    batches = plan_batches(claimed, settings.batch_size, probe=rejected_at is not None)
     for job in poll_jobs(batches):
         poll_batches.apply_async(([_batch_message(batch) for batch in job],))
     return len(batches)
@@ -163,32 +165,55 @@ def poll_jobs(
     return [batches[start : start + per_job] for start in range(0, len(batches), per_job)]
 
 
-PollBatchMessage = tuple[str, list[str], str | None, str | None]
+# A batch as a poll job carries it (JSON): service, ids, lease and tick (ISO 8601), then,
+# since the claim counts the poll, what it saw of each id's registrations ([state, upstream
+# word, misses] each, in the ids' order) and the probe flag. Earlier versions sent the
+# first four only.
+PollBatchMessage = Sequence[Any]
 
 
 def _batch_message(batch: PollBatch) -> PollBatchMessage:
-    """A batch as a poll job carries it: service, ids, lease and tick (ISO 8601)."""
+    """A batch as a poll job carries it (JSON)."""
     lease = batch.lease_until.isoformat() if batch.lease_until else None
     tick = batch.claimed_at.isoformat() if batch.claimed_at else None
-    return batch.service, list(batch.task_ids), lease, tick
+    seen = None
+    if batch.seen is not None:
+        seen = [[list(registration) for registration in batch.seen[i]] for i in batch.task_ids]
+    return batch.service, list(batch.task_ids), lease, tick, seen, batch.probe
+
+
+def _batch_from_message(message: PollBatchMessage) -> PollBatch:
+    service, task_ids, lease_until, claimed_at = message[:4]
+    seen, probe = message[4:] if len(message) == 6 else (None, False)
+    return PollBatch(
+        service,
+        tuple(task_ids),
+        datetime.fromisoformat(lease_until) if lease_until else None,
+        datetime.fromisoformat(claimed_at) if claimed_at else None,
+        None
+        if seen is None
+        else {
+            task_id: tuple(Seen(*registration) for registration in registrations)
+            for task_id, registrations in zip(task_ids, seen, strict=True)
+        },
+        probe,
+    )
 
 
 @celery_app.task(name="tracker.poll_batches")  # type: ignore[untyped-decorator]
 def poll_batches(batches: list[PollBatchMessage]) -> None:
     """Poll batches one after another, each claimed at its tick with its lease.
 
-    Rows leased since by another worker are skipped; next polls count from the
-    tick. Each batch's doorbells ring as soon as it is applied.
+    Only answers that change what the claim saw are written; rows leased since by
+    another worker are skipped. Each batch's doorbells ring as soon as it is applied.
     """
     ctx = worker_context()
-    for service, task_ids, lease_until, claimed_at in batches:
-        lease = datetime.fromisoformat(lease_until) if lease_until else None
-        tick = datetime.fromisoformat(claimed_at) if claimed_at else None
+    for message in batches:
         outcome = run_poll_batch(
             ctx.sessions,
             ctx.upstream,
             ctx.budget,
-            PollBatch(service, tuple(task_ids), lease, tick),
+            _batch_from_message(message),
             settings=ctx.settings,
             credential=ctx.credential,
         )

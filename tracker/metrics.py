@@ -50,6 +50,10 @@ BUDGET_WAIT = Histogram(
     "Time spent waiting for a slot in the upstream request budget.",
     buckets=LAG_BUCKETS,
 )
+POLL_OBSERVATIONS = Counter(
+    "tracker_poll_observations_total",
+    "Registrations compared with a poll answer (the answer written only where it changed them).",
+)
 POLL_LAG = Histogram(
     "tracker_poll_lag_seconds",
     "How late polls were claimed against their next_poll_at.",

@@ -1,11 +1,12 @@
 """Polling: claim due tasks, batch distinct upstream ids, apply the answers.
 
-One tick: `claim_due_tasks` leases the due registrations in one statement,
-`plan_batches` groups them by service and takes each upstream id once however
-many clients watch it, and each batch is polled by `run_poll_batch`:
-budget slot, one `retrieve_batch` call, then `apply_batch_answer` in one
-transaction (state changes, history rows, outbox rows, next poll times).
-Nothing here knows about Celery or HTTP routes.
+One tick: `claim_due_tasks` leases the due registrations, counts their polls
+and sets their next ones, noting what it saw of each; `plan_batches` groups them
+by service and takes each upstream id once however many clients watch it, and
+each batch is polled by `run_poll_batch`: budget slot, one `retrieve_batch`
+call, then `apply_batch_answer` in one transaction, which writes only what the
+answer changes (state changes, history rows, outbox rows, misses): most answers
+write nothing. Nothing here knows about Celery or HTTP routes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, cast
 
-from sqlalchemy import String, Table, any_, bindparam, literal_column, or_, select, true, update
+from sqlalchemy import (
+    String,
+    Table,
+    any_,
+    bindparam,
+    case,
+    literal_column,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
+from tracker import metrics
 from tracker.budget import (
     Budget,
     BudgetUnavailable,
@@ -39,7 +52,6 @@ from tracker.states import (
     Failure,
     Observation,
     can_transition,
-    is_terminal,
     normalise,
 )
 from tracker.timeutil import utcnow
@@ -67,14 +79,24 @@ class TaskUpstream(Protocol):
     def retrieve_batch(self, service: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]: ...
 
 
+class Seen(NamedTuple):
+    """What a claim read of one registration: what its poll's answer is compared with."""
+
+    state: str
+    upstream_state: str | None
+    misses: int
+
+
 class Claim(NamedTuple):
-    """A leased registration: which upstream id, when its poll was due, until when it is ours."""
+    """A leased registration: which upstream id, when its poll was due, until when it is ours,
+    and what it was when claimed (`seen`)."""
 
     service: str
     task_id: str
     due_at: datetime
     lease_until: datetime | None = None
     claimed_at: datetime | None = None
+    seen: Seen | None = None
 
 
 @dataclass(frozen=True)
@@ -83,16 +105,28 @@ class PollBatch:
 
     `lease_until` is the `claimed_until` the claim wrote: a registration leased
     since by another worker (its lease differs and is live) is not written.
-    `claimed_at` is the tick that claimed it: the next poll is counted from there,
-    not from the answer, so a task keeps its place in the ticks' rhythm however
-    long the job waited (counted from the answer, it would fall just after the
-    next tick and be polled every other tick).
+    `claimed_at` is the tick that claimed it, from which its next poll counts (not
+    from the answer: a task keeps its place in the ticks' rhythm however long the
+    job waited).
+
+    `seen` holds, per id, what the claim read of its registrations. The claim
+    has already counted this poll and set each one's next poll time, so an
+    answer that changes nothing (most of them) is not written at all: only the
+    ids whose answer differs from what was seen are read and written. Without
+    `seen` (a batch built by hand, or queued by an earlier version) every
+    registration of the batch is read, and the answer counts the poll and sets
+    the next one, counted from `claimed_at`.
+
+    `probe`: the upstream had rejected the token when the batch was claimed; an
+    answer clears that (`tracker.budget.clear_rejected`).
     """
 
     service: str
     task_ids: tuple[str, ...]
     lease_until: datetime | None = None
     claimed_at: datetime | None = None
+    seen: Mapping[str, tuple[Seen, ...]] | None = None
+    probe: bool = False
 
 
 @dataclass
@@ -140,49 +174,97 @@ def claim_lookahead(settings: Settings) -> float:
     return dispatch_interval(settings) / 4
 
 
+def poll_lease(settings: Settings, lookahead: float) -> float:
+    """Seconds a claim leases its registrations: `TRACKER_POLL_LEASE`, and never past the
+    tick that may claim them again (the poll interval, less the lookahead), since the claim
+    has already set their next poll and an answer that changes nothing gives nothing back."""
+    return min(settings.poll_lease, settings.poll_interval - lookahead)
+
+
 def claim_due_tasks(
-    session: Session, *, now: datetime, limit: int, lease_seconds: float, lookahead: float = 0.0
+    session: Session, *, now: datetime, limit: int, settings: Settings, lookahead: float = 0.0
 ) -> list[Claim]:
-    """Lease up to `limit` registrations due by `now` (plus `lookahead` s) in one statement."""
+    """Lease up to `limit` registrations due by `now` (plus `lookahead` s), count the poll
+    each is about to get and set its next one (`next_poll_at`, counted from `now`).
+
+    The poll's answer then writes only what it changes: a task keeps its place in the
+    ticks' rhythm however long the job waits, and a poll whose job is lost happens again
+    at the next poll time, as if the upstream had answered "no change".
+    """
+    lease_until = now + timedelta(seconds=poll_lease(settings, lookahead))
     due = (
-        select(Task.id)
+        select(*_CLAIMED)
         .where(
             Task.next_poll_at <= now + timedelta(seconds=lookahead),
-            or_(Task.claimed_until.is_(None), Task.claimed_until < now),
+            or_(Task.claimed_until.is_(None), Task.claimed_until <= now),
         )
         .order_by(Task.next_poll_at)
         .limit(limit)
     )
     if is_postgresql(session):
-        due = due.with_for_update(skip_locked=True)
-    lease_until = now + timedelta(seconds=lease_seconds)
-    claimed = session.execute(
-        update(Task)
-        .where(Task.id.in_(due.scalar_subquery()))
-        .values(claimed_until=lease_until)
-        .returning(Task.service, Task.task_id, Task.next_poll_at)
-        .execution_options(synchronize_session=False)
+        rows = session.execute(due.with_for_update(skip_locked=True)).all()
+    else:  # SQLite has no row locks: one statement, whose write takes the database at once
+        rows = session.execute(
+            update(Task)
+            .where(Task.id.in_(due.with_only_columns(Task.id).scalar_subquery()))
+            .values(claimed_until=lease_until)
+            .returning(*_CLAIMED)
+            .execution_options(synchronize_session=False)
+        ).all()
+    _schedule_polls(
+        session,
+        [(row.id, next_poll_at(row.created_at, now, settings)) for row in rows],
+        lease_until=lease_until,
     )
     # next_poll_at is set on every row the claim matched (it was compared with now).
     return [
-        Claim(service, task_id, due_at or now, lease_until, now)
-        for service, task_id, due_at in claimed
+        Claim(
+            row.service,
+            row.task_id,
+            row.next_poll_at or now,
+            lease_until,
+            now,
+            Seen(row.state, row.upstream_state, row.misses),
+        )
+        for row in rows
     ]
 
 
-def plan_batches(claimed: Iterable[Claim], batch_size: int) -> list[PollBatch]:
-    """Group claimed registrations by service, each upstream id once, `batch_size` per batch."""
-    by_service: dict[tuple[str, datetime | None, datetime | None], dict[str, None]]
+_CLAIMED = (
+    Task.id,
+    Task.service,
+    Task.task_id,
+    Task.next_poll_at,
+    Task.created_at,
+    Task.state,
+    Task.upstream_state,
+    Task.misses,
+)
+
+
+def plan_batches(
+    claimed: Iterable[Claim], batch_size: int, *, probe: bool = False
+) -> list[PollBatch]:
+    """Group claimed registrations by service, each upstream id once, `batch_size` per batch.
+
+    `probe`: the token was rejected when they were claimed (see `PollBatch`).
+    """
+    by_service: dict[tuple[str, datetime | None, datetime | None], dict[str, list[Seen]]]
     by_service = defaultdict(dict)
     for claim in claimed:
         key = (claim.service, claim.lease_until, claim.claimed_at)
-        by_service[key][claim.task_id] = None  # a dict keeps first-seen order, unlike a set
+        # A dict keeps first-seen order, unlike a set.
+        seen = by_service[key].setdefault(claim.task_id, [])
+        if claim.seen is not None:
+            seen.append(claim.seen)
     batches = []
     for (service, lease_until, claimed_at), ids in by_service.items():
         distinct = list(ids)
         for start in range(0, len(distinct), batch_size):
             chunk = tuple(distinct[start : start + batch_size])
-            batches.append(PollBatch(service, chunk, lease_until, claimed_at))
+            chunk_seen = {task_id: tuple(ids[task_id]) for task_id in chunk}
+            batch_seen = chunk_seen if all(chunk_seen.values()) else None
+            batches.append(PollBatch(service, chunk, lease_until, claimed_at, batch_seen, probe))
     return batches
 
 
@@ -196,6 +278,7 @@ class _Polled(NamedTuple):
     polls: int
     misses: int
     created_at: datetime
+    next_poll_at: datetime | None
     claimed_until: datetime | None
 
 
@@ -220,6 +303,7 @@ _POLLED = select(
     Task.polls,
     Task.misses,
     Task.created_at,
+    Task.next_poll_at,
     Task.claimed_until,
 ).order_by(Task.id)
 _LOCK_POSTGRESQL = _POLLED.where(
@@ -262,22 +346,42 @@ def apply_batch_answer(
     now: datetime,
     settings: Settings,
 ) -> BatchApplied:
-    """Apply one `retrieve_batch` answer to every active registration of the batch's ids.
+    """Apply one `retrieve_batch` answer to the active registrations of the batch's ids.
 
-    Most answers change nothing but the poll schedule: those registrations are read
-    as plain columns and written by one set-based UPDATE. Only a registration whose
-    state or upstream word changes is loaded as a `Task` for `record_transition`.
-    Registrations another worker has leased since are left to that worker.
+    With what the claim saw (`PollBatch.seen`), an id whose answer matches it is
+    not read or written: the claim counted the poll and set the next one. The
+    other ids' registrations are read as plain columns, locked; those the answer
+    leaves unchanged (a miss counted, a miss count reset) are written by one
+    set-based UPDATE, and only one whose state or upstream word changes is loaded
+    as a `Task` for `record_transition`. Registrations another worker has leased
+    since are left to that worker.
     """
     applied = BatchApplied()
+    counted = batch.seen is not None  # the claim counted this poll and set the next one
     scheduled_from = batch.claimed_at or now
+    task_ids: Sequence[str] = batch.task_ids
+    if batch.seen is not None:
+        task_ids = []
+        for task_id in batch.task_ids:
+            seen = batch.seen.get(task_id, ())
+            if _answer_changes(seen, records.get(task_id)):
+                task_ids.append(task_id)
+            else:
+                applied.observed += len(seen)
+        if not task_ids:
+            return applied
 
-    def scheduled(row: _Polled) -> datetime:
-        return next_poll_at(row.created_at, scheduled_from, settings)
+    def rescheduled(row: _Polled, *, polled: bool, misses: int) -> _Rescheduled:
+        if counted and row.next_poll_at is not None:
+            return _Rescheduled(row.id, row.polls, misses, row.next_poll_at)
+        polls = row.polls + 1 if polled and not counted else row.polls
+        return _Rescheduled(
+            row.id, polls, misses, next_poll_at(row.created_at, scheduled_from, settings)
+        )
 
     unchanged: list[_Rescheduled] = []
     changed: dict[int, tuple[dict[str, Any], Observation]] = {}
-    for row in _lock_active_registrations(session, batch.service, batch.task_ids):
+    for row in _lock_active_registrations(session, batch.service, task_ids):
         if _leased_by_another(row, batch.lease_until, now):
             continue
         applied.observed += 1
@@ -286,22 +390,44 @@ def apply_batch_answer(
             misses = row.misses + 1
             if misses >= settings.not_found_after and row.task_id not in applied.missing:
                 applied.missing.append(row.task_id)
-            unchanged.append(_Rescheduled(row.id, row.polls, misses, scheduled(row)))
+            unchanged.append(rescheduled(row, polled=False, misses=misses))
             continue
         observation = normalise(record)
-        if (
-            observation.state is not None and can_transition(row.state, observation.state)
-        ) or observation.upstream_state not in (None, row.upstream_state):
+        if _changes(row.state, row.upstream_state, observation):
             changed[row.id] = (record, observation)
         else:
-            unchanged.append(_Rescheduled(row.id, row.polls + 1, 0, scheduled(row)))
+            unchanged.append(rescheduled(row, polled=True, misses=0))
     if changed:
         _apply_changes(
-            session, changed, applied, now=now, scheduled_from=scheduled_from, settings=settings
+            session,
+            changed,
+            applied,
+            now=now,
+            scheduled_from=None if counted else scheduled_from,
+            settings=settings,
         )
     if unchanged:
         _reschedule(session, unchanged)
     return applied
+
+
+def _changes(state: str, upstream_state: str | None, observation: Observation) -> bool:
+    """The observation moves the registration to a new state or brings a new upstream word."""
+    return (
+        observation.state is not None and can_transition(state, observation.state)
+    ) or observation.upstream_state not in (None, upstream_state)
+
+
+def _answer_changes(seen: Sequence[Seen], record: dict[str, Any] | None) -> bool:
+    """An id's answer must be written: it is missing (a miss to count), or it changes a
+    registration the claim saw, or ends a run of misses."""
+    if record is None or not seen:
+        return True
+    observation = normalise(record)
+    return any(
+        seen_one.misses or _changes(seen_one.state, seen_one.upstream_state, observation)
+        for seen_one in seen
+    )
 
 
 class _Rescheduled(NamedTuple):
@@ -319,10 +445,14 @@ def _apply_changes(
     applied: BatchApplied,
     *,
     now: datetime,
-    scheduled_from: datetime,
+    scheduled_from: datetime | None,
     settings: Settings,
 ) -> None:
-    """New states (history and outbox through `record_transition`) and new upstream words."""
+    """New states (history and outbox through `record_transition`) and new upstream words.
+
+    `scheduled_from`: the tick the next poll counts from, and the poll is counted here;
+    None if the claim did both.
+    """
     # populate_existing: objects already in the session take the values just read under lock.
     tasks = session.scalars(
         select(Task)
@@ -332,9 +462,12 @@ def _apply_changes(
     )
     for task in tasks:
         record, observation = changed[task.id]
-        if observation.state is not None and can_transition(task.state, observation.state):
+        if scheduled_from is not None:
             task.polls += 1
-            task.misses = 0
+            task.next_poll_at = next_poll_at(task.created_at, scheduled_from, settings)
+        task.misses = 0
+        task.claimed_until = None
+        if observation.state is not None and can_transition(task.state, observation.state):
             applied.delivery_ids += [
                 delivery.id
                 for delivery in record_transition(
@@ -348,9 +481,6 @@ def _apply_changes(
                 )
             ]
             applied.transitions += 1
-            if not is_terminal(task.state):
-                task.next_poll_at = next_poll_at(task.created_at, scheduled_from, settings)
-                task.claimed_until = None
         else:
             # A new upstream word, same state (queued -> pending): keep it, no history row.
             task.upstream_state, task.record, task.updated_at = (
@@ -358,10 +488,6 @@ def _apply_changes(
                 record,
                 now,
             )
-            task.polls += 1
-            task.misses = 0
-            task.next_poll_at = next_poll_at(task.created_at, scheduled_from, settings)
-            task.claimed_until = None
 
 
 # One statement for every registration of a batch the answer did not change. The
@@ -387,6 +513,50 @@ _RESCHEDULE = (
         claimed_until=None,
     )
 )
+
+
+# The claim's write: the lease, the poll counted, the next poll time of each row.
+_SCHEDULE_POSTGRESQL = """
+    UPDATE tasks
+    SET claimed_until = %(lease_until)s, polls = tasks.polls + 1, next_poll_at = v.next_poll_at
+    FROM unnest(CAST(%(ids)b AS bigint[]), CAST(%(next_poll_at)b AS timestamptz[]))
+        AS v(id, next_poll_at)
+    WHERE tasks.id = v.id
+"""
+_SCHEDULE = (
+    update(_TASKS)
+    .where(_TASKS.c.id == bindparam("row_id"))
+    .values(
+        claimed_until=bindparam("lease_until"),
+        polls=_TASKS.c.polls + 1,
+        next_poll_at=bindparam("new_next_poll_at"),
+    )
+)
+
+
+def _schedule_polls(
+    session: Session, rows: Sequence[tuple[int, datetime]], *, lease_until: datetime
+) -> None:
+    """Lease claimed registrations, count their poll and set their next one, set-based."""
+    if not rows:
+        return
+    if is_postgresql(session):
+        session.connection().exec_driver_sql(
+            _SCHEDULE_POSTGRESQL,
+            {
+                "lease_until": lease_until,
+                "ids": [row_id for row_id, _ in rows],
+                "next_poll_at": [when for _, when in rows],
+            },
+        )
+        return
+    session.connection().execute(
+        _SCHEDULE,
+        [
+            {"row_id": row_id, "lease_until": lease_until, "new_next_poll_at": when}
+            for row_id, when in rows
+        ],
+    )
 
 
 def _reschedule(session: Session, rows: Sequence[_Rescheduled]) -> None:
@@ -435,12 +605,18 @@ def fail_not_found(
 
 
 def release_batch(session: Session, batch: PollBatch, *, retry_at: datetime) -> None:
-    """Give a batch's leases back, to be polled again at `retry_at` (upstream trouble)."""
+    """Give a batch's leases back, to be polled again at `retry_at` (upstream trouble, or a
+    lease run out before the poll); the poll its claim counted did not happen."""
     mine = (
         or_(Task.claimed_until.is_(None), Task.claimed_until == batch.lease_until)
         if batch.lease_until is not None
         else true()
     )
+    values: dict[Any, Any] = {Task.claimed_until: None, Task.next_poll_at: retry_at}
+    if batch.seen is not None:
+        values[Task.polls] = case(
+            (Task.claimed_until == batch.lease_until, Task.polls - 1), else_=Task.polls
+        )
     session.execute(
         update(Task)
         .where(
@@ -449,7 +625,7 @@ def release_batch(session: Session, batch: PollBatch, *, retry_at: datetime) -> 
             Task.state.in_(ACTIVE_STATES),
             mine,
         )
-        .values(claimed_until=None, next_poll_at=retry_at)
+        .values(values)
         .execution_options(synchronize_session=False)
     )
 
@@ -501,6 +677,8 @@ def run_poll_batch(
             len(batch.task_ids),
             batch.service,
         )
+        with sessions.begin() as session:
+            release_batch(session, batch, retry_at=now())
         outcome.error = "lease_expired"
         return outcome
     try:
@@ -511,10 +689,13 @@ def run_poll_batch(
         )
         return outcome
 
+    # A session opens no connection until its first statement: an answer that changes
+    # nothing the claim saw costs the database nothing.
     with sessions.begin() as session:
-        if clear_rejected(session, credential):
+        if (batch.probe or batch.seen is None) and clear_rejected(session, credential):
             log.warning("upstream accepts the token again; polling resumes")
         outcome.applied = apply_batch_answer(session, batch, records, now=now(), settings=settings)
+    metrics.POLL_OBSERVATIONS.inc(outcome.applied.observed)
 
     for task_id in outcome.applied.missing:
         outcome.applied.delivery_ids += _confirm_missing(
