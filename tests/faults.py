@@ -225,7 +225,7 @@ class FaultReceiver:
     def __init__(self, *, ack_within: float, delay: float = 0.0) -> None:
         self.ack_within = ack_within
         self._server: Receiver | None = Receiver()
-        self._server.default_reply = Reply(delay=delay)
+        self._server.default_reply = self._usual(delay)
         self.port = self._server.port
         self._past: list[Received] = []
 
@@ -245,6 +245,14 @@ class FaultReceiver:
         assert server is not None  # wait_until returns only what is truthy
         server.default_reply = Reply(delay=delay)
         self._server = server
+
+    @staticmethod
+    def _usual(delay: float) -> Reply:
+        """The usual answer: 200 after about `delay` seconds, varying by half of it either way
+        from request to request as a real receiver's time does. (Answers in step to the
+        millisecond make each batch's answers arrive in one lump, and a SIGKILL landing in
+        the milliseconds before their record loses all of them at once.)"""
+        return Reply(delay=delay, jitter=delay / 2)
 
     def _listen(self) -> Receiver | None:
         try:
@@ -503,7 +511,7 @@ class FaultRig:
         simulator: SimulatorHandle,
         *,
         env: Mapping[str, str] | None = None,
-        receiver_delay: float = 0.0,
+        receiver_delay: float = 0.0,  # about: see `FaultReceiver._usual`
     ) -> None:
         self.workdir = workdir
         self.simulator = simulator

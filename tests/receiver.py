@@ -10,13 +10,14 @@
 Each path answers its scripted replies in order, then `default_reply` (200) for ever;
 each recorded request keeps the reply it got. `Receiver(port=N)` listens on a
 given port, so a receiver closed and opened again is "the same" to a sender.
-A reply can wait before answering (`delay`) or drip its status line one byte
-at a time (`drip`), to play slow and hostile receivers. `Receiver(tls=context)`
+A reply can wait before answering (`delay`, give or take `jitter`) or drip its
+status line one byte at a time (`drip`), to play slow and hostile receivers. `Receiver(tls=context)`
 serves https with the context's certificate.
 """
 
 from __future__ import annotations
 
+import random
 import select
 import socket
 import ssl
@@ -44,6 +45,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b"ok"
     delay: float = 0.0  # seconds to wait before answering (ended early by close())
+    jitter: float = 0.0  # the delay varies by up to this much either way, request by request
     drip: float = 0.0  # seconds between bytes of the status line, if > 0
 
 
@@ -170,7 +172,8 @@ class Receiver:
 
             def _answer(self, reply: Reply) -> bool:
                 """Write the answer; False if it was not written in full."""
-                if reply.delay and receiver._closing.wait(reply.delay):
+                delay = reply.delay + random.uniform(-reply.jitter, reply.jitter)
+                if delay > 0 and receiver._closing.wait(delay):
                     self.close_connection = True
                     return False
                 if self._sender_gone():
