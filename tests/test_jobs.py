@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from tracker.jobs import POLL_JOB_BATCHES, _batch_from_message, _batch_message, poll_jobs
+from tracker.celery_app import POLL_QUEUE, make_celery
+from tracker.config import load_settings
+from tracker.jobs import (
+    POLL_JOB_BATCHES,
+    _batch_from_message,
+    _batch_message,
+    poll_jobs,
+    polls_waiting,
+)
 from tracker.polling import PollBatch, Seen
 
 
@@ -50,3 +59,26 @@ def test_a_poll_job_carries_what_the_claim_saw_and_reads_older_messages() -> Non
     assert _batch_from_message(message) == batch
     older = ["luma", ["a", "b"], batch.lease_until.isoformat(), tick.isoformat()]  # type: ignore[union-attr]
     assert _batch_from_message(older) == PollBatch("luma", ("a", "b"), batch.lease_until, tick)
+
+
+@pytest.mark.parametrize("kind", ["redis", "embedded"])
+def test_a_tick_sees_the_poll_jobs_still_waiting_in_the_broker(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """What beat's dispatch reads to claim nothing while workers are behind."""
+    url = (
+        request.getfixturevalue("broker")
+        if kind == "redis"
+        else f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    )
+    app = make_celery(load_settings(broker_url=url, _env_file=None))
+    try:
+        assert polls_waiting(app) == 0  # nothing ever queued
+        for _ in range(3):
+            app.send_task("tracker.poll_batches", args=([],), queue=POLL_QUEUE)
+        assert polls_waiting(app) == 3
+        with app.connection_for_write() as connection:
+            connection.default_channel.queue_purge(POLL_QUEUE)
+        assert polls_waiting(app) == 0
+    finally:
+        app.close()

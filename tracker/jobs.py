@@ -15,6 +15,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from celery import Celery
 from celery.signals import worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,7 +28,7 @@ from tracker.budget import (
     rejected_since,
     wait_for_slot,
 )
-from tracker.celery_app import celery_app
+from tracker.celery_app import POLL_QUEUE, celery_app
 from tracker.config import Settings, get_settings
 from tracker.db import make_engine, session_factory
 from tracker.delivery import attempt_deliveries
@@ -125,9 +126,18 @@ def _ring_gathered_doorbells(**_: object) -> None:
 
 @celery_app.task(name="tracker.dispatch_polls")  # type: ignore[untyped-decorator]
 def dispatch_polls() -> int:
-    """Beat tick: lease due tasks and enqueue one poll job per batch of distinct ids."""
+    """Beat tick: lease due tasks and enqueue one poll job per batch of distinct ids.
+
+    A tick claims nothing while poll jobs of earlier ticks still wait in the broker:
+    the workers are behind, and claims they would reach only after their lease (at most
+    a poll interval) would be dropped unpolled, each costing a claim and a give-back.
+    """
     ctx = worker_context()
     settings = ctx.settings
+    waiting = polls_waiting(celery_app)
+    if waiting:
+        log.info("%d poll jobs still wait for a worker; this tick claims nothing", waiting)
+        return 0
     now = utcnow()
     with ctx.sessions.begin() as session:
         rejected_at = rejected_since(session, ctx.credential)
@@ -149,6 +159,16 @@ def dispatch_polls() -> int:
     for job in poll_jobs(batches):
         poll_batches.apply_async(([_batch_message(batch) for batch in job],))
     return len(batches)
+
+
+def polls_waiting(app: Celery) -> int:
+    """Poll jobs queued in the broker and not yet taken by a worker; 0 if it cannot say."""
+    try:
+        with app.connection_or_acquire() as connection:
+            declared = connection.default_channel.queue_declare(queue=POLL_QUEUE, passive=True)
+    except Exception:  # no such queue yet (nothing queued), or the broker is away
+        return 0
+    return int(declared.message_count)
 
 
 def poll_jobs(
