@@ -192,38 +192,99 @@ def claim_due_tasks(
     at the next poll time, as if the upstream had answered "no change".
     """
     lease_until = now + timedelta(seconds=poll_lease(settings, lookahead))
+    horizon = now + timedelta(seconds=lookahead)
+    if is_postgresql(session):
+        rows = session.connection().exec_driver_sql(
+            _CLAIM_POSTGRESQL,
+            {
+                "now": now,
+                "horizon": horizon,
+                "limit": limit,
+                "lease_until": lease_until,
+                "poll_interval": settings.poll_interval,
+                "max_poll_interval": settings.max_poll_interval,
+                "share": BACKOFF_SHARE_OF_AGE,
+            },
+        )
+        claimed = [
+            (service, task_id, due_at, Seen(*seen)) for service, task_id, due_at, *seen in rows
+        ]
+    else:
+        claimed = _claim_sqlite(session, now, horizon, limit, lease_until, settings)
+    # next_poll_at is set on every row the claim matched (it was compared with now).
+    return [
+        Claim(service, task_id, due_at or now, lease_until, now, seen)
+        for service, task_id, due_at, seen in claimed
+    ]
+
+
+# The claim in one statement: the due rows, locked, skipping those another claim holds;
+# lease, poll counted, next poll as `next_poll_at` computes it (a test holds the two equal).
+_CLAIM_POSTGRESQL = """
+    UPDATE tasks
+    SET claimed_until = %(lease_until)s,
+        polls = tasks.polls + 1,
+        next_poll_at = %(now)s + make_interval(secs => LEAST(
+            %(max_poll_interval)s,
+            GREATEST(
+                %(poll_interval)s,
+                EXTRACT(EPOCH FROM (%(now)s - tasks.created_at))::double precision * %(share)s
+            )
+        ))
+    FROM (
+        SELECT id, next_poll_at AS due_at FROM tasks
+        WHERE next_poll_at <= %(horizon)s
+          AND (claimed_until IS NULL OR claimed_until <= %(now)s)
+        ORDER BY next_poll_at
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    WHERE tasks.id = due.id
+    RETURNING tasks.service, tasks.task_id, due.due_at,
+        tasks.state, tasks.upstream_state, tasks.misses
+"""
+
+
+def _claim_sqlite(
+    session: Session,
+    now: datetime,
+    horizon: datetime,
+    limit: int,
+    lease_until: datetime,
+    settings: Settings,
+) -> list[tuple[str, str, datetime | None, Seen]]:
+    """SQLite has no row locks: the lease is taken in one statement, whose write takes the
+    database at once; then each row's poll is counted and its next one set."""
     due = (
-        select(*_CLAIMED)
+        select(Task.id)
         .where(
-            Task.next_poll_at <= now + timedelta(seconds=lookahead),
+            Task.next_poll_at <= horizon,
             or_(Task.claimed_until.is_(None), Task.claimed_until <= now),
         )
         .order_by(Task.next_poll_at)
         .limit(limit)
     )
-    if is_postgresql(session):
-        rows = session.execute(due.with_for_update(skip_locked=True)).all()
-    else:  # SQLite has no row locks: one statement, whose write takes the database at once
-        rows = session.execute(
-            update(Task)
-            .where(Task.id.in_(due.with_only_columns(Task.id).scalar_subquery()))
-            .values(claimed_until=lease_until)
-            .returning(*_CLAIMED)
-            .execution_options(synchronize_session=False)
-        ).all()
-    _schedule_polls(
-        session,
-        [(row.id, next_poll_at(row.created_at, now, settings)) for row in rows],
-        lease_until=lease_until,
+    rows = session.execute(
+        update(Task)
+        .where(Task.id.in_(due.scalar_subquery()))
+        .values(claimed_until=lease_until)
+        .returning(*_CLAIMED)
+        .execution_options(synchronize_session=False)
+    ).all()
+    if not rows:
+        return []
+    session.connection().execute(
+        _SCHEDULE,
+        [
+            {"row_id": row.id, "new_next_poll_at": next_poll_at(row.created_at, now, settings)}
+            for row in rows
+        ],
     )
-    # next_poll_at is set on every row the claim matched (it was compared with now).
     return [
-        Claim(
+        (
             row.service,
             row.task_id,
-            row.next_poll_at or now,
-            lease_until,
-            now,
+            row.next_poll_at,
             Seen(row.state, row.upstream_state, row.misses),
         )
         for row in rows
@@ -515,48 +576,12 @@ _RESCHEDULE = (
 )
 
 
-# The claim's write: the lease, the poll counted, the next poll time of each row.
-_SCHEDULE_POSTGRESQL = """
-    UPDATE tasks
-    SET claimed_until = %(lease_until)s, polls = tasks.polls + 1, next_poll_at = v.next_poll_at
-    FROM unnest(CAST(%(ids)b AS bigint[]), CAST(%(next_poll_at)b AS timestamptz[]))
-        AS v(id, next_poll_at)
-    WHERE tasks.id = v.id
-"""
+# SQLite's second step of a claim: the poll counted, the next poll time of each row.
 _SCHEDULE = (
     update(_TASKS)
     .where(_TASKS.c.id == bindparam("row_id"))
-    .values(
-        claimed_until=bindparam("lease_until"),
-        polls=_TASKS.c.polls + 1,
-        next_poll_at=bindparam("new_next_poll_at"),
-    )
+    .values(polls=_TASKS.c.polls + 1, next_poll_at=bindparam("new_next_poll_at"))
 )
-
-
-def _schedule_polls(
-    session: Session, rows: Sequence[tuple[int, datetime]], *, lease_until: datetime
-) -> None:
-    """Lease claimed registrations, count their poll and set their next one, set-based."""
-    if not rows:
-        return
-    if is_postgresql(session):
-        session.connection().exec_driver_sql(
-            _SCHEDULE_POSTGRESQL,
-            {
-                "lease_until": lease_until,
-                "ids": [row_id for row_id, _ in rows],
-                "next_poll_at": [when for _, when in rows],
-            },
-        )
-        return
-    session.connection().execute(
-        _SCHEDULE,
-        [
-            {"row_id": row_id, "lease_until": lease_until, "new_next_poll_at": when}
-            for row_id, when in rows
-        ],
-    )
 
 
 def _reschedule(session: Session, rows: Sequence[_Rescheduled]) -> None:
