@@ -323,10 +323,7 @@ def test_next_polls_count_from_the_claiming_tick_not_from_the_answer(
     started = register(session, settings, client, "started")
     session.commit()
     tick = utcnow() + timedelta(seconds=1)
-    [batch] = plan_batches(
-        claim_due_tasks(session, now=tick, limit=10, settings=settings), settings.batch_size
-    )
-    session.commit()
+    batch = claimed_batch(session, settings, tick)
     answered = tick + timedelta(seconds=3)
     answer = {"unchanged": record("unchanged", None), "started": record("started", "processing")}
     apply_batch_answer(session, batch, answer, now=answered, settings=settings)
