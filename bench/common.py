@@ -224,6 +224,15 @@ def make_due_again(url: str, when: datetime) -> None:
         conn.execute("VACUUM ANALYZE tasks")
 
 
+def settle_database(url: str) -> None:
+    """Let the server catch up with the writes of what ran before: vacuum and analyze every
+    table, then write a checkpoint, so that neither autovacuum nor a checkpoint's flush
+    starts inside the next measurement."""
+    with psycopg.connect(plain_url(url), autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

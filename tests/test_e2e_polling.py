@@ -28,7 +28,13 @@ from tracker.config import Settings, load_settings
 from tracker.db import make_engine, session_factory
 from tracker.demo import free_port
 from tracker.models import Task, TaskTransition
-from tracker.polling import claim_due_tasks, plan_batches, poll_lease, run_poll_batch
+from tracker.polling import (
+    PollBatch,
+    claim_due_tasks,
+    plan_batches,
+    poll_lease,
+    run_poll_batch,
+)
 from tracker.registry import register_task
 from tracker.schemas import TaskRegistration
 from tracker.states import ACTIVE_STATES, can_transition
@@ -289,11 +295,11 @@ def test_capped_and_rate_limited_upstream_still_finishes_every_task_within_budge
     assert stats["over_budget"] == 0
 
 
-def test_a_batch_whose_lease_ran_out_is_given_back_to_the_next_tick(
+def test_a_batch_reached_after_its_lease_polls_what_no_later_tick_has_taken(
     db_url: str, simulator: SimulatorHandle, settings: Settings
 ) -> None:
-    """A job that starts after its lease ended does not ask the upstream: its registrations
-    are due again at once, the poll the claim counted uncounted, and the next tick takes them."""
+    """A job that starts after its lease ended takes again the registrations still carrying
+    it and polls them; those a later tick claimed meanwhile are left to that tick's job."""
     ids = simulator.seed([{"service": "luma", "outcome": "completed", "duration": 600}] * 3)
     engine = make_engine(db_url)
     sessions = session_factory(engine)
@@ -305,12 +311,15 @@ def test_a_batch_whose_lease_ran_out_is_given_back_to_the_next_tick(
         settings.model_copy(update={"upstream_url": simulator.url}), max_retries=0
     )
     budget = DatabaseBudget(sessions, credential_key("test-token"), settings.upstream_rps)
-    before = simulator.stats()["retrieve_batch_calls"]
+    calls = simulator.stats()["retrieve_batch_calls"]
 
-    def claim_and_poll(claimed_at: datetime, polled_at: datetime) -> str | None:
+    def claim(at: datetime, limit: int = 10) -> PollBatch:
         with sessions.begin() as session:
-            claims = claim_due_tasks(session, now=claimed_at, limit=10, settings=settings)
+            claims = claim_due_tasks(session, now=at, limit=limit, settings=settings)
         (batch,) = plan_batches(claims, settings.batch_size)
+        return batch
+
+    def poll(batch: PollBatch, at: datetime) -> str | None:
         outcome = run_poll_batch(
             sessions,
             upstream,
@@ -318,23 +327,29 @@ def test_a_batch_whose_lease_ran_out_is_given_back_to_the_next_tick(
             batch,
             settings=settings,
             credential="tok_test",
-            now=lambda: polled_at,
+            now=lambda: at,
         )
         return outcome.error
 
-    def polls_due_leased() -> set[tuple[int, datetime | None, datetime | None]]:
+    def polls() -> list[int]:
         with Session(engine) as session:
-            rows = session.execute(select(Task.polls, Task.next_poll_at, Task.claimed_until))
-            return {(polls, due, leased) for polls, due, leased in rows}
+            return list(session.scalars(select(Task.polls).order_by(Task.task_id)))
 
+    lease = timedelta(seconds=poll_lease(settings, 0.0))
     claimed_at = utcnow()
-    late = claimed_at + timedelta(seconds=poll_lease(settings, 0.0) + 1)
-    assert claim_and_poll(claimed_at, late) == "lease_expired"
-    assert simulator.stats()["retrieve_batch_calls"] == before
-    assert polls_due_leased() == {(0, late, None)}
+    late = claim(claimed_at)
+    # The next poll of each is due before the lease ends, less a second: a tick at that
+    # moment claims one of them (limit 1), the others are still the late job's.
+    retaken = claim(claimed_at + timedelta(seconds=settings.poll_interval) + lease, limit=1)
+    assert len(retaken.task_ids) == 1
+    assert poll(late, claimed_at + lease + timedelta(seconds=settings.poll_interval)) is None
+    assert simulator.stats()["retrieve_batch_calls"] == calls + 1
+    assert sorted(polls()) == [1, 1, 2]  # each counted once per claim; polled once each
 
-    assert claim_and_poll(late, late + timedelta(seconds=0.5)) is None
-    assert simulator.stats()["retrieve_batch_calls"] == before + 1
-    assert {polls for polls, _, _ in polls_due_leased()} == {1}
+    # Much later, a tick has claimed all three: the late job, run again, polls nothing.
+    everything = claim(utcnow() + timedelta(hours=1))
+    assert poll(late, utcnow() + timedelta(hours=1)) == "lease_expired"
+    assert simulator.stats()["retrieve_batch_calls"] == calls + 1
+    assert len(everything.task_ids) == 3
     upstream.close()
     engine.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,10 +15,11 @@ from tracker.jobs import (
     POLL_JOB_BATCHES,
     _batch_from_message,
     _batch_message,
+    jobs_per_tick,
     poll_jobs,
     polls_waiting,
 )
-from tracker.polling import PollBatch, Seen
+from tracker.polling import PollBatch, Seen, claim_limit
 
 
 def batches(count: int) -> list[PollBatch]:
@@ -82,3 +84,11 @@ def test_a_tick_sees_the_poll_jobs_still_waiting_in_the_broker(
         assert polls_waiting(app) == 0
     finally:
         app.close()
+
+
+@pytest.mark.parametrize(("rps", "jobs"), [(20, 20), (50, 17), (200, 50)])
+def test_a_full_tick_makes_as_many_jobs_as_dispatch_tolerates_waiting(rps: int, jobs: int) -> None:
+    """Dispatch claims nothing while more poll jobs wait than one full tick makes."""
+    settings = load_settings(upstream_rps=rps, _env_file=None)
+    full_tick = batches(math.ceil(claim_limit(settings) / settings.batch_size))
+    assert jobs_per_tick(settings) == len(poll_jobs(full_tick)) == jobs

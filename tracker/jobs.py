@@ -41,7 +41,9 @@ from tracker.polling import (
     claim_due_tasks,
     claim_limit,
     claim_lookahead,
+    dispatch_interval,
     plan_batches,
+    poll_lease,
     run_poll_batch,
     time_out_overdue_tasks,
 )
@@ -128,14 +130,16 @@ def _ring_gathered_doorbells(**_: object) -> None:
 def dispatch_polls() -> int:
     """Beat tick: lease due tasks and enqueue one poll job per batch of distinct ids.
 
-    A tick claims nothing while poll jobs of earlier ticks still wait in the broker:
-    the workers are behind, and claims they would reach only after their lease (at most
-    a poll interval) would be dropped unpolled, each costing a claim and a give-back.
+    A tick claims nothing while more poll jobs wait in the broker than the ticks of one
+    lease make (`max_waiting_jobs`): the workers are behind, and claims they reach
+    only after their lease could be taken again by later ticks, and be dropped unpolled
+    by the late job. (Jobs pace themselves on the upstream budget, so a tick's worth
+    or two waiting is the normal course.)
     """
     ctx = worker_context()
     settings = ctx.settings
     waiting = polls_waiting(celery_app)
-    if waiting:
+    if waiting > max_waiting_jobs(settings):
         log.info("%d poll jobs still wait for a worker; this tick claims nothing", waiting)
         return 0
     now = utcnow()
@@ -171,6 +175,23 @@ def polls_waiting(app: Celery) -> int:
     return int(declared.message_count)
 
 
+def jobs_per_tick(settings: Settings, threads: int = DEFAULT_CONCURRENCY) -> int:
+    """Poll jobs a tick makes when it claims all it may (`claim_limit`; see `poll_jobs`)."""
+    batches = math.ceil(claim_limit(settings) / settings.batch_size)
+    return math.ceil(batches / _batches_per_job(batches, threads))
+
+
+def max_waiting_jobs(settings: Settings) -> int:
+    """Poll jobs that may wait in the broker before a tick stops claiming: those the ticks
+    of one lease make at most."""
+    ticks = poll_lease(settings, claim_lookahead(settings)) / dispatch_interval(settings)
+    return math.ceil(jobs_per_tick(settings) * ticks)
+
+
+def _batches_per_job(batches: int, threads: int) -> int:
+    return max(1, min(POLL_JOB_BATCHES, batches // threads))
+
+
 def poll_jobs(
     batches: list[PollBatch], threads: int = DEFAULT_CONCURRENCY
 ) -> list[list[PollBatch]]:
@@ -181,7 +202,7 @@ def poll_jobs(
     POLL_JOB_BATCHES a job, which spares a Celery message and its handling per
     batch (a third of a worker's CPU when each job held one batch).
     """
-    per_job = max(1, min(POLL_JOB_BATCHES, len(batches) // threads))
+    per_job = _batches_per_job(len(batches), threads)
     return [batches[start : start + per_job] for start in range(0, len(batches), per_job)]
 
 

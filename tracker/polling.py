@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -655,6 +655,41 @@ def release_batch(session: Session, batch: PollBatch, *, retry_at: datetime) -> 
     )
 
 
+def renew_lease(
+    session: Session, batch: PollBatch, *, now: datetime, settings: Settings
+) -> PollBatch:
+    """The batch, reduced to the ids whose registrations still carry its lease, leased again.
+
+    A job can reach its batch after the lease ended (it waited behind others, or for
+    the upstream budget). Registrations no tick has claimed since are still its own:
+    one conditional UPDATE takes them again, and they are polled now rather than given
+    back for a later tick. Those claimed since belong to that tick's job, which polls them.
+    """
+    lease_until = now + timedelta(seconds=poll_lease(settings, claim_lookahead(settings)))
+    still_mine = set(
+        session.scalars(
+            update(Task)
+            .where(
+                Task.service == batch.service,
+                Task.task_id.in_(batch.task_ids),
+                Task.claimed_until == batch.lease_until,
+            )
+            .values(claimed_until=lease_until)
+            .returning(Task.task_id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    task_ids = tuple(task_id for task_id in batch.task_ids if task_id in still_mine)
+    if len(task_ids) < len(batch.task_ids):
+        log.warning(
+            "the lease of %d %s ids ran out before their poll and a later tick took them",
+            len(batch.task_ids) - len(task_ids),
+            batch.service,
+        )
+    seen = None if batch.seen is None else {i: batch.seen[i] for i in task_ids}
+    return replace(batch, task_ids=task_ids, lease_until=lease_until, seen=seen)
+
+
 def time_out_overdue_tasks(session: Session, *, now: datetime, limit: int = 500) -> list[str]:
     """Tasks past their deadline become `timed_out`; returns the new delivery ids."""
     query = (
@@ -697,15 +732,11 @@ def run_poll_batch(
     """
     outcome = PollOutcome()
     if batch.lease_until is not None and batch.lease_until <= now():
-        log.warning(
-            "the lease of %d %s ids ran out before their poll; the next tick claims them",
-            len(batch.task_ids),
-            batch.service,
-        )
         with sessions.begin() as session:
-            release_batch(session, batch, retry_at=now())
-        outcome.error = "lease_expired"
-        return outcome
+            batch = renew_lease(session, batch, now=now(), settings=settings)
+        if not batch.task_ids:
+            outcome.error = "lease_expired"
+            return outcome
     try:
         records = upstream.retrieve_batch(batch.service, batch.task_ids)
     except (BudgetUnavailable, UpstreamError) as exc:
