@@ -16,6 +16,7 @@ from tracker.jobs import (
     _batch_from_message,
     _batch_message,
     jobs_per_tick,
+    max_waiting_jobs,
     poll_jobs,
     polls_waiting,
 )
@@ -86,9 +87,13 @@ def test_a_tick_sees_the_poll_jobs_still_waiting_in_the_broker(
         app.close()
 
 
-@pytest.mark.parametrize(("rps", "jobs"), [(20, 20), (50, 17), (200, 50)])
-def test_a_full_tick_makes_as_many_jobs_as_dispatch_tolerates_waiting(rps: int, jobs: int) -> None:
-    """Dispatch claims nothing while more poll jobs wait than one full tick makes."""
+@pytest.mark.parametrize(("rps", "jobs", "waiting"), [(20, 20, 95), (50, 17, 81), (200, 50, 238)])
+def test_dispatch_tolerates_the_jobs_of_a_lease_worth_of_full_ticks_waiting(
+    rps: int, jobs: int, waiting: int
+) -> None:
+    """Dispatch claims nothing while more poll jobs wait than the ticks of one lease make
+    (4.75 s at the default poll interval: 4.75 full ticks)."""
     settings = load_settings(upstream_rps=rps, _env_file=None)
     full_tick = batches(math.ceil(claim_limit(settings) / settings.batch_size))
     assert jobs_per_tick(settings) == len(poll_jobs(full_tick)) == jobs
+    assert max_waiting_jobs(settings) == waiting
