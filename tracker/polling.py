@@ -630,8 +630,8 @@ def fail_not_found(
 
 
 def release_batch(session: Session, batch: PollBatch, *, retry_at: datetime) -> None:
-    """Give a batch's leases back, to be polled again at `retry_at` (upstream trouble, or a
-    lease run out before the poll); the poll its claim counted did not happen."""
+    """Give a batch's leases back, to be polled again at `retry_at` (upstream trouble);
+    the poll its claim counted did not happen."""
     mine = (
         or_(Task.claimed_until.is_(None), Task.claimed_until == batch.lease_until)
         if batch.lease_until is not None
