@@ -6,7 +6,9 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Collection
+import threading
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -72,6 +74,47 @@ def authenticate(session: Session, api_key: str) -> Client | None:
     if client is None or not hmac.compare_digest(client.api_key_hash, digest):
         return None
     return client
+
+
+class KeyCache:
+    """API keys already checked, by hash: a request with a known key needs no database read.
+
+    Only keys that authenticated are kept, each for `ttl` seconds, at most `size` of
+    them (the oldest go first). Clients are never deleted and their API keys never
+    change, so an entry cannot go stale; the time limit bounds what a future way of
+    revoking keys would have to wait for. Thread-safe. The clients are detached
+    instances with their columns loaded: read them, never add them to a session.
+    """
+
+    def __init__(
+        self, *, ttl: float = 60.0, size: int = 1024, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl = ttl
+        self._size = size
+        self._clock = clock
+        self._entries: dict[str, tuple[float, Client]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, api_key: str) -> Client | None:
+        """The client of a key checked less than `ttl` seconds ago, or None."""
+        digest = hash_api_key(api_key)
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            expires, client = entry
+            if expires <= self._clock():
+                del self._entries[digest]
+                return None
+            return client
+
+    def put(self, api_key: str, client: Client) -> None:
+        digest = hash_api_key(api_key)
+        with self._lock:
+            self._entries.pop(digest, None)
+            while len(self._entries) >= self._size:
+                del self._entries[next(iter(self._entries))]  # dicts keep insertion order
+            self._entries[digest] = (self._clock() + self._ttl, client)
 
 
 def active_secrets(client: Client, *, now: datetime | None = None) -> list[str]:

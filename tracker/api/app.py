@@ -16,6 +16,7 @@ from tracker import __version__
 from tracker.api import deliveries, health, tasks
 from tracker.api.errors import install_error_handlers
 from tracker.api.middleware import RequestContextMiddleware
+from tracker.clients import KeyCache
 from tracker.config import Settings, get_settings
 from tracker.db import get_engine, session_factory
 
@@ -32,9 +33,9 @@ fails or times out. Every `/v1` route needs `Authorization: Bearer <api key>`
 """
 
 
-# Worker threads running the requests' database work (anyio's default is 40): the API
-# key's lookup, then the route's transaction, each holding a pooled connection only
-# within its hop (`tracker.api.deps`). A few threads hide the database's latency; more
+# Worker threads running the requests' database work (anyio's default is 40): the route's
+# transaction, and the lookup of an API key not seen lately, each holding a pooled
+# connection only within its hop (`tracker.api.deps`). A few threads hide the database's latency; more
 # only fight over the interpreter lock with the event loop. At 200 registrations/s on
 # two cores (`bench/scale.py`), p99 was 446 ms with 40 threads, 47-68 ms with 3 (with 8
 # threads 244 ms, with 1 659 ms). Fewer than the pool keeps open (`tracker.db.make_engine`).
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessions = session_factory(get_engine(settings.database_url))
+    app.state.key_cache = KeyCache()
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=MAX_BODY_BYTES)
     app.include_router(tasks.router)

@@ -9,9 +9,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from tracker.api.errors import ApiError
-from tracker.clients import authenticate
+from tracker.clients import KeyCache, authenticate
 from tracker.config import Settings
 from tracker.models import Client
 
@@ -46,14 +47,16 @@ def request_transaction(request: Request) -> Iterator[Session]:
         yield session
 
 
-def current_client(
+async def current_client(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Client:
     """The client whose API key the request carries; 401 `invalid_api_key` otherwise.
 
-    Checked before the body is validated, in a short read of its own: a caller without a
-    valid key learns nothing more. The client comes back detached (its columns loaded).
+    Checked before the body is validated: a caller without a valid key learns nothing
+    more. A key seen recently is answered from the app's `KeyCache` on the event loop;
+    any other is looked up in a short read of its own, in a worker thread. The client
+    comes back detached (its columns loaded).
     """
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or not credentials.credentials:
@@ -64,9 +67,13 @@ def current_client(
             "`tracker clients create` printed",
             headers=challenge,
         )
-    sessions: sessionmaker[Session] = request.app.state.sessions
-    with sessions() as session:
-        client = authenticate(session, credentials.credentials)
+    api_key = credentials.credentials
+    keys: KeyCache = request.app.state.key_cache
+    client = keys.get(api_key)
+    if client is None:
+        client = await run_in_threadpool(_look_up_client, request.app.state.sessions, api_key)
+        if client is not None:
+            keys.put(api_key, client)
     if client is None:
         raise ApiError(
             401,
@@ -76,6 +83,11 @@ def current_client(
             headers=challenge,
         )
     return client
+
+
+def _look_up_client(sessions: sessionmaker[Session], api_key: str) -> Client | None:
+    with sessions() as session:
+        return authenticate(session, api_key)
 
 
 CurrentClient = Annotated[Client, Depends(current_client)]
