@@ -35,10 +35,11 @@ fails or times out. Every `/v1` route needs `Authorization: Bearer <api key>`
 
 # Worker threads running the requests' database work (anyio's default is 40): the route's
 # transaction, and the lookup of an API key not seen lately, each holding a pooled
-# connection only within its hop (`tracker.api.deps`). A few threads hide the database's latency; more
-# only fight over the interpreter lock with the event loop. At 200 registrations/s on
-# two cores (`bench/scale.py`), p99 was 446 ms with 40 threads, 47-68 ms with 3 (with 8
-# threads 244 ms, with 1 659 ms). Fewer than the pool keeps open (`tracker.db.make_engine`).
+# connection only within its hop (`tracker.api.deps`). A few threads hide the database's
+# latency; more only fight over the interpreter lock with the event loop. At 200
+# registrations/s on two cores (`bench/scale.py`), p99 was 446 ms with 40 threads, 47-68 ms
+# with 3 (with 8 threads 244 ms, with 1 659 ms). Fewer than the pool keeps open
+# (`tracker.db.make_engine`).
 API_THREADS = 3
 
 
