@@ -60,8 +60,14 @@ def test_a_poll_job_carries_what_the_claim_saw_and_reads_older_messages() -> Non
     )
     message = json.loads(json.dumps(_batch_message(batch)))  # as the broker carries it
     assert _batch_from_message(message) == batch
-    older = ["luma", ["a", "b"], batch.lease_until.isoformat(), tick.isoformat()]  # type: ignore[union-attr]
-    assert _batch_from_message(older) == PollBatch("luma", ("a", "b"), batch.lease_until, tick)
+    assert message[5] == [["running", "processing", 0], ["pending", None, 2]]  # each view once
+    unseen = PollBatch("luma", ("a", "b"), batch.lease_until, tick)
+    assert _batch_from_message(json.loads(json.dumps(_batch_message(unseen)))) == unseen
+    oldest = ["luma", ["a", "b"], batch.lease_until.isoformat(), tick.isoformat()]  # type: ignore[union-attr]
+    assert _batch_from_message(oldest) == unseen
+    spelled_out = [["running", "processing", 0]], [["pending", None, 2]] * 2
+    previous = [*oldest, list(spelled_out), True]
+    assert _batch_from_message(previous) == batch
 
 
 @pytest.mark.parametrize("kind", ["redis", "embedded"])

@@ -206,10 +206,12 @@ def poll_jobs(
     return [batches[start : start + per_job] for start in range(0, len(batches), per_job)]
 
 
-# A batch as a poll job carries it (JSON): service, ids, lease and tick (ISO 8601), then,
-# since the claim counts the poll, what it saw of each id's registrations ([state, upstream
-# word, misses] each, in the ids' order) and the probe flag. Earlier versions sent the
-# first four only.
+# A batch as a poll job carries it (JSON): service, ids, lease and tick (ISO 8601), the
+# probe flag, then what the claim saw of each id's registrations, compactly: the distinct
+# views ([state, upstream word, misses]; most registrations share one) and, per id, the
+# index of its registration's view (a list of indexes for an id several clients watch).
+# Earlier versions sent the first four items only, or those, each id's views spelled out
+# and the probe flag (six items); both are still read.
 PollBatchMessage = Sequence[Any]
 
 
@@ -217,26 +219,44 @@ def _batch_message(batch: PollBatch) -> PollBatchMessage:
     """A batch as a poll job carries it (JSON)."""
     lease = batch.lease_until.isoformat() if batch.lease_until else None
     tick = batch.claimed_at.isoformat() if batch.claimed_at else None
-    seen = None
+    message: list[Any] = [batch.service, list(batch.task_ids), lease, tick, batch.probe, None, None]
     if batch.seen is not None:
-        seen = [[list(registration) for registration in batch.seen[i]] for i in batch.task_ids]
-    return batch.service, list(batch.task_ids), lease, tick, seen, batch.probe
+        views: dict[Seen, int] = {}
+        refs: list[int | list[int]] = []
+        for task_id in batch.task_ids:
+            registrations = batch.seen[task_id]
+            if len(registrations) == 1:
+                refs.append(views.setdefault(registrations[0], len(views)))
+            else:
+                refs.append([views.setdefault(seen, len(views)) for seen in registrations])
+        message[5:] = [[list(view) for view in views], refs]
+    return message
 
 
 def _batch_from_message(message: PollBatchMessage) -> PollBatch:
     service, task_ids, lease_until, claimed_at = message[:4]
-    seen, probe = message[4:] if len(message) == 6 else (None, False)
+    probe, seen = False, None
+    if len(message) == 7:
+        probe, views, refs = message[4:]
+        if views is not None:
+            alone = [(Seen(*view),) for view in views]
+            seen = {
+                task_id: alone[ref] if isinstance(ref, int) else tuple(alone[r][0] for r in ref)
+                for task_id, ref in zip(task_ids, refs, strict=True)
+            }
+    elif len(message) == 6:
+        spelled_out, probe = message[4:]
+        if spelled_out is not None:
+            seen = {
+                task_id: tuple(Seen(*registration) for registration in registrations)
+                for task_id, registrations in zip(task_ids, spelled_out, strict=True)
+            }
     return PollBatch(
         service,
         tuple(task_ids),
         datetime.fromisoformat(lease_until) if lease_until else None,
         datetime.fromisoformat(claimed_at) if claimed_at else None,
-        None
-        if seen is None
-        else {
-            task_id: tuple(Seen(*registration) for registration in registrations)
-            for task_id, registrations in zip(task_ids, seen, strict=True)
-        },
+        seen,
         probe,
     )
 

@@ -193,6 +193,7 @@ def claim_due_tasks(
     """
     lease_until = now + timedelta(seconds=poll_lease(settings, lookahead))
     horizon = now + timedelta(seconds=lookahead)
+    rows: Iterable[Sequence[Any]]
     if is_postgresql(session):
         rows = session.connection().exec_driver_sql(
             _CLAIM_POSTGRESQL,
@@ -206,16 +207,18 @@ def claim_due_tasks(
                 "share": BACKOFF_SHARE_OF_AGE,
             },
         )
-        claimed = [
-            (service, task_id, due_at, Seen(*seen)) for service, task_id, due_at, *seen in rows
-        ]
     else:
-        claimed = _claim_sqlite(session, now, horizon, limit, lease_until, settings)
-    # next_poll_at is set on every row the claim matched (it was compared with now).
-    return [
-        Claim(service, task_id, due_at or now, lease_until, now, seen)
-        for service, task_id, due_at, seen in claimed
-    ]
+        rows = _claim_sqlite(session, now, horizon, limit, lease_until, settings)
+    # Most registrations look alike to a claim (running, same upstream word, no miss):
+    # they share one `Seen`, which also keeps the poll jobs' messages short.
+    views: dict[tuple[str, str | None, int], Seen] = {}
+    # due_at is set on every row the claim matched (it was compared with now).
+    claims = []
+    for service, task_id, due_at, state, upstream_state, misses in rows:
+        key = (state, upstream_state, misses)
+        seen = views.get(key) or views.setdefault(key, Seen(*key))
+        claims.append(Claim(service, task_id, due_at or now, lease_until, now, seen))
+    return claims
 
 
 # The claim in one statement: the due rows, locked, skipping those another claim holds;
@@ -252,7 +255,7 @@ def _claim_sqlite(
     limit: int,
     lease_until: datetime,
     settings: Settings,
-) -> list[tuple[str, str, datetime | None, Seen]]:
+) -> list[tuple[str, str, datetime | None, str, str | None, int]]:
     """SQLite has no row locks: the lease is taken in one statement, whose write takes the
     database at once; then each row's poll is counted and its next one set."""
     due = (
@@ -281,12 +284,7 @@ def _claim_sqlite(
         ],
     )
     return [
-        (
-            row.service,
-            row.task_id,
-            row.next_poll_at,
-            Seen(row.state, row.upstream_state, row.misses),
-        )
+        (row.service, row.task_id, row.next_poll_at, row.state, row.upstream_state, row.misses)
         for row in rows
     ]
 
