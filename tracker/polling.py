@@ -12,7 +12,6 @@ write nothing. Nothing here knows about Celery or HTTP routes.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -308,20 +307,23 @@ def plan_batches(
 
     `probe`: the token was rejected when they were claimed (see `PollBatch`).
     """
-    by_service: dict[tuple[str, datetime | None, datetime | None], dict[str, list[Seen]]]
-    by_service = defaultdict(dict)
+    groups: dict[tuple[str, datetime | None, datetime | None], dict[str, tuple[Seen, ...]]] = {}
+    alone: dict[Seen, tuple[Seen]] = {}  # one tuple per distinct view, shared
     for claim in claimed:
         key = (claim.service, claim.lease_until, claim.claimed_at)
-        # A dict keeps first-seen order, unlike a set.
-        seen = by_service[key].setdefault(claim.task_id, [])
-        if claim.seen is not None:
-            seen.append(claim.seen)
+        ids = groups.get(key)
+        if ids is None:
+            ids = groups[key] = {}  # a dict keeps first-seen order, unlike a set
+        seen = claim.seen
+        views = () if seen is None else alone.get(seen) or alone.setdefault(seen, (seen,))
+        earlier = ids.get(claim.task_id)
+        ids[claim.task_id] = views if earlier is None else earlier + views
     batches = []
-    for (service, lease_until, claimed_at), ids in by_service.items():
+    for (service, lease_until, claimed_at), ids in groups.items():
         distinct = list(ids)
         for start in range(0, len(distinct), batch_size):
             chunk = tuple(distinct[start : start + batch_size])
-            chunk_seen = {task_id: tuple(ids[task_id]) for task_id in chunk}
+            chunk_seen = {task_id: ids[task_id] for task_id in chunk}
             batch_seen = chunk_seen if all(chunk_seen.values()) else None
             batches.append(PollBatch(service, chunk, lease_until, claimed_at, batch_seen, probe))
     return batches
