@@ -60,7 +60,7 @@ SWEEP_DELIVERY_LIMIT = 1000
 # Retries due within this many seconds get a countdown doorbell of their own.
 SHORT_RETRY = 60.0
 # Most batches one poll job carries (see `poll_jobs`).
-POLL_JOB_BATCHES = 4
+POLL_JOB_BATCHES = 8
 
 
 @dataclass(frozen=True)
