@@ -28,7 +28,7 @@ import requests
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from bench.list_pages import private_database
+from bench.list_pages import SCHEDULE_NEW_TASKS, private_database
 from tracker.clients import create_client
 from tracker.timeutil import utcnow
 
@@ -37,8 +37,8 @@ __all__ = ["Figure", "private_database", "receiver_process", "seed_tasks", "simu
 EVENTS = json.dumps(["task.completed", "task.failed", "task.timed_out"])
 TASK_COLUMNS = (
     "client_id, task_id, service, state, upstream_state, callback_url, metadata, events, "
-    "timeout_seconds, created_at, updated_at, finished_at, deadline_at, polls, "
-    "failure_code, failure_message, record, next_poll_at, claimed_until, misses"
+    "timeout_seconds, created_at, updated_at, finished_at, deadline_at, "
+    "failure_code, failure_message, record"
 )
 
 
@@ -195,16 +195,14 @@ def seed_tasks(
                         created,
                         None,
                         now + timedelta(days=1),
-                        0,
                         None,
                         None,
                         None,
-                        now - timedelta(seconds=1),
-                        None,
-                        0,
                     )
                 )
+        conn.execute(SCHEDULE_NEW_TASKS, {"due_at": now - timedelta(seconds=1), "polls": 0})
         conn.execute("ANALYZE tasks")
+        conn.execute("ANALYZE task_schedule")
         conn.commit()
 
 
@@ -218,10 +216,12 @@ def make_due_again(url: str, when: datetime) -> None:
     """Every active registration due again at `when`, no lease: the next run starts equal."""
     with psycopg.connect(plain_url(url), autocommit=True) as conn:
         conn.execute(
-            "UPDATE tasks SET next_poll_at = %s, claimed_until = NULL, polls = 0, misses = 0",
+            "UPDATE task_schedule SET next_poll_at = %s, claimed_until = NULL, polls = 0, "
+            "misses = 0 FROM tasks WHERE tasks.id = task_schedule.task_row_id "
+            "AND tasks.state IN ('pending', 'running')",
             (when,),
         )
-        conn.execute("VACUUM ANALYZE tasks")
+        conn.execute("VACUUM ANALYZE task_schedule")
 
 
 def settle_database(url: str) -> None:

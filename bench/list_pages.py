@@ -48,9 +48,18 @@ TARGET_MS = 20.0
 PAGE_SIZE = 50
 COLUMNS = (
     "client_id, task_id, service, state, upstream_state, callback_url, metadata, events, "
-    "timeout_seconds, created_at, updated_at, finished_at, deadline_at, polls, "
-    "failure_code, failure_message, record, next_poll_at, claimed_until, misses"
+    "timeout_seconds, created_at, updated_at, finished_at, deadline_at, "
+    "failure_code, failure_message, record"
 )
+# A registration's `task_schedule` row, for those COPY has just written: an active one is
+# due at %(due_at)s (its creation time if null), a terminal one never.
+SCHEDULE_NEW_TASKS = """
+    INSERT INTO task_schedule (task_row_id, next_poll_at, claimed_until, polls, misses)
+    SELECT id, CASE WHEN state IN ('pending', 'running')
+                    THEN COALESCE(%(due_at)s, created_at) END, NULL, %(polls)s, 0
+    FROM tasks
+    WHERE NOT EXISTS (SELECT FROM task_schedule WHERE task_row_id = tasks.id)
+"""
 EVENTS = json.dumps(["task.completed", "task.failed", "task.timed_out"])
 RECORD = json.dumps(
     {"id": "x", "response": {"success": True, "state": "completed", "video_url": "https://v/x"}}
@@ -107,16 +116,14 @@ def seed(url: str, sessions: sessionmaker[Session], count: int) -> NewClient:
                         created,
                         created + timedelta(minutes=2) if terminal else None,
                         created + timedelta(hours=1),
-                        7,
                         "content_policy" if state == "failed" else None,
                         "prompt refused" if state == "failed" else None,
                         RECORD if terminal else None,
-                        None if terminal else created,
-                        None,
-                        0,
                     )
                 )
+        conn.execute(SCHEDULE_NEW_TASKS, {"due_at": None, "polls": 7})
         conn.execute("ANALYZE tasks")
+        conn.execute("ANALYZE task_schedule")
         conn.commit()
     return bench
 

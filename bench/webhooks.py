@@ -101,7 +101,6 @@ def seed_deliveries(db_url: str, sessions: sessionmaker[Session], hook: str, cou
     now = utcnow() - timedelta(seconds=1)
     with psycopg.connect(plain_url(db_url)) as conn, conn.cursor() as cursor:
         rows = conn.execute("SELECT id FROM tasks ORDER BY id").fetchall()
-        conn.execute("UPDATE tasks SET next_poll_at = NULL")
         with cursor.copy(f"COPY webhook_deliveries ({DELIVERY_COLUMNS}) FROM STDIN") as copy:
             for n, (task_row_id,) in enumerate(rows):
                 copy.write_row(

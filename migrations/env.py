@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy.engine import Connection
 
 from tracker.config import get_settings
 from tracker.db import make_engine
@@ -38,8 +39,25 @@ def run_migrations_online() -> None:
         return
     engine = make_engine(_url())
     with engine.connect() as connection:
-        _run(connection)
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # Batch mode copies a table and drops the original: with foreign keys on, the
+            # drop would delete every row referring to it (ON DELETE CASCADE).
+            _foreign_keys(connection, "OFF")
+        try:
+            _run(connection)
+        finally:
+            if sqlite:
+                _foreign_keys(connection, "ON")
     engine.dispose()
+
+
+def _foreign_keys(connection: Connection, switch: str) -> None:
+    """SQLite's foreign key checks on or off: on the driver's connection, as no transaction
+    may be open (in one, the pragma does nothing, and SQLAlchemy would begin one)."""
+    cursor = connection.connection.cursor()
+    cursor.execute(f"PRAGMA foreign_keys={switch}")
+    cursor.close()
 
 
 def _run(connection: object) -> None:

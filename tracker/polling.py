@@ -15,11 +15,10 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import (
     String,
-    Table,
     any_,
     bindparam,
     case,
@@ -43,7 +42,7 @@ from tracker.config import Settings
 from tracker.db import is_postgresql
 from tracker.errors import UpstreamAuthError, UpstreamError, UpstreamRateLimited
 from tracker.history import record_transition
-from tracker.models import Task
+from tracker.models import Task, task_schedule_table, tasks_table
 from tracker.states import (
     ACTIVE_STATES,
     FAILED,
@@ -223,9 +222,9 @@ def claim_due_tasks(
 # The claim in one statement: the due rows, locked, skipping those another claim holds;
 # lease, poll counted, next poll as `next_poll_at` computes it (a test holds the two equal).
 _CLAIM_POSTGRESQL = """
-    UPDATE tasks
+    UPDATE task_schedule
     SET claimed_until = %(lease_until)s,
-        polls = tasks.polls + 1,
+        polls = task_schedule.polls + 1,
         next_poll_at = %(now)s + make_interval(secs => LEAST(
             %(max_poll_interval)s,
             GREATEST(
@@ -234,16 +233,16 @@ _CLAIM_POSTGRESQL = """
             )
         ))
     FROM (
-        SELECT id, next_poll_at AS due_at FROM tasks
+        SELECT task_row_id, next_poll_at AS due_at FROM task_schedule
         WHERE next_poll_at <= %(horizon)s
           AND (claimed_until IS NULL OR claimed_until <= %(now)s)
         ORDER BY next_poll_at
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
-    ) AS due
-    WHERE tasks.id = due.id
+    ) AS due, tasks
+    WHERE task_schedule.task_row_id = due.task_row_id AND tasks.id = due.task_row_id
     RETURNING tasks.service, tasks.task_id, due.due_at,
-        tasks.state, tasks.upstream_state, tasks.misses
+        tasks.state, tasks.upstream_state, task_schedule.misses
 """
 
 
@@ -258,46 +257,72 @@ def _claim_sqlite(
     """SQLite has no row locks: the lease is taken in one statement, whose write takes the
     database at once; then each row's poll is counted and its next one set."""
     due = (
-        select(Task.id)
+        select(_SCHEDULE_TABLE.c.task_row_id)
         .where(
-            Task.next_poll_at <= horizon,
-            or_(Task.claimed_until.is_(None), Task.claimed_until <= now),
+            _SCHEDULE_TABLE.c.next_poll_at <= horizon,
+            or_(
+                _SCHEDULE_TABLE.c.claimed_until.is_(None),
+                _SCHEDULE_TABLE.c.claimed_until <= now,
+            ),
         )
-        .order_by(Task.next_poll_at)
+        .order_by(_SCHEDULE_TABLE.c.next_poll_at)
         .limit(limit)
     )
-    rows = session.execute(
-        update(Task)
-        .where(Task.id.in_(due.scalar_subquery()))
+    connection = session.connection()
+    leased = connection.execute(
+        update(_SCHEDULE_TABLE)
+        .where(_SCHEDULE_TABLE.c.task_row_id.in_(due.scalar_subquery()))
         .values(claimed_until=lease_until)
-        .returning(*_CLAIMED)
-        .execution_options(synchronize_session=False)
+        .returning(
+            _SCHEDULE_TABLE.c.task_row_id,
+            _SCHEDULE_TABLE.c.next_poll_at,
+            _SCHEDULE_TABLE.c.misses,
+        )
     ).all()
-    if not rows:
+    if not leased:
         return []
-    session.connection().execute(
+    ids = [row_id for row_id, _, _ in leased]
+    tasks = {
+        row.id: row
+        for start in range(0, len(ids), _SQLITE_IDS_PER_STATEMENT)
+        for row in connection.execute(
+            _CLAIMED_SQLITE, {"ids": ids[start : start + _SQLITE_IDS_PER_STATEMENT]}
+        )
+    }
+    connection.execute(
         _SCHEDULE,
         [
-            {"row_id": row.id, "new_next_poll_at": next_poll_at(row.created_at, now, settings)}
-            for row in rows
+            {
+                "row_id": row_id,
+                "new_next_poll_at": next_poll_at(tasks[row_id].created_at, now, settings),
+            }
+            for row_id in ids
         ],
     )
     return [
-        (row.service, row.task_id, row.next_poll_at, row.state, row.upstream_state, row.misses)
-        for row in rows
+        (
+            tasks[row_id].service,
+            tasks[row_id].task_id,
+            due_at,
+            tasks[row_id].state,
+            tasks[row_id].upstream_state,
+            misses,
+        )
+        for row_id, due_at, misses in leased
     ]
 
 
-_CLAIMED = (
-    Task.id,
-    Task.service,
-    Task.task_id,
-    Task.next_poll_at,
-    Task.created_at,
-    Task.state,
-    Task.upstream_state,
-    Task.misses,
-)
+_SCHEDULE_TABLE = task_schedule_table
+# Ids per statement: SQLite takes at most 32,766 parameters in one.
+_SQLITE_IDS_PER_STATEMENT = 10_000
+_CLAIMED_SQLITE = select(
+    tasks_table.c.id,
+    tasks_table.c.service,
+    tasks_table.c.task_id,
+    tasks_table.c.created_at,
+    tasks_table.c.state,
+    tasks_table.c.upstream_state,
+).where(tasks_table.c.id.in_(bindparam("ids", expanding=True)))
 
 
 def plan_batches(
@@ -555,18 +580,17 @@ def _apply_changes(
 # arrays go in psycopg's binary format (`%(...)b`): dumping 50 timestamps as text
 # costs more CPU than the rest of the statement.
 _RESCHEDULE_POSTGRESQL = """
-    UPDATE tasks
+    UPDATE task_schedule
     SET polls = v.polls, misses = v.misses, next_poll_at = v.next_poll_at, claimed_until = NULL
     FROM unnest(
         CAST(%(ids)b AS bigint[]), CAST(%(polls)b AS integer[]), CAST(%(misses)b AS integer[]),
         CAST(%(next_poll_at)b AS timestamptz[])
     ) AS v(id, polls, misses, next_poll_at)
-    WHERE tasks.id = v.id
+    WHERE task_schedule.task_row_id = v.id
 """
-_TASKS = cast(Table, Task.__table__)
 _RESCHEDULE = (
-    update(_TASKS)
-    .where(_TASKS.c.id == bindparam("row_id"))
+    update(_SCHEDULE_TABLE)
+    .where(_SCHEDULE_TABLE.c.task_row_id == bindparam("row_id"))
     .values(
         polls=bindparam("new_polls"),
         misses=bindparam("new_misses"),
@@ -578,9 +602,9 @@ _RESCHEDULE = (
 
 # SQLite's second step of a claim: the poll counted, the next poll time of each row.
 _SCHEDULE = (
-    update(_TASKS)
-    .where(_TASKS.c.id == bindparam("row_id"))
-    .values(polls=_TASKS.c.polls + 1, next_poll_at=bindparam("new_next_poll_at"))
+    update(_SCHEDULE_TABLE)
+    .where(_SCHEDULE_TABLE.c.task_row_id == bindparam("row_id"))
+    .values(polls=_SCHEDULE_TABLE.c.polls + 1, next_poll_at=bindparam("new_next_poll_at"))
 )
 
 
@@ -632,26 +656,27 @@ def fail_not_found(
 def release_batch(session: Session, batch: PollBatch, *, retry_at: datetime) -> None:
     """Give a batch's leases back, to be polled again at `retry_at` (upstream trouble);
     the poll its claim counted did not happen."""
+    schedule = _SCHEDULE_TABLE.c
     mine = (
-        or_(Task.claimed_until.is_(None), Task.claimed_until == batch.lease_until)
+        or_(schedule.claimed_until.is_(None), schedule.claimed_until == batch.lease_until)
         if batch.lease_until is not None
         else true()
     )
-    values: dict[Any, Any] = {Task.claimed_until: None, Task.next_poll_at: retry_at}
+    values: dict[Any, Any] = {schedule.claimed_until: None, schedule.next_poll_at: retry_at}
     if batch.seen is not None:
-        values[Task.polls] = case(
-            (Task.claimed_until == batch.lease_until, Task.polls - 1), else_=Task.polls
+        values[schedule.polls] = case(
+            (schedule.claimed_until == batch.lease_until, schedule.polls - 1),
+            else_=schedule.polls,
         )
+    active = select(tasks_table.c.id).where(
+        tasks_table.c.service == batch.service,
+        tasks_table.c.task_id.in_(batch.task_ids),
+        tasks_table.c.state.in_(ACTIVE_STATES),
+    )
     session.execute(
-        update(Task)
-        .where(
-            Task.service == batch.service,
-            Task.task_id.in_(batch.task_ids),
-            Task.state.in_(ACTIVE_STATES),
-            mine,
-        )
+        update(_SCHEDULE_TABLE)
+        .where(schedule.task_row_id.in_(active.scalar_subquery()), mine)
         .values(values)
-        .execution_options(synchronize_session=False)
     )
 
 
@@ -666,18 +691,22 @@ def renew_lease(
     back for a later tick. Those claimed since belong to that tick's job, which polls them.
     """
     lease_until = now + timedelta(seconds=poll_lease(settings, claim_lookahead(settings)))
-    still_mine = set(
-        session.scalars(
-            update(Task)
-            .where(
-                Task.service == batch.service,
-                Task.task_id.in_(batch.task_ids),
-                Task.claimed_until == batch.lease_until,
-            )
-            .values(claimed_until=lease_until)
-            .returning(Task.task_id)
-            .execution_options(synchronize_session=False)
+    registrations = select(tasks_table.c.id).where(
+        tasks_table.c.service == batch.service, tasks_table.c.task_id.in_(batch.task_ids)
+    )
+    renewed = session.scalars(
+        update(_SCHEDULE_TABLE)
+        .where(
+            _SCHEDULE_TABLE.c.task_row_id.in_(registrations.scalar_subquery()),
+            _SCHEDULE_TABLE.c.claimed_until == batch.lease_until,
         )
+        .values(claimed_until=lease_until)
+        .returning(_SCHEDULE_TABLE.c.task_row_id)
+    ).all()
+    still_mine = (
+        set(session.scalars(select(tasks_table.c.task_id).where(tasks_table.c.id.in_(renewed))))
+        if renewed
+        else set()
     )
     task_ids = tuple(task_id for task_id in batch.task_ids if task_id in still_mine)
     if len(task_ids) < len(batch.task_ids):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session, make_transient_to_detached
@@ -13,12 +13,11 @@ from tracker.config import Settings, get_settings
 from tracker.db import dialect_insert
 from tracker.errors import RegistrationConflict, TaskNotFound
 from tracker.history import record_transition
-from tracker.models import Client, Task, TaskTransition
+from tracker.models import Client, Task, TaskTransition, task_schedule_table, tasks_table
 from tracker.schemas import TaskRegistration
 from tracker.states import ACTIVE_STATES, CANCELLED, PENDING
 from tracker.timeutil import utcnow
 
-_TASKS = cast(Table, Task.__table__)
 _TRANSITIONS = cast(Table, TaskTransition.__table__)
 
 
@@ -56,7 +55,7 @@ def register_task(
     """Start tracking a task for `client`; repeating the same registration is harmless.
 
     The row is inserted first, `ON CONFLICT DO NOTHING`: a new task (the usual
-    case) costs two statements, and a registration racing another one for the
+    case) costs three statements, and a registration racing another one for the
     same task waits for it and then answers as a repeat or a conflict, without
     breaking the caller's transaction (a batch goes on with its other items).
     """
@@ -74,20 +73,20 @@ def register_task(
         "created_at": now,
         "updated_at": now,
         "deadline_at": now + timedelta(seconds=timeout),
-        "polls": 0,
-        "misses": 0,
-        "next_poll_at": now,  # due at once: a task already finished upstream is seen next tick
     }
+    # Due at once: a task already finished upstream is seen at the next tick.
+    schedule: dict[str, Any] = {"polls": 0, "misses": 0, "next_poll_at": now}
     session.flush()  # what Session.execute would do before a statement of the ORM
     connection = session.connection()
     row_id = connection.execute(
-        dialect_insert(session)(_TASKS)
+        dialect_insert(session)(tasks_table)
         .values({**values, "metadata": registration.metadata})
         .on_conflict_do_nothing(index_elements=["service", "task_id", "client_id"])
-        .returning(_TASKS.c.id)
+        .returning(tasks_table.c.id)
     ).scalar()
     if row_id is None:
         return _registered_before(session, client, registration, timeout)
+    connection.execute(insert(task_schedule_table).values(task_row_id=row_id, **schedule))
     connection.execute(
         insert(_TRANSITIONS).values(
             task_row_id=row_id, from_state=None, to_state=PENDING, observed_at=now
@@ -104,6 +103,7 @@ def register_task(
         claimed_until=None,
         metadata_=registration.metadata,
         **values,
+        **schedule,
     )
     make_transient_to_detached(task)
     session.add(task)
