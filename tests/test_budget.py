@@ -20,6 +20,8 @@ from tracker.budget import (
     credential_key,
     mark_rejected,
     rejected_since,
+    slots_ahead,
+    wait_for_slot,
 )
 from tracker.db import make_engine
 from tracker.models import UpstreamCredential
@@ -77,6 +79,63 @@ def test_pause_holds_every_request(budget: Budget) -> None:
     with pytest.raises(BudgetUnavailable) as caught:
         budget.reserve(max_wait=10)
     assert (caught.value.retry_at - utcnow()).total_seconds() > 1
+
+
+def test_a_reservation_of_several_slots_takes_them_all(budget: Budget) -> None:
+    """Reserving 5 slots moves the schedule 5 intervals on: the next caller waits for them."""
+    assert budget.reserve(max_wait=10, count=5) == pytest.approx(0, abs=0.05)
+    assert budget.reserve(max_wait=10) == pytest.approx(5 * budget.interval, abs=0.05)
+
+
+class CountingBudget:
+    """A real budget, with its reservations counted."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget, self.interval, self.reservations = budget, budget.interval, 0
+
+    def reserve(self, *, max_wait: float, count: int = 1) -> float:
+        self.reservations += 1
+        return self.budget.reserve(max_wait=max_wait, count=count)
+
+    def pause(self, seconds: float) -> None:
+        self.budget.pause(seconds)
+
+
+def test_slots_reserved_ahead_are_handed_out_in_order_then_asked_for_again(
+    budget: Budget,
+) -> None:
+    """A job's 3 slots: one round trip, waits one interval apart; a 4th request reserves."""
+    counting = CountingBudget(budget)
+    waits: list[float] = []
+    with slots_ahead(counting, 3, max_wait=10) as ahead:
+        assert ahead is not None
+        for _ in range(4):
+            wait_for_slot(counting, max_wait=10, sleep=waits.append)
+    assert counting.reservations == 2
+    interval = budget.interval
+    assert [round(wait / interval) for wait in waits] == [1, 2, 3]  # the first: no wait
+    # Outside the job, each request reserves its own again.
+    wait_for_slot(counting, max_wait=10, sleep=waits.append)
+    assert counting.reservations == 3
+
+
+def test_dropped_slots_leave_requests_to_the_budget_and_its_pause(budget: Budget) -> None:
+    """After upstream trouble the rest of a job's requests wait out a 429's pause."""
+    with slots_ahead(budget, 4, max_wait=10) as ahead:
+        assert ahead is not None
+        wait_for_slot(budget, max_wait=10, sleep=lambda _: None)
+        budget.pause(2)
+        ahead.drop()
+        with pytest.raises(BudgetUnavailable):
+            wait_for_slot(budget, max_wait=10, sleep=lambda _: None)
+
+
+def test_one_request_or_a_paused_budget_reserves_nothing_ahead(budget: Budget) -> None:
+    with slots_ahead(budget, 1, max_wait=10) as ahead:
+        assert ahead is None
+    budget.pause(2)
+    with slots_ahead(budget, 4, max_wait=10) as ahead:
+        assert ahead is None
 
 
 def test_rejection_is_recorded_once_and_cleared(session: Session) -> None:

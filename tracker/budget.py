@@ -11,8 +11,10 @@ rejected the token (401/403) is always kept in the database, where `/readyz` rea
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Protocol, cast
 
@@ -46,8 +48,11 @@ def credential_key(token: str | None) -> str:
 
 
 class Budget(Protocol):
-    def reserve(self, *, max_wait: float) -> float:
-        """Reserve the next request slot; seconds to wait for it. Raises BudgetUnavailable."""
+    interval: float  # seconds between two slots
+
+    def reserve(self, *, max_wait: float, count: int = 1) -> float:
+        """Reserve the next `count` request slots, `interval` apart; seconds to wait for the
+        first. Raises BudgetUnavailable."""
 
     def pause(self, seconds: float) -> None:
         """Hold every request of this token for `seconds` (the upstream said 429)."""
@@ -66,7 +71,7 @@ class RedisBudget:
     local slot = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
     local wait = slot - now
     if wait > tonumber(ARGV[2]) then return '-' .. tostring(wait) end
-    redis.call('SET', KEYS[1], tostring(slot + tonumber(ARGV[1])), 'EX', 3600)
+    redis.call('SET', KEYS[1], tostring(slot + tonumber(ARGV[1]) * tonumber(ARGV[3])), 'EX', 3600)
     return tostring(wait)
     """
     _PAUSE = """
@@ -81,12 +86,12 @@ class RedisBudget:
     def __init__(self, url: str, key: str, rps: float) -> None:
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._keys = [f"tracker:budget:{key}:schedule", f"tracker:budget:{key}:paused"]
-        self._interval = SCHEDULE_MARGIN / rps
+        self.interval = SCHEDULE_MARGIN / rps
         self._reserve = self._redis.register_script(self._RESERVE)
         self._pause = self._redis.register_script(self._PAUSE)
 
-    def reserve(self, *, max_wait: float) -> float:
-        answer = self._reserve(keys=self._keys, args=[self._interval, max_wait])
+    def reserve(self, *, max_wait: float, count: int = 1) -> float:
+        answer = self._reserve(keys=self._keys, args=[self.interval, max_wait, count])
         wait = float(answer)
         if wait < 0 or answer.startswith(b"-"):
             raise BudgetUnavailable(
@@ -112,7 +117,7 @@ class DatabaseBudget:
     ) -> None:
         self._sessions = sessions
         self._key = key
-        self._interval = timedelta(seconds=SCHEDULE_MARGIN / rps)
+        self.interval = SCHEDULE_MARGIN / rps
         self._now = now
         # PostgreSQL takes a slot in one autocommitted statement (same pool, no session).
         engine = sessions.kw.get("bind")
@@ -122,8 +127,8 @@ class DatabaseBudget:
             else None
         )
 
-    def reserve(self, *, max_wait: float) -> float:
-        wait = self._reserve_in_one_statement(max_wait)
+    def reserve(self, *, max_wait: float, count: int = 1) -> float:
+        wait = self._reserve_in_one_statement(max_wait, count)
         if wait is not None:
             return wait
         with self._sessions.begin() as session:
@@ -139,10 +144,10 @@ class DatabaseBudget:
                 raise BudgetUnavailable(
                     f"no upstream request slot within {max_wait:.1f}s", retry_at=slot
                 )
-            row.next_request_at = slot + self._interval
+            row.next_request_at = slot + timedelta(seconds=self.interval * count)
             return wait
 
-    def _reserve_in_one_statement(self, max_wait: float) -> float | None:
+    def _reserve_in_one_statement(self, max_wait: float, count: int) -> float | None:
         """PostgreSQL: take the next slot with one autocommitted UPDATE, the common case.
 
         None when the row does not exist yet, the token is paused or the slot is too
@@ -151,6 +156,7 @@ class DatabaseBudget:
         if self._autocommit is None:
             return None
         now = self._now()
+        reserved = timedelta(seconds=self.interval * count)
         credential = _CREDENTIALS.c
         with self._autocommit.connect() as connection:
             slot: datetime | None = connection.scalar(
@@ -160,14 +166,12 @@ class DatabaseBudget:
                     or_(credential.paused_until.is_(None), credential.paused_until <= now),
                     credential.next_request_at <= now + timedelta(seconds=max_wait),
                 )
-                .values(
-                    next_request_at=func.greatest(credential.next_request_at, now) + self._interval
-                )
+                .values(next_request_at=func.greatest(credential.next_request_at, now) + reserved)
                 .returning(credential.next_request_at)
             )
         if slot is None:
             return None
-        return max(0.0, (slot - self._interval - now).total_seconds())
+        return max(0.0, (slot - reserved - now).total_seconds())
 
     def pause(self, seconds: float) -> None:
         with self._sessions.begin() as session:
@@ -194,11 +198,60 @@ def _locked_credential(session: Session, key: str, now: datetime) -> UpstreamCre
 def wait_for_slot(
     budget: Budget, *, max_wait: float, sleep: Callable[[float], None] = time.sleep
 ) -> None:
-    """Block until this caller's reserved request slot has come."""
-    wait = budget.reserve(max_wait=max_wait)
+    """Block until this caller's request slot has come: the next of those this thread
+    reserved ahead (`slots_ahead`), or else one reserved now."""
+    ahead: SlotsAhead | None = getattr(_threads, "ahead", None)
+    wait = ahead.take() if ahead is not None else None
+    if wait is None:
+        wait = budget.reserve(max_wait=max_wait)
     BUDGET_WAIT.observe(wait)
     if wait > 0:
         sleep(wait)
+
+
+class SlotsAhead:
+    """Request slots reserved in one call, `interval` apart, handed out in order."""
+
+    def __init__(self, first_at: float, interval: float, count: int) -> None:
+        self._next_at, self._interval, self._left = first_at, interval, count
+
+    def take(self) -> float | None:
+        """Seconds to wait for the next slot; None when none is left."""
+        if self._left <= 0:
+            return None
+        self._left -= 1
+        wait = max(0.0, self._next_at - time.monotonic())
+        self._next_at += self._interval
+        return wait
+
+    def drop(self) -> None:
+        """Give up the slots not taken (they go unused): after upstream trouble (a 429
+        pauses the token) each request asks the budget again."""
+        self._left = 0
+
+
+_threads = threading.local()
+
+
+@contextmanager
+def slots_ahead(budget: Budget, count: int, *, max_wait: float) -> Iterator[SlotsAhead | None]:
+    """Reserve `count` request slots in one round trip for the requests this thread makes
+    next (a poll job's batches), rather than one round trip per request. Yields None, and
+    reserves nothing, if there is only one or the budget cannot give the first in time:
+    each request then reserves its own, as without this."""
+    ahead = None
+    if count > 1:
+        try:
+            first_at = time.monotonic() + budget.reserve(max_wait=max_wait, count=count)
+        except BudgetUnavailable:
+            pass
+        else:
+            ahead = SlotsAhead(first_at, budget.interval, count)
+    _threads.ahead = ahead
+    try:
+        yield ahead
+    finally:
+        _threads.ahead = None
 
 
 def mark_rejected(session: Session, key: str, reason: str, *, now: datetime) -> bool:

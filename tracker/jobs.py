@@ -44,7 +44,7 @@ from tracker.polling import (
     dispatch_interval,
     plan_batches,
     poll_lease,
-    run_poll_batch,
+    run_poll_job,
     time_out_overdue_tasks,
 )
 from tracker.roles import DEFAULT_CONCURRENCY
@@ -269,15 +269,14 @@ def poll_batches(batches: list[PollBatchMessage]) -> None:
     another worker are skipped. Each batch's doorbells ring as soon as it is applied.
     """
     ctx = worker_context()
-    for message in batches:
-        outcome = run_poll_batch(
-            ctx.sessions,
-            ctx.upstream,
-            ctx.budget,
-            _batch_from_message(message),
-            settings=ctx.settings,
-            credential=ctx.credential,
-        )
+    for outcome in run_poll_job(
+        ctx.sessions,
+        ctx.upstream,
+        ctx.budget,
+        [_batch_from_message(message) for message in batches],
+        settings=ctx.settings,
+        credential=ctx.credential,
+    ):
         ring_delivery_doorbells(outcome.applied.delivery_ids)
 
 

@@ -12,7 +12,7 @@ write nothing. Nothing here knows about Celery or HTTP routes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
@@ -37,6 +37,7 @@ from tracker.budget import (
     BudgetUnavailable,
     clear_rejected,
     mark_rejected,
+    slots_ahead,
 )
 from tracker.config import Settings
 from tracker.db import is_postgresql
@@ -739,6 +740,30 @@ def time_out_overdue_tasks(session: Session, *, now: datetime, limit: int = 500)
             for d in record_transition(session, task, TIMED_OUT, observed_at=now, failure=failure)
         ]
     return delivery_ids
+
+
+def run_poll_job(
+    sessions: sessionmaker[Session],
+    upstream: TaskUpstream,
+    budget: Budget,
+    batches: Sequence[PollBatch],
+    *,
+    settings: Settings,
+    credential: str,
+) -> Iterator[PollOutcome]:
+    """Poll a job's batches one after another (`run_poll_batch`), yielding each outcome.
+
+    The job's request slots are reserved at once; once a batch fails (upstream trouble,
+    a lease run out), the rest reserve theirs one by one, so that they wait out a 429.
+    """
+    with slots_ahead(budget, len(batches), max_wait=MAX_BUDGET_WAIT) as ahead:
+        for batch in batches:
+            outcome = run_poll_batch(
+                sessions, upstream, budget, batch, settings=settings, credential=credential
+            )
+            if outcome.error is not None and ahead is not None:
+                ahead.drop()
+            yield outcome
 
 
 def run_poll_batch(
