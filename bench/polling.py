@@ -1,7 +1,8 @@
 """Benchmarks 1 and 2: upstream economy of one tick, and poll throughput against its floor.
 
 Both run the polling functions in this process, as a worker's jobs call them:
-`claim_due_tasks`, `plan_batches`, then `run_poll_batch` per batch, with the
+`claim_due_tasks`, `plan_batches`, then `run_poll_batch` per batch (grouped in jobs
+by `poll_jobs` and run by `run_poll_job` for throughput), with the
 worker's `UpstreamClient` (budget slot before each request, `max_retries=0`)
 and a `DatabaseBudget` (the schedule kept in PostgreSQL, as without Redis).
 Poll throughput is also measured on the default worker set-up: one real
@@ -45,12 +46,14 @@ from tracker.budget import DatabaseBudget, credential_key, wait_for_slot
 from tracker.celery_app import SCHEDULE_QUEUE
 from tracker.config import Settings, load_settings
 from tracker.db import make_engine
+from tracker.jobs import poll_jobs
 from tracker.polling import (
     MAX_BUDGET_WAIT,
     PollBatch,
     claim_due_tasks,
     plan_batches,
     run_poll_batch,
+    run_poll_job,
 )
 from tracker.roles import DEFAULT_CONCURRENCY, Supervisor
 from tracker.states import normalise
@@ -409,18 +412,20 @@ def _poll_all(
             )
         if not claimed or (stop_after is not None and observed >= stop_after):
             break
-        for batch in plan_batches(claimed, worker.settings.batch_size):
-            outcome = run_poll_batch(
+        # As the tick's jobs would carry them, one job after another.
+        for job in poll_jobs(plan_batches(claimed, worker.settings.batch_size)):
+            outcomes = run_poll_job(
                 worker.sessions,
                 worker.upstream,
                 worker.budget,
-                batch,
+                job,
                 settings=worker.settings,
                 credential=worker.credential,
             )
-            assert outcome.error is None, outcome.error
-            observed += outcome.applied.observed
-            polled.append(batch)
+            for batch, outcome in zip(job, outcomes, strict=True):
+                assert outcome.error is None, outcome.error
+                observed += outcome.applied.observed
+                polled.append(batch)
     return observed, polled, time.perf_counter() - started
 
 
