@@ -9,7 +9,9 @@ import itertools
 import math
 import random
 import re
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,12 @@ from sqlalchemy.orm import Session
 from tests.processes import TrackerProcesses, wait_until
 from tests.sim import SimulatorHandle
 from tracker.budget import DatabaseBudget, credential_key
+from tracker.celery_app import make_celery
 from tracker.clients import create_client
 from tracker.config import Settings, load_settings
 from tracker.db import make_engine, session_factory
 from tracker.demo import free_port
+from tracker.jobs import enqueue_poll_job
 from tracker.models import Task, TaskTransition
 from tracker.polling import (
     PollBatch,
@@ -217,6 +221,51 @@ def test_each_tick_asks_for_each_distinct_id_once(
     with Session(engine) as session:
         running = session.scalars(select(Task.state)).all()
     assert set(running) == {"running"}
+    engine.dispose()
+
+
+def test_a_poll_job_still_queued_when_its_lease_ends_is_discarded_unrun(
+    pg_url: str,
+    broker: str,
+    simulator: SimulatorHandle,
+    processes: list[TrackerProcesses],
+    tmp_path: Path,
+    plain_settings: Settings,
+) -> None:
+    """Workers a lease behind: the job that waited past its lease is discarded by the
+    worker that takes it, unrun (the next tick claims its task again); the job whose
+    lease is still running polls."""
+    seed = {"service": "luma", "outcome": "completed", "duration": 600, "age": 10}
+    late_id, live_id = simulator.seed([seed] * 2)
+    register_all(pg_url, plain_settings, [late_id, live_id])
+    settings = plain_settings.model_copy(update={"poll_interval": 60, "poll_lease": 60})
+    engine = make_engine(pg_url)
+    with session_factory(engine).begin() as session:
+        claims = claim_due_tasks(session, now=utcnow(), limit=10, settings=settings)
+    (batch,) = plan_batches(claims, settings.batch_size)
+    assert batch.seen is not None
+
+    def alone(task_id: str, lease_until: datetime | None) -> PollBatch:
+        seen = {task_id: batch.seen[task_id]} if batch.seen else None
+        return replace(batch, task_ids=(task_id,), lease_until=lease_until, seen=seen)
+
+    app = make_celery(load_settings(broker_url=broker, _env_file=None))
+    enqueue_poll_job([alone(late_id, utcnow() + timedelta(seconds=1))], app)
+    enqueue_poll_job([alone(live_id, batch.lease_until)], app)
+    app.close()
+    requested = simulator.stats()["items_requested"]
+    time.sleep(1.5)  # the first job's lease ends while no worker runs
+    group = TrackerProcesses(tracker_env(pg_url, simulator, broker), tmp_path)
+    processes.append(group)
+    group.worker(concurrency=2)
+
+    def state(task_id: str) -> str:
+        return next(s for (_, t), s in task_states(pg_url).items() if t == task_id)
+
+    wait_until(lambda: state(live_id) == "running", timeout=60, what="the live job polled")
+    wait_until(lambda: "was discarded" in group.logs(), timeout=30, what="the late job discarded")
+    assert simulator.stats()["items_requested"] == requested + 1  # the live id alone
+    assert state(late_id) == "pending"
     engine.dispose()
 
 

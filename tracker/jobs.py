@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_shutting_down
+from celery.signals import task_revoked, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker import metrics
@@ -134,7 +134,9 @@ def dispatch_polls() -> int:
     lease make (`max_waiting_jobs`): the workers are behind, and claims they reach
     only after their lease could be taken again by later ticks, and be dropped unpolled
     by the late job. (Jobs pace themselves on the upstream budget, so a tick's worth
-    or two waiting is the normal course.)
+    or two waiting is the normal course.) A job expires with its lease: a worker that
+    takes it later discards it unread (`_count_expired_poll_job`), since the next tick
+    claims its tasks again.
     """
     ctx = worker_context()
     settings = ctx.settings
@@ -161,8 +163,38 @@ def dispatch_polls() -> int:
         metrics.POLL_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
     batches = plan_batches(claimed, settings.batch_size, probe=rejected_at is not None)
     for job in poll_jobs(batches):
-        poll_batches.apply_async(([_batch_message(batch) for batch in job],))
+        enqueue_poll_job(job)
     return len(batches)
+
+
+def enqueue_poll_job(job: Sequence[PollBatch], app: Celery = celery_app) -> None:
+    """One `poll_batches` message for the batches of one claim, expiring with their lease.
+
+    A job still waiting in the broker when its lease ends is worth nothing: the tick
+    after claims its tasks again (into a job of its own), and taking the job late would
+    cost a thread, a database round trip per batch and budget slots to find that out.
+    Once workers fall a lease behind, such jobs would be all they do, and no task would
+    be polled; discarded unread, they cost the worker a message each, and it spends
+    its time on jobs it can still poll.
+    """
+    leases = [batch.lease_until for batch in job]
+    expires = None if None in leases else max(lease for lease in leases if lease is not None)
+    app.send_task(
+        poll_batches.name, args=([_batch_message(batch) for batch in job],), expires=expires
+    )
+
+
+@task_revoked.connect  # type: ignore[untyped-decorator]
+def _count_expired_poll_job(
+    sender: object = None, request: Any = None, expired: bool = False, **_: object
+) -> None:
+    """Count, and log, a poll job a worker discarded because its lease had ended."""
+    if expired and getattr(sender, "name", None) == poll_batches.name:
+        metrics.POLL_JOBS_EXPIRED.inc()
+        log.warning(
+            "a poll job reached a worker after its lease ended and was discarded; the next "
+            "tick claims its tasks again (workers are behind: add workers if this recurs)"
+        )
 
 
 def polls_waiting(app: Celery) -> int:

@@ -54,6 +54,10 @@ POLL_OBSERVATIONS = Counter(
     "tracker_poll_observations_total",
     "Registrations compared with a poll answer (the answer written only where it changed them).",
 )
+POLL_JOBS_EXPIRED = Counter(
+    "tracker_poll_jobs_expired_total",
+    "Poll jobs a worker took after their lease ended, discarded unrun (workers are behind).",
+)
 POLL_LAG = Histogram(
     "tracker_poll_lag_seconds",
     "How late polls were claimed against their next_poll_at.",
