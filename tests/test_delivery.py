@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
@@ -833,3 +833,49 @@ def test_a_batch_is_sent_at_once_and_a_slow_receiver_does_not_hold_back_the_reco
     assert 2.4 <= time.monotonic() - start < 4.5
     starts = sorted(r.at for r in receiver.requests)
     assert starts[-1] - starts[0] < 0.5  # not one after another
+
+
+def test_2xx_answers_to_rows_still_ours_are_recorded_in_one_statement(
+    engine: Engine, session: Session, settings: Settings, client: NewClient, receiver: Receiver
+) -> None:
+    """An answer read but not yet recorded is sent again if the worker dies: on PostgreSQL
+    the 2xx answers of a batch are recorded in one autocommitted statement (status and
+    attempt row together), before and apart from the transaction the others need."""
+    receiver.script("/retry", Reply(500))
+    ok = [
+        completed_delivery(session, client, settings, receiver.url("/ok"), task_id=f"ok{n}")
+        for n in range(3)
+    ]
+    retry = completed_delivery(session, client, settings, receiver.url("/retry"), task_id="r")
+    statements: list[str] = []
+
+    def remember(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", remember)
+    try:
+        outcomes = attempt_deliveries(engine, [*ok, retry], settings=settings)
+    finally:
+        event.remove(engine, "before_cursor_execute", remember)
+
+    assert [o.status for o in outcomes] == ["succeeded"] * 3 + ["pending"]
+    logging_attempts = [s for s in statements if "INSERT INTO webhook_attempts" in s]
+    settling = [s for s in logging_attempts if "WITH answer AS" in s]
+    if engine.dialect.name == "postgresql":
+        # One statement per group of answers recorded (they come in as they come); only
+        # the 500 goes through the transaction of `record_attempts`.
+        assert settling
+        assert len(logging_attempts) - len(settling) == 1
+    else:
+        assert not settling
+    for delivery_id in ok:
+        delivery, attempts = load(engine, delivery_id)
+        assert (delivery.status, delivery.attempts, delivery.claimed_until) == (
+            "succeeded",
+            1,
+            None,
+        )
+        assert delivery.delivered_at is not None
+        assert [(a.attempt, a.status_code, a.error) for a in attempts] == [(1, 200, None)]
+    delivery, attempts = load(engine, retry)
+    assert (delivery.status, [a.status_code for a in attempts]) == ("pending", [500])

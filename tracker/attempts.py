@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, exists, insert, select, text, update
+from sqlalchemy import ColumnElement, Connection, exists, insert, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from tracker import metrics
@@ -109,6 +109,7 @@ def record_attempts(
     *,
     settings: Settings,
     now: datetime,
+    settled: Sequence[Acknowledged] = (),
 ) -> list[DeliveryOutcome]:
     """Log the attempts; apply the outcome rules to the rows still ours, then free them.
 
@@ -117,56 +118,17 @@ def record_attempts(
     and one update for the whole batch (a statement per set of equal values), and
     a select of the newer events to follow up only when there are some: a
     receiver's answer waits for this record (a worker dying meanwhile makes it a
-    duplicate), so it keeps to few round trips.
+    duplicate), so it keeps to few round trips. `settled`: answers already
+    recorded by `settle_acknowledged`, to count, log and follow up with the others.
     """
-    query = (
-        select(*_ROW_COLUMNS, _newer_event_pending().label("newer_pending"))
-        .where(among_ids([claim.id for claim, _ in answered], session))
-        .order_by(WebhookDelivery.id)  # rows locked in one order: no deadlock between batches
-    )
-    if is_postgresql(session):
-        query = query.with_for_update(of=WebhookDelivery)
-    rows: dict[str, _Row] = {}
-    newer_pending: set[str] = set()  # rows of a task with a newer event pending
-    for *columns, newer in session.execute(query):
-        row = rows[columns[0]] = _Row(*columns)
-        if newer:
-            newer_pending.add(row.id)
-    attempt_rows: list[dict[str, Any]] = []
-    settled: list[_Row] = []
-    recorded: list[tuple[_Row, WebhookAnswer]] = []
+    recorded = [(row, answer) for row, answer, _ in settled]
+    settled_rows = [row for row, _, _ in settled]
+    newer_pending = {row.id for row, _, newer in settled if newer}
     outcomes: list[DeliveryOutcome] = []
-    for claim, answer in answered:
-        delivery = rows.get(claim.id)
-        if delivery is None:  # the task (and its outbox) was deleted meanwhile
-            outcomes.append(DeliveryOutcome(claim.id, attempted=True, error=answer.error))
-            continue
-        delivery.attempts += 1
-        attempt_rows.append(
-            {
-                "delivery_id": delivery.id,
-                "attempt": delivery.attempts,
-                "started_at": answer.started_at,
-                "duration_ms": answer.duration_ms,
-                "status_code": answer.status_code,
-                "response_excerpt": answer.excerpt,
-                "error": answer.error,
-            }
-        )
-        if delivery.claimed_until == claim.lease:
-            delivery.claimed_until = None
-            if delivery.status == DELIVERY_PENDING:
-                _apply_outcome(delivery, answer, settings=settings, now=now)
-            if delivery.status != DELIVERY_PENDING:
-                settled.append(delivery)
-        # Otherwise it was superseded, retried by hand or taken over meanwhile: only logged.
-        delivery.updated_at = now
-        recorded.append((delivery, answer))
-    if recorded:
-        _insert_attempts(session, attempt_rows)
-        _write_rows(session, [delivery for delivery, _ in recorded])
+    if answered:
+        outcomes += _record(session, answered, settings, now, recorded, settled_rows, newer_pending)
     follow_ups = _waiting_newer_events(
-        session, [delivery for delivery in settled if delivery.id in newer_pending], now
+        session, [delivery for delivery in settled_rows if delivery.id in newer_pending], now
     )
     for delivery, answer in recorded:
         log.info(
@@ -194,6 +156,65 @@ def record_attempts(
             )
         )
     return outcomes
+
+
+def _record(
+    session: Session,
+    answered: Sequence[tuple[Claim, WebhookAnswer]],
+    settings: Settings,
+    now: datetime,
+    recorded: list[tuple[_Row, WebhookAnswer]],
+    settled: list[_Row],
+    newer_pending: set[str],
+) -> list[DeliveryOutcome]:
+    """Write the attempts and new states of `answered` under lock; adds to `recorded`,
+    `settled` and `newer_pending`, returns the outcomes of deliveries gone meanwhile."""
+    query = (
+        select(*_ROW_COLUMNS, _newer_event_pending().label("newer_pending"))
+        .where(among_ids([claim.id for claim, _ in answered], session))
+        .order_by(WebhookDelivery.id)  # rows locked in one order: no deadlock between batches
+    )
+    if is_postgresql(session):
+        query = query.with_for_update(of=WebhookDelivery)
+    rows: dict[str, _Row] = {}
+    for *columns, newer in session.execute(query):
+        row = rows[columns[0]] = _Row(*columns)
+        if newer:
+            newer_pending.add(row.id)  # a row of a task with a newer event pending
+    attempt_rows: list[dict[str, Any]] = []
+    gone: list[DeliveryOutcome] = []
+    written: list[_Row] = []
+    for claim, answer in answered:
+        delivery = rows.get(claim.id)
+        if delivery is None:  # the task (and its outbox) was deleted meanwhile
+            gone.append(DeliveryOutcome(claim.id, attempted=True, error=answer.error))
+            continue
+        delivery.attempts += 1
+        attempt_rows.append(
+            {
+                "delivery_id": delivery.id,
+                "attempt": delivery.attempts,
+                "started_at": answer.started_at,
+                "duration_ms": answer.duration_ms,
+                "status_code": answer.status_code,
+                "response_excerpt": answer.excerpt,
+                "error": answer.error,
+            }
+        )
+        if delivery.claimed_until == claim.lease:
+            delivery.claimed_until = None
+            if delivery.status == DELIVERY_PENDING:
+                _apply_outcome(delivery, answer, settings=settings, now=now)
+            if delivery.status != DELIVERY_PENDING:
+                settled.append(delivery)
+        # Otherwise it was superseded, retried by hand or taken over meanwhile: only logged.
+        delivery.updated_at = now
+        recorded.append((delivery, answer))
+        written.append(delivery)
+    if written:
+        _insert_attempts(session, attempt_rows)
+        _write_rows(session, written)
+    return gone
 
 
 def _count_attempt(delivery: _Row, answer: WebhookAnswer, now: datetime) -> None:
@@ -349,3 +370,83 @@ def _fail(delivery: _Row, code: str, message: str) -> None:
     delivery.next_attempt_at = None
     delivery.failure_code = code
     delivery.failure_message = message
+
+
+# A 2xx answer to a delivery still leased by its attempt (nearly every answer), as
+# `settle_acknowledged` reads it back: the row, its answer, and whether a newer event of
+# its task is pending (it may have waited for this one).
+Acknowledged = tuple[_Row, WebhookAnswer, bool]
+
+# The delivery's new state and its attempt log row in one statement, for a batch of
+# answers: rows locked in id order (as `record_attempts` does), only those still pending
+# and leased by the claim that sent them.
+_SETTLE_ACKNOWLEDGED_PG = text(
+    f"""
+    WITH answer AS (
+        SELECT * FROM unnest(
+            CAST(:id AS varchar[]), CAST(:lease AS timestamptz[]),
+            CAST(:started_at AS timestamptz[]), CAST(:duration_ms AS integer[]),
+            CAST(:status_code AS integer[]), CAST(:response_excerpt AS text[])
+        ) AS a(id, lease, started_at, duration_ms, status_code, response_excerpt)
+    ), locked AS (
+        SELECT id FROM webhook_deliveries WHERE id IN (SELECT id FROM answer)
+        ORDER BY id FOR UPDATE
+    ), settled AS (
+        UPDATE webhook_deliveries AS d
+        SET status = :succeeded, attempts = d.attempts + 1, claimed_until = NULL,
+            next_attempt_at = NULL, delivered_at = :now, updated_at = :now,
+            last_status_code = answer.status_code, failure_code = NULL, failure_message = NULL
+        FROM answer
+        WHERE d.id IN (SELECT id FROM locked) AND d.id = answer.id
+          AND d.status = :pending AND d.claimed_until = answer.lease
+        RETURNING {", ".join(f"d.{name}" for name in _Row.__dataclass_fields__)},
+            EXISTS (
+                SELECT 1 FROM webhook_deliveries AS newer
+                WHERE newer.task_row_id = d.task_row_id AND newer.created_at > d.created_at
+                  AND newer.status = :pending
+            ) AS newer_pending
+    ), logged AS (
+        INSERT INTO webhook_attempts ({", ".join(_ATTEMPT_COLUMNS)})
+        SELECT settled.id, settled.attempts, answer.started_at, answer.duration_ms,
+            answer.status_code, answer.response_excerpt, NULL
+        FROM settled JOIN answer ON answer.id = settled.id
+    )
+    SELECT * FROM settled
+    """
+)
+
+
+def settle_acknowledged(
+    connection: Connection, answered: Sequence[tuple[Claim, WebhookAnswer]], *, now: datetime
+) -> list[Acknowledged]:
+    """PostgreSQL: record the 2xx answers to deliveries still leased by their claim in one
+    statement (autocommitted by the caller, a single round trip), ahead of the rest.
+
+    An answer the receiver has given and the worker has read, but not yet recorded, is
+    sent again if the worker dies meanwhile: a duplicate for the receiver. Nearly every
+    answer is a 2xx to a delivery still ours, so this is where that window is kept short;
+    the answers it leaves (errors, a lease taken over) go through `record_attempts`.
+    """
+    acknowledged = [(claim, answer) for claim, answer in answered if answer.succeeded]
+    if not acknowledged:
+        return []
+    answers = {claim.id: answer for claim, answer in acknowledged}
+    rows = connection.execute(
+        _SETTLE_ACKNOWLEDGED_PG,
+        {
+            "id": [claim.id for claim, _ in acknowledged],
+            "lease": [claim.lease for claim, _ in acknowledged],
+            "started_at": [answer.started_at for _, answer in acknowledged],
+            "duration_ms": [answer.duration_ms for _, answer in acknowledged],
+            "status_code": [answer.status_code for _, answer in acknowledged],
+            "response_excerpt": [answer.excerpt for _, answer in acknowledged],
+            "now": now,
+            "succeeded": DELIVERY_SUCCEEDED,
+            "pending": DELIVERY_PENDING,
+        },
+    )
+    settled = []
+    for *columns, newer in rows:
+        row = _Row(*columns)
+        settled.append((row, answers[row.id], bool(newer)))
+    return settled

@@ -9,9 +9,11 @@ database transaction is open while a receiver is slow:
 2. outside any transaction, the process's sending threads each resolve and vet
    a callback host (`tracker.netguard`) and POST the stored payload to the
    vetted address, all requests of the batch at once (`tracker.sender`);
-3. short transactions log the attempts and apply the outcome rules to the rows
-   still ours; a row that changed meanwhile (superseded, retried by hand, lease
-   taken over) only gets its attempt logged (`tracker.attempts`).
+3. the answers are recorded as they come in: on PostgreSQL the 2xx answers to
+   rows still ours in one autocommitted statement (`settle_acknowledged`), the
+   others in a short transaction that applies the outcome rules to the rows still
+   ours; a row that changed meanwhile (superseded, retried by hand, lease taken
+   over) only gets its attempt logged (`tracker.attempts`).
 
 The retry schedule lives on the row (`next_attempt_at`), never in broker
 countdowns. Nothing here knows about Celery.
@@ -24,16 +26,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from datetime import datetime
-from functools import partial
+from functools import lru_cache, partial
 
 import requests
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker.attempts import DeliveryOutcome, record_attempts
+from tracker.attempts import DeliveryOutcome, record_attempts, settle_acknowledged
 from tracker.clients import secrets_in_force
 from tracker.config import Settings
-from tracker.db import retry_while_unreachable
+from tracker.db import is_postgresql, retry_while_unreachable
 from tracker.models import WebhookDelivery
 from tracker.netguard import Resolver
 from tracker.outbox import Claim, among_ids, claim_deliveries, older_event_unsettled
@@ -154,8 +156,31 @@ def _record_answers(
     settings: Settings,
     now_fn: Callable[[], datetime],
 ) -> list[DeliveryOutcome]:
+    """Record the answers: on PostgreSQL, the 2xx answers to rows still ours first, in one
+    autocommitted statement (`settle_acknowledged`); the others in one transaction."""
+    now = now_fn()
+    settled = []
+    autocommit = _autocommit(sessions)
+    if autocommit is not None:
+        with autocommit.connect() as connection:
+            settled = settle_acknowledged(connection, answered, now=now)
+    done = {row.id for row, _, _ in settled}
+    rest = [(claim, answer) for claim, answer in answered if claim.id not in done]
     with _transaction(sessions) as session:
-        return record_attempts(session, answered, settings=settings, now=now_fn())
+        return record_attempts(session, rest, settings=settings, now=now, settled=settled)
+
+
+@lru_cache(maxsize=8)
+def _autocommit_engine(engine: Engine) -> Engine | None:
+    """The engine's autocommit twin on PostgreSQL (same pool); None elsewhere."""
+    if not is_postgresql(engine):
+        return None
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _autocommit(sessions: Sessions) -> Engine | None:
+    engine = sessions if isinstance(sessions, Engine) else sessions.kw.get("bind")
+    return _autocommit_engine(engine) if isinstance(engine, Engine) else None
 
 
 def _not_claimed(session: Session, delivery_ids: list[str], now: datetime) -> list[DeliveryOutcome]:
