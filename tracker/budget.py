@@ -19,10 +19,10 @@ from datetime import datetime, timedelta
 from typing import Protocol, cast
 
 import redis
-from sqlalchemy import Engine, Table, func, or_, select, update
+from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker.db import dialect_insert, is_postgresql
+from tracker.db import autocommit_engine, dialect_insert, is_postgresql
 from tracker.metrics import BUDGET_WAIT
 from tracker.models import UpstreamCredential
 from tracker.timeutil import utcnow
@@ -120,12 +120,7 @@ class DatabaseBudget:
         self.interval = SCHEDULE_MARGIN / rps
         self._now = now
         # PostgreSQL takes a slot in one autocommitted statement (same pool, no session).
-        engine = sessions.kw.get("bind")
-        self._autocommit = (
-            engine.execution_options(isolation_level="AUTOCOMMIT")
-            if isinstance(engine, Engine) and is_postgresql(engine)
-            else None
-        )
+        self._autocommit = autocommit_engine(sessions)
 
     def reserve(self, *, max_wait: float, count: int = 1) -> float:
         wait = self._reserve_in_one_statement(max_wait, count)

@@ -82,6 +82,21 @@ def is_postgresql(engine_or_session: Engine | Session) -> bool:
     return bind.dialect.name == "postgresql"
 
 
+def autocommit_engine(sessions: Engine | sessionmaker[Session]) -> Engine | None:
+    """On PostgreSQL, the autocommit twin of the engine (or of the sessions' engine), on
+    the same pool: a statement that is a whole transaction costs one round trip, no
+    BEGIN or COMMIT. None elsewhere."""
+    engine = sessions if isinstance(sessions, Engine) else sessions.kw.get("bind")
+    return _autocommit_twin(engine) if isinstance(engine, Engine) else None
+
+
+@lru_cache(maxsize=8)
+def _autocommit_twin(engine: Engine) -> Engine | None:
+    if not is_postgresql(engine):
+        return None
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def dialect_insert(session: Session) -> Callable[..., Any]:
     """The INSERT construct of the session's database, which knows `ON CONFLICT`."""
     return pg_insert if is_postgresql(session) else sqlite_insert

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from datetime import datetime
-from functools import lru_cache, partial
+from functools import partial
 
 import requests
 from sqlalchemy import Engine, select
@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tracker.attempts import DeliveryOutcome, record_attempts, settle_acknowledged
 from tracker.clients import secrets_in_force
 from tracker.config import Settings
-from tracker.db import is_postgresql, retry_while_unreachable
+from tracker.db import autocommit_engine, retry_while_unreachable
 from tracker.models import WebhookDelivery
 from tracker.netguard import Resolver
 from tracker.outbox import Claim, among_ids, claim_deliveries, older_event_unsettled
@@ -160,7 +160,7 @@ def _record_answers(
     autocommitted statement (`settle_acknowledged`); the others in one transaction."""
     now = now_fn()
     settled = []
-    autocommit = _autocommit(sessions)
+    autocommit = autocommit_engine(sessions)
     if autocommit is not None:
         with autocommit.connect() as connection:
             settled = settle_acknowledged(connection, answered, now=now)
@@ -168,19 +168,6 @@ def _record_answers(
     rest = [(claim, answer) for claim, answer in answered if claim.id not in done]
     with _transaction(sessions) as session:
         return record_attempts(session, rest, settings=settings, now=now, settled=settled)
-
-
-@lru_cache(maxsize=8)
-def _autocommit_engine(engine: Engine) -> Engine | None:
-    """The engine's autocommit twin on PostgreSQL (same pool); None elsewhere."""
-    if not is_postgresql(engine):
-        return None
-    return engine.execution_options(isolation_level="AUTOCOMMIT")
-
-
-def _autocommit(sessions: Sessions) -> Engine | None:
-    engine = sessions if isinstance(sessions, Engine) else sessions.kw.get("bind")
-    return _autocommit_engine(engine) if isinstance(engine, Engine) else None
 
 
 def _not_claimed(session: Session, delivery_ids: list[str], now: datetime) -> list[DeliveryOutcome]:
