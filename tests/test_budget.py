@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.budget import (
@@ -147,3 +147,30 @@ def test_rejection_is_recorded_once_and_cleared(session: Session) -> None:
     assert clear_rejected(session, key)
     session.commit()
     assert rejected_since(session, key) is None
+
+
+def test_the_database_budget_reserves_after_the_server_dropped_its_connections(
+    postgresql_database_url: str,
+) -> None:
+    """The one-statement reservation runs on a pool without pre-ping: after the server
+    dropped its connections (a restart), that statement fails, and the budget takes the
+    slot in its locking transaction instead, whose pool pings."""
+    engine = make_engine(postgresql_database_url)
+    with engine.begin() as conn:
+        conn.execute(delete(UpstreamCredential))
+    budget = DatabaseBudget(sessionmaker(engine), credential_key("dropped"), rps=20)
+    try:
+        budget.reserve(max_wait=10)  # creates the row
+        budget.reserve(max_wait=10)  # one statement, on a pooled connection
+        with engine.connect() as conn:
+            dropped = conn.scalar(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+        assert dropped
+        wait = budget.reserve(max_wait=10)
+        assert wait == pytest.approx(2 * SCHEDULE_MARGIN / 20, abs=0.1)
+    finally:
+        engine.dispose()

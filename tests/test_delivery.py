@@ -8,29 +8,33 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
+from tests.processes import wait_until
 from tests.receiver import Receiver, Reply
 from tracker.attempts import DeliveryOutcome, next_retry_delay
 from tracker.clients import NewClient, create_client, rotate_secret
 from tracker.config import Settings
-from tracker.delivery import attempt_deliveries, attempt_delivery
+from tracker.db import autocommit_engine
+from tracker.delivery import Settler, attempt_deliveries, attempt_delivery
 from tracker.errors import Conflict, DeliveryNotFound
 from tracker.history import record_transition
 from tracker.models import Task, WebhookAttempt, WebhookDelivery
-from tracker.outbox import claim_delivery, due_delivery_ids, redeliver
+from tracker.outbox import claim_deliveries, claim_delivery, due_delivery_ids, redeliver
 from tracker.registry import register_task
 from tracker.schemas import TaskRegistration
-from tracker.sender import new_http_session
+from tracker.sender import WebhookAnswer, new_http_session
 from tracker.timeutil import utcnow
 
 
@@ -852,11 +856,14 @@ def test_2xx_answers_to_rows_still_ours_are_recorded_in_one_statement(
     def remember(conn: object, cursor: object, statement: str, *args: object) -> None:
         statements.append(statement)
 
-    event.listen(engine, "before_cursor_execute", remember)
+    engines = [engine, *filter(None, [autocommit_engine(engine)])]
+    for each in engines:
+        event.listen(each, "before_cursor_execute", remember)
     try:
         outcomes = attempt_deliveries(engine, [*ok, retry], settings=settings)
     finally:
-        event.remove(engine, "before_cursor_execute", remember)
+        for each in engines:
+            event.remove(each, "before_cursor_execute", remember)
 
     assert [o.status for o in outcomes] == ["succeeded"] * 3 + ["pending"]
     logging_attempts = [s for s in statements if "INSERT INTO webhook_attempts" in s]
@@ -879,3 +886,68 @@ def test_2xx_answers_to_rows_still_ours_are_recorded_in_one_statement(
         assert [(a.attempt, a.status_code, a.error) for a in attempts] == [(1, 200, None)]
     delivery, attempts = load(engine, retry)
     assert (delivery.status, [a.status_code for a in attempts]) == ("pending", [500])
+
+
+def test_the_thread_that_reads_a_2xx_answer_records_it_with_those_that_came_meanwhile(
+    engine: Engine, session: Session, settings: Settings, client: NewClient, receiver: Receiver
+) -> None:
+    """A worker killed between reading an acknowledgement and recording it makes a duplicate:
+    on PostgreSQL the sending thread records its 2xx answer itself, at once; while a
+    statement of the batch is in flight it hands the answer over and goes on, and the
+    thread in flight records every answer handed over in one more statement."""
+    if engine.dialect.name != "postgresql":
+        return  # SQLite: the job's thread records every answer, in one transaction
+    ids = [
+        completed_delivery(session, client, settings, receiver.url(), task_id=f"t{n}")
+        for n in range(3)
+    ]
+    with Session(engine) as claiming, claiming.begin():
+        first, second, third = claim_deliveries(claiming, ids, now=utcnow(), lease_seconds=30)
+    answer = WebhookAnswer(utcnow(), duration_ms=5, status_code=200, excerpt="ok")
+    autocommit = autocommit_engine(engine)
+    assert autocommit is not None
+    recorded_ids: list[list[str]] = []
+
+    def remember(conn: object, cursor: object, statement: str, parameters: Any, *_: object) -> None:
+        if "WITH answer AS" in statement:
+            recorded_ids.append(parameters["id"])
+
+    settler = Settler(autocommit, utcnow)
+    event.listen(autocommit, "before_cursor_execute", remember)
+    try:
+        with Session(engine) as holder, holder.begin():
+            holder.execute(
+                select(WebhookDelivery.id).where(WebhookDelivery.id == first.id).with_for_update()
+            )
+            in_flight = threading.Thread(target=settler.settle, args=(first, answer))
+            in_flight.start()
+            wait_until(
+                lambda: _waiting_for_a_lock(engine), timeout=10, interval=0.02, what="a lock wait"
+            )
+            settler.settle(second, answer)  # returns at once: handed over
+            settler.settle(third, answer)
+            assert load(engine, second.id)[0].status == "pending"
+        in_flight.join(timeout=10)
+    finally:
+        event.remove(autocommit, "before_cursor_execute", remember)
+
+    assert not in_flight.is_alive()
+    assert recorded_ids == [[first.id], [second.id, third.id]]
+    for claim in (first, second, third):
+        outcome = settler.recorded(claim.id)
+        assert outcome is not None
+        assert outcome[0].status == "succeeded"
+        delivery, attempts = load(engine, claim.id)
+        assert (delivery.status, [a.status_code for a in attempts]) == ("succeeded", [200])
+
+
+def _waiting_for_a_lock(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        return bool(
+            connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            )
+        )

@@ -20,6 +20,7 @@ from typing import Protocol, cast
 
 import redis
 from sqlalchemy import Table, func, or_, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.db import autocommit_engine, dialect_insert, is_postgresql
@@ -119,7 +120,7 @@ class DatabaseBudget:
         self._key = key
         self.interval = SCHEDULE_MARGIN / rps
         self._now = now
-        # PostgreSQL takes a slot in one autocommitted statement (same pool, no session).
+        # PostgreSQL takes a slot in one autocommitted statement (no session).
         self._autocommit = autocommit_engine(sessions)
 
     def reserve(self, *, max_wait: float, count: int = 1) -> float:
@@ -145,25 +146,31 @@ class DatabaseBudget:
     def _reserve_in_one_statement(self, max_wait: float, count: int) -> float | None:
         """PostgreSQL: take the next slot with one autocommitted UPDATE, the common case.
 
-        None when the row does not exist yet, the token is paused or the slot is too
-        far out: the locking transaction above then decides (and says why).
+        None when the row does not exist yet, the token is paused, the slot is too far
+        out or the statement failed (a connection the server dropped): the locking
+        transaction above then decides (and says why).
         """
         if self._autocommit is None:
             return None
         now = self._now()
         reserved = timedelta(seconds=self.interval * count)
         credential = _CREDENTIALS.c
-        with self._autocommit.connect() as connection:
-            slot: datetime | None = connection.scalar(
-                update(_CREDENTIALS)
-                .where(
-                    credential.key == self._key,
-                    or_(credential.paused_until.is_(None), credential.paused_until <= now),
-                    credential.next_request_at <= now + timedelta(seconds=max_wait),
+        try:
+            with self._autocommit.connect() as connection:
+                slot: datetime | None = connection.scalar(
+                    update(_CREDENTIALS)
+                    .where(
+                        credential.key == self._key,
+                        or_(credential.paused_until.is_(None), credential.paused_until <= now),
+                        credential.next_request_at <= now + timedelta(seconds=max_wait),
+                    )
+                    .values(
+                        next_request_at=func.greatest(credential.next_request_at, now) + reserved
+                    )
+                    .returning(credential.next_request_at)
                 )
-                .values(next_request_at=func.greatest(credential.next_request_at, now) + reserved)
-                .returning(credential.next_request_at)
-            )
+        except DBAPIError:
+            return None
         if slot is None:
             return None
         return max(0.0, (slot - reserved - now).total_seconds())

@@ -83,9 +83,15 @@ def is_postgresql(engine_or_session: Engine | Session) -> bool:
 
 
 def autocommit_engine(sessions: Engine | sessionmaker[Session]) -> Engine | None:
-    """On PostgreSQL, the autocommit twin of the engine (or of the sessions' engine), on
-    the same pool: a statement that is a whole transaction costs one round trip, no
-    BEGIN or COMMIT. None elsewhere."""
+    """On PostgreSQL, an engine for the hot paths whose work is one statement: autocommit,
+    and no ping when a connection is taken from its pool, so the statement is the one
+    round trip (no BEGIN, COMMIT or `SELECT 1`). None elsewhere.
+
+    Its pool is its own, as large as a default engine's. Without the ping, a statement
+    on a connection the server has dropped (a restart) fails with `OperationalError`
+    and the pool is renewed: callers keep a way on, such as a transaction on the
+    engine itself (which pings) or a retry.
+    """
     engine = sessions if isinstance(sessions, Engine) else sessions.kw.get("bind")
     return _autocommit_twin(engine) if isinstance(engine, Engine) else None
 
@@ -94,7 +100,8 @@ def autocommit_engine(sessions: Engine | sessionmaker[Session]) -> Engine | None
 def _autocommit_twin(engine: Engine) -> Engine | None:
     if not is_postgresql(engine):
         return None
-    return engine.execution_options(isolation_level="AUTOCOMMIT")
+    url = engine.url.render_as_string(hide_password=False)
+    return make_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=False)
 
 
 def dialect_insert(session: Session) -> Callable[..., Any]:

@@ -9,10 +9,11 @@ database transaction is open while a receiver is slow:
 2. outside any transaction, the process's sending threads each resolve and vet
    a callback host (`tracker.netguard`) and POST the stored payload to the
    vetted address, all requests of the batch at once (`tracker.sender`);
-3. the answers are recorded as they come in: on PostgreSQL the 2xx answers to
-   rows still ours in one autocommitted statement (`settle_acknowledged`), the
-   others in a short transaction that applies the outcome rules to the rows still
-   ours; a row that changed meanwhile (superseded, retried by hand, lease taken
+3. the answers are recorded as they come in: on PostgreSQL, a 2xx answer to a row
+   still ours by the sending thread that read it, with any others waiting, in one
+   autocommitted statement (`Settler`, `settle_acknowledged`); the others by the
+   job's thread, in a short transaction that applies the outcome rules to the rows
+   still ours; a row that changed meanwhile (superseded, retried by hand, lease taken
    over) only gets its attempt logged (`tracker.attempts`).
 
 The retry schedule lives on the row (`next_attempt_at`), never in broker
@@ -21,18 +22,26 @@ countdowns. Nothing here knows about Celery.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 import requests
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker.attempts import DeliveryOutcome, record_attempts, settle_acknowledged
+from tracker.attempts import (
+    Acknowledged,
+    DeliveryOutcome,
+    record_attempts,
+    settle_acknowledged,
+)
 from tracker.clients import secrets_in_force
 from tracker.config import Settings
 from tracker.db import autocommit_engine, retry_while_unreachable
@@ -86,9 +95,9 @@ def attempt_deliveries(
     A short transaction claims the batch and reads the payloads and the
     clients' secrets; the requests then go out at once from the process's
     sending threads (`tracker.sender.send_pool`), outside any transaction; the
-    answers are recorded as they come in (those in together in one transaction),
-    so neither a slow receiver nor a dying worker holds back the record of the
-    others. Safe to call twice for the same ids at once (a duplicated job): the
+    answers are recorded as they come in (a 2xx by the thread that read it, on
+    PostgreSQL), so neither a slow receiver nor a dying worker holds back the
+    record of the others. Safe to call twice for the same ids at once (a duplicated job): the
     lease lets one call send, the other returns `attempted=False`.
     """
     ids = list(dict.fromkeys(delivery_ids))
@@ -104,20 +113,19 @@ def attempt_deliveries(
         secrets = secrets_in_force(session, {claim.client_id for claim in claims}, now=now)
 
     pool = send_pool()
+    autocommit = autocommit_engine(sessions)
+    settler = None if autocommit is None else Settler(autocommit, now_fn)
+    send = partial(
+        _send_and_settle,
+        settler=settler,
+        timeout=settings.webhook_timeout,
+        allow_private=settings.webhook_allow_private,
+        http=http,
+        resolver=resolver,
+        now_fn=now_fn,
+    )
     sending = {
-        pool.submit(
-            send_webhook,
-            claim.callback_url,
-            claim.id,
-            claim.payload,
-            secrets.get(claim.client_id, ()),
-            timeout=settings.webhook_timeout,
-            allow_private=settings.webhook_allow_private,
-            http=http,
-            resolver=resolver,
-            now_fn=now_fn,
-        ): claim
-        for claim in claims
+        pool.submit(send, claim, secrets.get(claim.client_id, ())): claim for claim in claims
     }
     unsent: BaseException | None = None
     waiting: set[Future[WebhookAnswer]] = set(sending)
@@ -125,14 +133,21 @@ def attempt_deliveries(
         # Every answer in so far, recorded at once: an answer acknowledged but not yet
         # recorded is sent again if the worker dies, so none waits for the others.
         done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-        answered = []
+        answered, settled = [], []
         for future in done:
             error = future.exception()
-            if error is None:
-                answered.append((sending[future], future.result()))
-            else:  # a bug, not a receiver's answer: its lease expires and it is tried again
+            if error is not None:  # a bug, not a receiver's answer: its lease expires, tried again
                 unsent = unsent or error
-        if answered:
+                continue
+            claim, answer = sending[future], future.result()
+            acknowledged = None
+            if settler is not None and answer.succeeded:
+                acknowledged = settler.recorded(claim.id)
+            if acknowledged is None:
+                answered.append((claim, answer))
+            else:
+                settled.append(acknowledged)
+        if answered or settled:
             # The receivers have answered: if the database is away (restarting), wait for
             # it rather than lose the answers, each of which would be sent again once its
             # lease expires (a duplicate for the receiver). Past the lease too: while the
@@ -140,7 +155,7 @@ def attempt_deliveries(
             # after someone has is only logged (`record_attempts`). One more lease at
             # most, so that no thread waits for ever.
             recorded = retry_while_unreachable(
-                partial(_record_answers, sessions, answered, settings, now_fn),
+                partial(_record_answers, sessions, answered, settled, settings, now_fn),
                 deadline=lease_ends + settings.webhook_lease,
                 what="recording webhook answers",
             )
@@ -150,20 +165,111 @@ def attempt_deliveries(
     return [outcomes[delivery_id] for delivery_id in ids]
 
 
+class Settler:
+    """Records a batch's 2xx answers from the sending threads that read them (PostgreSQL).
+
+    Between reading an acknowledgement and recording it, a worker's death makes the
+    webhook a duplicate, so that window is kept to the statement in flight and the
+    next: the first sending thread with an answer to find no statement of the batch in
+    flight records every answer waiting (`settle_acknowledged`, one autocommitted
+    statement), its own included, then those that came in meanwhile, until none is
+    left; the others hand theirs over and go on sending. No wait for the job's thread
+    to wake, nor for the record of the answers before. The job's thread collects what
+    each came to (`recorded`) and handles the rest (a row taken over meanwhile, the
+    database away).
+    """
+
+    def __init__(self, engine: Engine, now_fn: Callable[[], datetime]) -> None:
+        self._engine = engine
+        self._now_fn = now_fn
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
+        self._waiting: list[tuple[Claim, WebhookAnswer]] = []
+        self._in_flight = False
+        self._outcomes: dict[str, Acknowledged | None] = {}
+
+    def settle(self, claim: Claim, answer: WebhookAnswer) -> None:
+        """Record one 2xx answer: now, with those waiting, or right after the statement in
+        flight, by the thread that sent it."""
+        with self._lock:
+            self._waiting.append((claim, answer))
+            if self._in_flight:
+                return
+            self._in_flight = True
+        batch: list[tuple[Claim, WebhookAnswer]] = []
+        try:
+            while batch := self._take_waiting():
+                acknowledged = self._record(batch)
+                self._publish(batch, acknowledged)
+        except BaseException:  # a bug: what was not recorded is left to the job's thread
+            with self._lock:
+                batch, self._waiting, self._in_flight = batch + self._waiting, [], False
+            self._publish(batch, [])
+            raise
+
+    def _take_waiting(self) -> list[tuple[Claim, WebhookAnswer]]:
+        with self._lock:
+            batch, self._waiting = self._waiting, []
+            self._in_flight = bool(batch)
+            return batch
+
+    def _publish(
+        self, batch: list[tuple[Claim, WebhookAnswer]], acknowledged: list[Acknowledged]
+    ) -> None:
+        settled = {entry[0].id: entry for entry in acknowledged}
+        with self._lock:
+            self._outcomes.update((claim.id, settled.get(claim.id)) for claim, _ in batch)
+            self._settled.notify_all()
+
+    def recorded(self, claim_id: str) -> Acknowledged | None:
+        """What the answer to `claim_id`, handed to `settle`, came to once recorded; None if
+        it was not (the row is not ours any more, or the database is away)."""
+        with self._lock:
+            self._settled.wait_for(lambda: claim_id in self._outcomes)
+            return self._outcomes.pop(claim_id)
+
+    def _record(self, batch: list[tuple[Claim, WebhookAnswer]]) -> list[Acknowledged]:
+        try:
+            with self._engine.connect() as connection:
+                return settle_acknowledged(connection, batch, now=self._now_fn())
+        except DBAPIError:  # the database is away: the job's thread waits for it and records
+            return []
+
+
+def _send_and_settle(
+    claim: Claim,
+    secrets: Sequence[str],
+    *,
+    settler: Settler | None,
+    now_fn: Callable[[], datetime],
+    **request: Any,
+) -> WebhookAnswer:
+    """Send one webhook; a 2xx answer goes to `settler` at once, from this thread."""
+    answer = send_webhook(
+        claim.callback_url, claim.id, claim.payload, secrets, now_fn=now_fn, **request
+    )
+    if settler is not None and answer.succeeded:
+        settler.settle(claim, answer)
+    return answer
+
+
 def _record_answers(
     sessions: Sessions,
     answered: Sequence[tuple[Claim, WebhookAnswer]],
+    settled: Sequence[Acknowledged],
     settings: Settings,
     now_fn: Callable[[], datetime],
 ) -> list[DeliveryOutcome]:
-    """Record the answers: on PostgreSQL, the 2xx answers to rows still ours first, in one
-    autocommitted statement (`settle_acknowledged`); the others in one transaction."""
+    """Record the answers not recorded yet, then count, log and follow up all of them
+    (`settled`: those the sending threads recorded). On PostgreSQL, the 2xx answers to
+    rows still ours go first, in one autocommitted statement (`settle_acknowledged`);
+    the others in one transaction."""
     now = now_fn()
-    settled = []
+    settled = list(settled)
     autocommit = autocommit_engine(sessions)
-    if autocommit is not None:
+    if autocommit is not None and answered:
         with autocommit.connect() as connection:
-            settled = settle_acknowledged(connection, answered, now=now)
+            settled += settle_acknowledged(connection, answered, now=now)
     done = {row.id for row, _, _ in settled}
     rest = [(claim, answer) for claim, answer in answered if claim.id not in done]
     with _transaction(sessions) as session:
