@@ -7,9 +7,13 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy import Engine
+from sqlalchemy.pool import QueuePool
 from typer.testing import CliRunner
 
 from tracker.cli import app
+from tracker.db import autocommit_engine, make_engine
+from tracker.roles import DEFAULT_CONCURRENCY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,3 +83,24 @@ def test_dockerfile_installs_the_package_and_runs_the_cli() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "pip install ." in dockerfile
     assert 'ENTRYPOINT ["tracker"]' in dockerfile
+
+
+def _peak_connections(engine: Engine) -> int:
+    pool = engine.pool
+    assert isinstance(pool, QueuePool)
+    return pool.size() + pool._max_overflow
+
+
+def test_postgresql_has_room_for_four_workers_the_api_and_beat_at_their_peaks(
+    compose: dict[str, Any],
+) -> None:
+    command = compose["services"]["postgres"]["command"]
+    (setting,) = [arg for arg in command if arg.startswith("max_connections=")]
+    max_connections = int(setting.split("=", 1)[1])
+    url = "postgresql://tracker@postgres/tracker"  # engines connect lazily: none is opened
+    jobs = make_engine(url, pool_size=DEFAULT_CONCURRENCY)  # `tracker.jobs.worker_context`
+    single_statements = autocommit_engine(jobs)
+    assert single_statements is not None
+    worker = _peak_connections(jobs) + _peak_connections(single_statements)
+    api = beat = _peak_connections(make_engine(url))
+    assert max_connections >= 4 * worker + api + beat, (max_connections, worker, api)
