@@ -20,7 +20,7 @@ from typing import Protocol, cast
 
 import redis
 from sqlalchemy import Table, func, or_, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.db import autocommit_engine, dialect_insert, is_postgresql
@@ -169,7 +169,7 @@ class DatabaseBudget:
                     )
                     .returning(credential.next_request_at)
                 )
-        except DBAPIError:
+        except OperationalError:  # a connection the server dropped
             return None
         if slot is None:
             return None

@@ -33,7 +33,7 @@ from typing import Any
 
 import requests
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.attempts import (
@@ -232,7 +232,7 @@ class Settler:
         try:
             with self._engine.connect() as connection:
                 return settle_acknowledged(connection, batch, now=self._now_fn())
-        except DBAPIError:  # the database is away: the job's thread waits for it and records
+        except OperationalError:  # the database is away: the job's thread waits for it and records
             return []
 
 
