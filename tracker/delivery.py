@@ -97,8 +97,8 @@ def attempt_deliveries(
     sending threads (`tracker.sender.send_pool`), outside any transaction; the
     answers are recorded as they come in (a 2xx by the thread that read it, on
     PostgreSQL), so neither a slow receiver nor a dying worker holds back the
-    record of the others. Safe to call twice for the same ids at once (a duplicated job): the
-    lease lets one call send, the other returns `attempted=False`.
+    record of the others. Safe to call twice for the same ids at once (a duplicated
+    job): the lease lets one call send, the other returns `attempted=False`.
     """
     ids = list(dict.fromkeys(delivery_ids))
     with _transaction(sessions) as session:
@@ -130,8 +130,9 @@ def attempt_deliveries(
     unsent: BaseException | None = None
     waiting: set[Future[WebhookAnswer]] = set(sending)
     while waiting:
-        # Every answer in so far, recorded at once: an answer acknowledged but not yet
-        # recorded is sent again if the worker dies, so none waits for the others.
+        # Every answer in so far, recorded at once (the 2xx ones by their sending threads
+        # already): an answer acknowledged but not yet recorded is sent again if the
+        # worker dies, so none waits for the others.
         done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
         answered, settled = [], []
         for future in done:
