@@ -1,7 +1,7 @@
 """What every benchmark of the suite shares: a private database, seeding, helper processes, figures.
 
 The database conventions are `bench/list_pages.py`'s: a fresh PostgreSQL database
-created and migrated with `tracker.migrate.upgrade`, filled with COPY, dropped
+created and migrated with `tracker.db.migrate.upgrade`, filled with COPY, dropped
 afterwards. The simulator and the webhook receiver run in processes of their
 own, so they do not share the measured process's interpreter lock.
 """
@@ -29,8 +29,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.list_pages import SCHEDULE_NEW_TASKS, private_database
-from tracker.clients import create_client
-from tracker.timeutil import utcnow
+from tracker.clock import utcnow
+from tracker.tracking.clients import create_client
 
 __all__ = ["Figure", "private_database", "receiver_process", "seed_tasks", "simulator_process"]
 
@@ -120,7 +120,7 @@ def _role(pid: int, command: str) -> str:
     for role, marks in [
         ("postgres", ("postgres",)),
         ("redis", ("redis-server",)),
-        ("worker", ("tracker worker", "tracker.roles worker")),
+        ("worker", ("tracker worker", "tracker.worker.roles worker")),
         ("simulator", ("simulator",)),
     ]:
         if any(mark in command for mark in marks):

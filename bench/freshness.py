@@ -39,7 +39,7 @@ from bench.roles import (
     worker_and_beat,
 )
 from tracker.config import Settings
-from tracker.db import make_engine
+from tracker.db.engine import make_engine
 
 DRAIN = 60.0  # seconds allowed after the last settle for the last webhooks
 RUNNING_AGE = 10.0  # seeded tasks were created upstream this long ago: running already

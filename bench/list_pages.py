@@ -36,10 +36,10 @@ import requests
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker import migrate
-from tracker.clients import NewClient, create_client
-from tracker.db import make_engine
-from tracker.queries import list_tasks, task_resource
+from tracker.db import migrate
+from tracker.db.engine import make_engine
+from tracker.db.queries import list_tasks, task_resource
+from tracker.tracking.clients import NewClient, create_client
 
 ADMIN_URL = os.environ.get(
     "TRACKER_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"

@@ -1,7 +1,7 @@
 """Real tracker roles for the end-to-end benchmarks: worker, beat and API processes, their RSS.
 
 The worker and the beat run as `tracker worker` / `tracker beat` children of a
-`tracker.roles.Supervisor`, configured only through `TRACKER_*` variables, with
+`tracker.worker.roles.Supervisor`, configured only through `TRACKER_*` variables, with
 a Redis database of their own as broker (`TRACKER_BENCH_BROKER_URL`, default
 `redis://127.0.0.1:6379/7`; emptied before each run). Peak memory is the
 kernel's high-water mark (VmHWM in /proc/PID/status) of each process; children
@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench.common import receiver_subprocess
 from tracker.api.tasks import MAX_BATCH
-from tracker.clients import create_client
-from tracker.roles import Supervisor
+from tracker.tracking.clients import create_client
+from tracker.worker.roles import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_URL = os.environ.get("TRACKER_BENCH_BROKER_URL", "redis://127.0.0.1:6379/7")

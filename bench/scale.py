@@ -57,7 +57,7 @@ from bench.roles import (
     wait_for,
     worker_and_beat,
 )
-from tracker.db import make_engine
+from tracker.db.engine import make_engine
 
 TARGET_RSS_MB = 300.0
 TARGET_P99_MS = 50.0

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from tests.faults import FaultRig, Repeating
 from tests.sim import SimulatorHandle
-from tracker.simulator import serving_in_thread
+from tracker.devtools.simulator import serving_in_thread
 
 # Durations as the issue states them; leases and retries at production-like scale.
 SOAK_ENV = {

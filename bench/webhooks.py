@@ -4,7 +4,7 @@ Due outbox rows are seeded with COPY (one completed task each, a realistic
 payload). The measured path is the worker's: the due ids are cut into the
 batches the doorbells carry (`delivery_batches`), and `attempt_deliveries`,
 what the `deliver` job calls, runs on them from as many threads as a worker
-has by default (`tracker.roles.DEFAULT_CONCURRENCY`), on an engine with the
+has by default (`tracker.worker.roles.DEFAULT_CONCURRENCY`), on an engine with the
 worker's pool settings, sending from the process's sending threads and pooled
 HTTP session, logging each attempt as a worker does (to /dev/null). The floor
 posts the same signed payloads from one plain `requests.Session`, one after
@@ -37,16 +37,16 @@ from bench.common import (
     seed_clients,
     seed_tasks,
 )
-from tracker.attempts import DeliveryOutcome
+from tracker.clock import utcnow
 from tracker.config import Settings, load_settings
-from tracker.db import make_engine
-from tracker.delivery import attempt_deliveries
-from tracker.logs import JsonFormatter, SecretMask
-from tracker.models import WebhookDelivery, WebhookSecret
-from tracker.outbox import delivery_batches, due_delivery_ids
-from tracker.roles import DEFAULT_CONCURRENCY
-from tracker.signing import webhook_headers
-from tracker.timeutil import utcnow
+from tracker.db.engine import make_engine
+from tracker.db.models import WebhookDelivery, WebhookSecret
+from tracker.delivery.attempt import attempt_deliveries
+from tracker.delivery.outbox import delivery_batches, due_delivery_ids
+from tracker.delivery.outcome import DeliveryOutcome
+from tracker.delivery.signing import webhook_headers
+from tracker.observability.logs import JsonFormatter, SecretMask
+from tracker.worker.roles import DEFAULT_CONCURRENCY
 
 THREADS = DEFAULT_CONCURRENCY  # a worker's threads, each running `deliver` jobs
 PROFILED = 2000  # deliveries attempted batch after batch under cProfile
@@ -216,7 +216,7 @@ def webhook_throughput(
 ) -> tuple[list[Figure], str]:
     """Benchmark 3: figures, and the profile text of the attempts."""
     settings = load_settings(database_url=db_url, webhook_allow_private=True, _env_file=None)
-    engine = make_engine(db_url)  # the worker's pool settings (`tracker.db.get_engine`)
+    engine = make_engine(db_url)  # the worker's pool settings (`tracker.db.engine.get_engine`)
     sessions = sessionmaker(bind=engine, expire_on_commit=False)
     try:
         seed_deliveries(db_url, sessions, hook, count)

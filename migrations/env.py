@@ -6,8 +6,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from tracker.config import get_settings
-from tracker.db import make_engine
-from tracker.models import Base
+from tracker.db.engine import make_engine
+from tracker.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -21,12 +21,12 @@ from sqlalchemy.orm import Session
 
 from tests.receiver import Receiver
 from tests.sim import SimulatorHandle
-from tracker import migrate
-from tracker.clients import NewClient, create_client
 from tracker.config import Settings, load_settings
-from tracker.db import make_engine
-from tracker.models import Base
-from tracker.simulator import serving_in_thread
+from tracker.db import migrate
+from tracker.db.engine import make_engine
+from tracker.db.models import Base
+from tracker.devtools.simulator import serving_in_thread
+from tracker.tracking.clients import NewClient, create_client
 
 PG_ADMIN_URL = os.environ.get(
     "TRACKER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"

@@ -59,20 +59,20 @@ from standardwebhooks.webhooks import Webhook
 from tests.processes import TrackerProcesses, wait_until
 from tests.receiver import Received, Receiver, Reply
 from tests.sim import SimulatorHandle
-from tracker import migrate
-from tracker.clients import NewClient, create_client
 from tracker.config import load_settings
-from tracker.db import make_engine
-from tracker.demo import free_port
-from tracker.models import Task, TaskTransition, WebhookAttempt, WebhookDelivery
-from tracker.registry import register_task
-from tracker.schemas import TaskRegistration
+from tracker.db import migrate
+from tracker.db.engine import make_engine
+from tracker.db.models import Task, TaskTransition, WebhookAttempt, WebhookDelivery
+from tracker.devtools.demo import free_port
 from tracker.states import (
     DELIVERY_SUCCEEDED,
     EVENT_FOR_STATE,
     TERMINAL_STATES,
     can_transition,
 )
+from tracker.tracking.clients import NewClient, create_client
+from tracker.tracking.registration import register_task
+from tracker.tracking.schemas import TaskRegistration
 
 MAX_DUPLICATE_SHARE = 0.01
 UPSTREAM_TOKEN = "fault-token-0123456789abcdef"

@@ -7,10 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from tracker.history import new_delivery_id, record_transition, webhook_payload
-from tracker.models import Client, Task, WebhookAttempt, WebhookDelivery
-from tracker.registry import register_task
-from tracker.schemas import TaskRegistration
+from tracker.db.models import Client, Task, WebhookAttempt, WebhookDelivery
 from tracker.states import (
     COMPLETED,
     DELIVERY_FAILED,
@@ -20,6 +17,9 @@ from tracker.states import (
     RUNNING,
     Failure,
 )
+from tracker.tracking.registration import register_task
+from tracker.tracking.schemas import TaskRegistration
+from tracker.tracking.transitions import new_delivery_id, record_transition, webhook_payload
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -32,7 +32,7 @@ class SimulatorHandle:
         self._http.mount("http://", HTTPAdapter(max_retries=Retry(total=3, backoff_factor=0.1)))
 
     def configure(self, **knobs: Any) -> dict[str, Any]:
-        """Change knobs (fields of `tracker.simulator.SimulatorConfig`); the knobs in force."""
+        """Change knobs (fields of `SimulatorConfig`); the knobs in force."""
         return self._call("PUT", "/_sim/config", knobs)
 
     def seed(self, tasks: list[dict[str, Any]]) -> list[str]:

@@ -11,8 +11,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from tests.history_factory import T0, add_delivery, add_task
-from tracker.clients import NewClient, create_client
-from tracker.models import WebhookDelivery
+from tracker.db.models import WebhookDelivery
+from tracker.tracking.clients import NewClient, create_client
 
 
 @pytest.fixture

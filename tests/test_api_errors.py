@@ -16,8 +16,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tracker.api import create_app
 from tracker.api import tasks as tasks_routes
-from tracker.clients import NewClient
 from tracker.config import Settings
+from tracker.tracking.clients import NewClient
 
 V1_ROUTES = [
     ("POST", "/v1/tasks"),
@@ -188,7 +188,7 @@ def test_an_unexpected_failure_answers_500_without_a_stack_trace_and_logs_the_tr
 
 def test_a_database_that_cannot_be_reached_answers_503_to_be_retried(settings: Settings) -> None:
     """PostgreSQL restarting or down (the fault suite does both) is no reason for a 500."""
-    from tracker.demo import free_port
+    from tracker.devtools.demo import free_port
 
     nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/gone"
     api = TestClient(create_app(settings.model_copy(update={"database_url": nowhere})))

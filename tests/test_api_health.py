@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from tracker.api import create_app
-from tracker.budget import credential_key
 from tracker.config import Settings
-from tracker.models import UpstreamCredential
+from tracker.db.models import UpstreamCredential
+from tracker.upstream.budget import credential_key
 
 
 def ready_app(settings: Settings, broker_url: str) -> TestClient:

@@ -13,11 +13,11 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tests.history_factory import T0, add_delivery, add_task
-from tracker.clients import NewClient, create_client
 from tracker.config import Settings
-from tracker.models import Task, WebhookDelivery
-from tracker.registry import register_task
-from tracker.schemas import TaskRegistration
+from tracker.db.models import Task, WebhookDelivery
+from tracker.tracking.clients import NewClient, create_client
+from tracker.tracking.registration import register_task
+from tracker.tracking.schemas import TaskRegistration
 
 HOOK = "https://hooks.example.com/tracker"
 

@@ -10,7 +10,10 @@ import pytest
 from sqlalchemy import delete, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker.budget import (
+from tracker.clock import utcnow
+from tracker.db.engine import make_engine
+from tracker.db.models import UpstreamCredential
+from tracker.upstream.budget import (
     SCHEDULE_MARGIN,
     Budget,
     BudgetUnavailable,
@@ -23,9 +26,6 @@ from tracker.budget import (
     slots_ahead,
     wait_for_slot,
 )
-from tracker.db import make_engine
-from tracker.models import UpstreamCredential
-from tracker.timeutil import utcnow
 
 
 @pytest.fixture(params=["redis", "sqlite", "postgresql"])

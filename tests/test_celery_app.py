@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tracker.celery_app import make_celery
 from tracker.config import load_settings
+from tracker.worker.app import make_celery
 
 
 def test_beat_dispatches_every_second_so_polls_spread_over_the_poll_interval() -> None:

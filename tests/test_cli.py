@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner, Result
 
 from tests.history_factory import T0, add_delivery, add_task
-from tracker import db
-from tracker.cli import app
-from tracker.clients import NewClient, create_client
+from tracker.cli.app import app
 from tracker.config import get_settings
+from tracker.db import engine as db
+from tracker.tracking.clients import NewClient, create_client
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_tracker_api_serves_the_app_on_the_configured_address(
 
     served: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
-    monkeypatch.setattr("tracker.logs.configure_logging", lambda *_a, **_k: None)
+    monkeypatch.setattr("tracker.observability.logs.configure_logging", lambda *_a, **_k: None)
 
     printed = run(shell, "api", *args)
 

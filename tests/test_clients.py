@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
-from tracker.clients import KeyCache, NewClient, authenticate, create_client
+from tracker.tracking.clients import KeyCache, NewClient, authenticate, create_client
 
 HOOK = "https://hooks.example.com/tracker"
 

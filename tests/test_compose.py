@@ -11,9 +11,9 @@ from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 from typer.testing import CliRunner
 
-from tracker.cli import app
-from tracker.db import autocommit_engine, make_engine
-from tracker.roles import DEFAULT_CONCURRENCY
+from tracker.cli.app import app
+from tracker.db.engine import autocommit_engine, make_engine
+from tracker.worker.roles import DEFAULT_CONCURRENCY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def test_postgresql_has_room_for_four_workers_the_api_and_beat_at_their_peaks(
     (setting,) = [arg for arg in command if arg.startswith("max_connections=")]
     max_connections = int(setting.split("=", 1)[1])
     url = "postgresql://tracker@postgres/tracker"  # engines connect lazily: none is opened
-    jobs = make_engine(url, pool_size=DEFAULT_CONCURRENCY)  # `tracker.jobs.worker_context`
+    jobs = make_engine(url, pool_size=DEFAULT_CONCURRENCY)  # `tracker.worker.jobs.worker_context`
     single_statements = autocommit_engine(jobs)
     assert single_statements is not None
     worker = _peak_connections(jobs) + _peak_connections(single_statements)

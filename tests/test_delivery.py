@@ -23,19 +23,19 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.processes import wait_until
 from tests.receiver import Receiver, Reply
-from tracker.attempts import DeliveryOutcome, next_retry_delay
-from tracker.clients import NewClient, create_client, rotate_secret
+from tracker.clock import utcnow
 from tracker.config import Settings
-from tracker.db import autocommit_engine
-from tracker.delivery import Settler, attempt_deliveries, attempt_delivery
+from tracker.db.engine import autocommit_engine
+from tracker.db.models import Task, WebhookAttempt, WebhookDelivery
+from tracker.delivery.attempt import Settler, attempt_deliveries, attempt_delivery
+from tracker.delivery.outbox import claim_deliveries, claim_delivery, due_delivery_ids, redeliver
+from tracker.delivery.outcome import DeliveryOutcome, next_retry_delay
+from tracker.delivery.sender import WebhookAnswer, new_http_session
 from tracker.errors import Conflict, DeliveryNotFound
-from tracker.history import record_transition
-from tracker.models import Task, WebhookAttempt, WebhookDelivery
-from tracker.outbox import claim_deliveries, claim_delivery, due_delivery_ids, redeliver
-from tracker.registry import register_task
-from tracker.schemas import TaskRegistration
-from tracker.sender import WebhookAnswer, new_http_session
-from tracker.timeutil import utcnow
+from tracker.tracking.clients import NewClient, create_client, rotate_secret
+from tracker.tracking.registration import register_task
+from tracker.tracking.schemas import TaskRegistration
+from tracker.tracking.transitions import record_transition
 
 
 class Clock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tracker.doorbells import Doorbell
+from tracker.worker.doorbells import Doorbell
 
 
 class Sent:

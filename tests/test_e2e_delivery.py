@@ -19,11 +19,11 @@ from tests.conftest import _engine_for
 from tests.processes import TrackerProcesses, wait_until
 from tests.receiver import Receiver, Reply
 from tests.sim import SimulatorHandle
-from tracker.clients import NewClient, create_client
 from tracker.config import load_settings
-from tracker.demo import free_port
-from tracker.models import TaskTransition, WebhookDelivery
+from tracker.db.models import TaskTransition, WebhookDelivery
+from tracker.devtools.demo import free_port
 from tracker.states import TERMINAL_STATES
+from tracker.tracking.clients import NewClient, create_client
 
 pytestmark = pytest.mark.slow
 
@@ -147,8 +147,8 @@ def test_a_worker_killed_mid_delivery_loses_nothing(
     receiver.script("/slow", Reply(200, delay=8))
     settings = load_settings(database_url=pg_url, _env_file=None)
     with Session(_engine_for(pg_url)) as session, session.begin():
-        from tracker.registry import register_task
-        from tracker.schemas import TaskRegistration
+        from tracker.tracking.registration import register_task
+        from tracker.tracking.schemas import TaskRegistration
 
         register_task(
             session,
@@ -185,8 +185,8 @@ def test_failed_first_attempts_are_retried_by_their_countdown_doorbell(
     receiver.script("/flaky", *[Reply(500)] * 6)
     settings = load_settings(database_url=pg_url, _env_file=None)
     with Session(_engine_for(pg_url)) as session, session.begin():
-        from tracker.registry import register_task
-        from tracker.schemas import TaskRegistration
+        from tracker.tracking.registration import register_task
+        from tracker.tracking.schemas import TaskRegistration
 
         for task_id in task_ids:
             register_task(

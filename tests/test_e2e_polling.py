@@ -24,26 +24,26 @@ from sqlalchemy.orm import Session
 
 from tests.processes import TrackerProcesses, wait_until
 from tests.sim import SimulatorHandle
-from tracker.budget import DatabaseBudget, credential_key
-from tracker.celery_app import make_celery
-from tracker.clients import create_client
+from tracker.clock import utcnow
 from tracker.config import Settings, load_settings
-from tracker.db import make_engine, session_factory
-from tracker.demo import free_port
-from tracker.jobs import enqueue_poll_job
-from tracker.models import Task, TaskTransition
-from tracker.polling import (
+from tracker.db.engine import make_engine, session_factory
+from tracker.db.models import Task, TaskTransition
+from tracker.devtools.demo import free_port
+from tracker.polling.core import (
     PollBatch,
     claim_due_tasks,
     plan_batches,
     poll_lease,
     run_poll_batch,
 )
-from tracker.registry import register_task
-from tracker.schemas import TaskRegistration
 from tracker.states import ACTIVE_STATES, can_transition
-from tracker.timeutil import utcnow
-from tracker.upstream import UpstreamClient
+from tracker.tracking.clients import create_client
+from tracker.tracking.registration import register_task
+from tracker.tracking.schemas import TaskRegistration
+from tracker.upstream.budget import DatabaseBudget, credential_key
+from tracker.upstream.client import UpstreamClient
+from tracker.worker.app import make_celery
+from tracker.worker.jobs import enqueue_poll_job
 
 pytestmark = pytest.mark.slow
 

@@ -25,16 +25,16 @@ from sqlalchemy import select
 from tests.faults import FaultRig, PrivatePostgres, Repeating
 from tests.receiver import Receiver, Reply
 from tests.sim import SimulatorHandle
-from tracker import migrate
-from tracker.clients import create_client
+from tracker.clock import utcnow
 from tracker.config import load_settings
-from tracker.db import make_engine, session_factory
-from tracker.delivery import attempt_deliveries
-from tracker.history import record_transition
-from tracker.models import WebhookAttempt, WebhookDelivery
-from tracker.registry import register_task
-from tracker.schemas import TaskRegistration
-from tracker.timeutil import utcnow
+from tracker.db import migrate
+from tracker.db.engine import make_engine, session_factory
+from tracker.db.models import WebhookAttempt, WebhookDelivery
+from tracker.delivery.attempt import attempt_deliveries
+from tracker.tracking.clients import create_client
+from tracker.tracking.registration import register_task
+from tracker.tracking.schemas import TaskRegistration
+from tracker.tracking.transitions import record_transition
 
 pytestmark = pytest.mark.slow
 

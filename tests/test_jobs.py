@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tracker.celery_app import POLL_QUEUE, make_celery
 from tracker.config import load_settings
-from tracker.jobs import (
+from tracker.polling.core import PollBatch, Seen, claim_limit
+from tracker.worker.app import POLL_QUEUE, make_celery
+from tracker.worker.jobs import (
     POLL_JOB_BATCHES,
     _batch_from_message,
     _batch_message,
@@ -20,7 +21,6 @@ from tracker.jobs import (
     poll_jobs,
     polls_waiting,
 )
-from tracker.polling import PollBatch, Seen, claim_limit
 
 
 def batches(count: int) -> list[PollBatch]:

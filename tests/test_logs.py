@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tracker.config import load_settings
-from tracker.logs import MASK, configure_logging
+from tracker.observability.logs import MASK, configure_logging
 
 
 @pytest.fixture

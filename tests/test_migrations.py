@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from tracker import migrate
-from tracker.db import make_engine
-from tracker.models import Base
+from tracker.db import migrate
+from tracker.db.engine import make_engine
+from tracker.db.models import Base
 
 
 def test_upgrade_has_no_drift_from_models(db_url: str) -> None:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tracker.netguard import (
+from tracker.delivery.netguard import (
     AttemptDeadline,
     CallbackRefused,
     ForbiddenAddress,

@@ -8,10 +8,10 @@ from typing import Any
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from tracker.clients import NewClient, create_client
+from tracker.clock import utcnow
 from tracker.config import Settings
-from tracker.models import Task, TaskTransition, WebhookDelivery
-from tracker.polling import (
+from tracker.db.models import Task, TaskTransition, WebhookDelivery
+from tracker.polling.core import (
     Claim,
     PollBatch,
     Seen,
@@ -26,9 +26,9 @@ from tracker.polling import (
     release_batch,
     time_out_overdue_tasks,
 )
-from tracker.registry import register_task
-from tracker.schemas import TaskRegistration
-from tracker.timeutil import utcnow
+from tracker.tracking.clients import NewClient, create_client
+from tracker.tracking.registration import register_task
+from tracker.tracking.schemas import TaskRegistration
 
 HOOK = "http://127.0.0.1:9/hook"
 

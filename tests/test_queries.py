@@ -13,10 +13,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
 from tests.history_factory import T0, add_delivery, add_task
-from tracker.clients import NewClient, create_client
-from tracker.errors import DeliveryNotFound, TaskNotFound
-from tracker.models import WebhookDelivery
-from tracker.queries import (
+from tracker.db.models import WebhookDelivery
+from tracker.db.queries import (
     DELIVERIES_LISTING,
     TASKS_LISTING,
     InvalidCursor,
@@ -32,6 +30,8 @@ from tracker.queries import (
     list_tasks,
     task_detail,
 )
+from tracker.errors import DeliveryNotFound, TaskNotFound
+from tracker.tracking.clients import NewClient, create_client
 
 
 def _b64(value: Any) -> str:

@@ -22,7 +22,7 @@ from tracker.errors import (
     UpstreamRateLimited,
     UpstreamServerError,
 )
-from tracker.upstream import UpstreamClient, parse_retry_after
+from tracker.upstream.client import UpstreamClient, parse_retry_after
 
 
 class Recorder:

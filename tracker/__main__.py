@@ -1,3 +1,3 @@
-from tracker.cli import app
+from tracker.cli.app import app
 
 app(prog_name="tracker")

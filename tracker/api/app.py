@@ -16,9 +16,9 @@ from tracker import __version__
 from tracker.api import deliveries, health, tasks
 from tracker.api.errors import install_error_handlers
 from tracker.api.middleware import RequestContextMiddleware
-from tracker.clients import KeyCache
 from tracker.config import Settings, get_settings
-from tracker.db import get_engine, session_factory
+from tracker.db.engine import get_engine, session_factory
+from tracker.tracking.clients import KeyCache
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -39,7 +39,7 @@ fails or times out. Every `/v1` route needs `Authorization: Bearer <api key>`
 # latency; more only fight over the interpreter lock with the event loop. At 200
 # registrations/s on two cores (`bench/scale.py`), p99 was 446 ms with 40 threads, 47-68 ms
 # with 3 (with 8 threads 244 ms, with 1 659 ms). Fewer than the pool keeps open
-# (`tracker.db.make_engine`).
+# (`tracker.db.engine.make_engine`).
 API_THREADS = 3
 
 
@@ -55,7 +55,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """
     engine: sa.Engine = app.state.sessions.kw["bind"]
     # SQLite: connecting costs nothing, and each statement takes the write lock
-    # (BEGIN IMMEDIATE, see tracker.db), so a second held connection would wait on the first.
+    # (BEGIN IMMEDIATE, see tracker.db.engine), so a second held connection would wait on the first.
     pool = engine.pool
     pooled = isinstance(pool, sa.pool.QueuePool) and engine.dialect.name != "sqlite"
     size = pool.size() if isinstance(pool, sa.pool.QueuePool) and pooled else 1

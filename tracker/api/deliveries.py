@@ -12,8 +12,8 @@ from fastapi import APIRouter, Path, Query, Request
 from tracker.api.deps import CurrentClient, request_transaction
 from tracker.api.errors import error_responses
 from tracker.api.resources import DeliveryDetail, DeliveryPage, DeliveryStatus
-from tracker.outbox import redeliver
-from tracker.queries import (
+from tracker.clock import utcnow
+from tracker.db.queries import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     delivery_detail,
@@ -21,8 +21,8 @@ from tracker.queries import (
     get_delivery,
     list_deliveries,
 )
-from tracker.schemas import TASK_ID_PATTERN
-from tracker.timeutil import utcnow
+from tracker.delivery.outbox import redeliver
+from tracker.tracking.schemas import TASK_ID_PATTERN
 
 DELIVERY_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 

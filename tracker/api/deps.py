@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from tracker.api.errors import ApiError
-from tracker.clients import KeyCache, authenticate
 from tracker.config import Settings
-from tracker.models import Client
+from tracker.db.models import Client
+from tracker.tracking.clients import KeyCache, authenticate
 
 
 async def get_app_settings(request: Request) -> Settings:

@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 
 from tracker.api.resources import ErrorBody
+from tracker.db.queries import InvalidQuery
 from tracker.errors import Conflict, NotFound, TrackerError
-from tracker.queries import InvalidQuery
 
 VALIDATION_ERROR = "validation_error"
 _MAX_PROBLEMS = 10

@@ -10,12 +10,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker import metrics
 from tracker.api.resources import Health, Readiness
-from tracker.budget import credential_key
+from tracker.clock import isoformat_z
 from tracker.config import Settings
-from tracker.models import UpstreamCredential
-from tracker.timeutil import isoformat_z
+from tracker.db.models import UpstreamCredential
+from tracker.observability import metrics
+from tracker.upstream.budget import credential_key
 
 OK = "ok"
 # Readiness must answer quickly, also when a dependency hangs.

@@ -1,6 +1,6 @@
 """The API's response bodies as pydantic models, so `/openapi.json` describes every answer.
 
-The dicts themselves are built by the serialisers in `tracker.queries`, shared
+The dicts themselves are built by the serialisers in `tracker.db.queries`, shared
 with the CLI's `--json`; these models only describe (and check) them.
 """
 

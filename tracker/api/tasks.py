@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tracker.api.deps import CurrentClient, SettingsDep, request_transaction
 from tracker.api.errors import VALIDATION_ERROR, error_responses, validation_message
 from tracker.api.resources import BatchResult, TaskDetail, TaskPage, TaskResource, TaskState
-from tracker.errors import RegistrationConflict
-from tracker.queries import (
+from tracker.clock import utcnow
+from tracker.db.queries import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     get_task,
@@ -24,9 +24,9 @@ from tracker.queries import (
     task_detail,
     task_resource,
 )
-from tracker.registry import cancel_task, register_task
-from tracker.schemas import SERVICE_PATTERN, TASK_ID_PATTERN, TaskRegistration
-from tracker.timeutil import utcnow
+from tracker.errors import RegistrationConflict
+from tracker.tracking.registration import cancel_task, register_task
+from tracker.tracking.schemas import SERVICE_PATTERN, TASK_ID_PATTERN, TaskRegistration
 
 MAX_BATCH = 1000
 

@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from tracker.metrics import TRANSITIONS
-from tracker.models import Task, TaskTransition, WebhookDelivery
+from tracker.clock import isoformat_z
+from tracker.db.models import Task, TaskTransition, WebhookDelivery
+from tracker.observability.metrics import TRANSITIONS
 from tracker.states import (
     DELIVERY_PENDING,
     DELIVERY_SUPERSEDED,
@@ -26,7 +27,6 @@ from tracker.states import (
     can_transition,
     is_terminal,
 )
-from tracker.timeutil import isoformat_z
 
 
 class InvalidTransition(ValueError):

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import tracker
-from tracker.clients import SECRET_PREFIX
+from tracker.tracking.clients import SECRET_PREFIX
 
 SIGNATURE_VERSION = "v1"
 # Receivers reject timestamps further than this from their clock (replay protection).

@@ -19,22 +19,13 @@ from celery import Celery
 from celery.signals import task_revoked, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker import metrics
-from tracker.budget import (
-    Budget,
-    DatabaseBudget,
-    RedisBudget,
-    credential_key,
-    rejected_since,
-    wait_for_slot,
-)
-from tracker.celery_app import POLL_QUEUE, celery_app
+from tracker.clock import utcnow
 from tracker.config import Settings, get_settings
-from tracker.db import make_engine, session_factory
-from tracker.delivery import attempt_deliveries
-from tracker.doorbells import Doorbell
-from tracker.outbox import delivery_batches
-from tracker.polling import (
+from tracker.db.engine import make_engine, session_factory
+from tracker.delivery.attempt import attempt_deliveries
+from tracker.delivery.outbox import delivery_batches
+from tracker.observability import metrics
+from tracker.polling.core import (
     MAX_BUDGET_WAIT,
     PollBatch,
     Seen,
@@ -47,10 +38,19 @@ from tracker.polling import (
     run_poll_job,
     time_out_overdue_tasks,
 )
-from tracker.roles import DEFAULT_CONCURRENCY
 from tracker.states import DELIVERY_PENDING
-from tracker.timeutil import utcnow
-from tracker.upstream import UpstreamClient
+from tracker.upstream.budget import (
+    Budget,
+    DatabaseBudget,
+    RedisBudget,
+    credential_key,
+    rejected_since,
+    wait_for_slot,
+)
+from tracker.upstream.client import UpstreamClient
+from tracker.worker.app import POLL_QUEUE, celery_app
+from tracker.worker.doorbells import Doorbell
+from tracker.worker.roles import DEFAULT_CONCURRENCY
 
 log = logging.getLogger("tracker.jobs")
 
@@ -97,7 +97,7 @@ def worker_context() -> WorkerContext:
 
 def ring_delivery_doorbells(delivery_ids: Iterable[str], *, countdown: float = 0.0) -> None:
     """Ask workers to attempt these deliveries: due now, gathered with the other jobs' for
-    a moment (`tracker.doorbells`); due later, a job per batch with that countdown."""
+    a moment (`tracker.worker.doorbells`); due later, a job per batch with that countdown."""
     if not countdown:
         _doorbell.ring(delivery_ids)
         return
@@ -325,7 +325,7 @@ def sweep() -> None:
     """Beat tick: time out overdue tasks and ring again for deliveries whose doorbell was lost."""
     from datetime import timedelta
 
-    from tracker.outbox import due_delivery_ids
+    from tracker.delivery.outbox import due_delivery_ids
 
     ctx = worker_context()
     now = utcnow()

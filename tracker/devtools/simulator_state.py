@@ -1,6 +1,6 @@
 """The simulator's world: its knobs, its tasks and its counters, behind one lock.
 
-Plain Python, no HTTP: `tracker.simulator` serves it. A request is first
+Plain Python, no HTTP: `tracker.devtools.simulator` serves it. A request is first
 `admit`ted (counted, checked against the token list and the rate budget, and
 perhaps answered with an injected `Fault`), then served from the tasks.
 """
@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tracker.simulator_records import (
+from tracker.devtools.simulator_records import (
     PHASES,
     Account,
     Outcome,

@@ -23,10 +23,10 @@ from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker.db import autocommit_engine, dialect_insert, is_postgresql
-from tracker.metrics import BUDGET_WAIT
-from tracker.models import UpstreamCredential
-from tracker.timeutil import utcnow
+from tracker.clock import utcnow
+from tracker.db.engine import autocommit_engine, dialect_insert, is_postgresql
+from tracker.db.models import UpstreamCredential
+from tracker.observability.metrics import BUDGET_WAIT
 
 _CREDENTIALS = cast(Table, UpstreamCredential.__table__)
 

@@ -19,12 +19,12 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, exists, insert, select, text, update
 from sqlalchemy.orm import Session, aliased
 
-from tracker import metrics
 from tracker.config import Settings
-from tracker.db import is_postgresql
-from tracker.models import WebhookAttempt, WebhookDelivery
-from tracker.outbox import Claim, among, among_ids
-from tracker.sender import WebhookAnswer
+from tracker.db.engine import is_postgresql
+from tracker.db.models import WebhookAttempt, WebhookDelivery
+from tracker.delivery.outbox import Claim, among, among_ids
+from tracker.delivery.sender import WebhookAnswer
+from tracker.observability import metrics
 from tracker.states import DELIVERY_FAILED, DELIVERY_PENDING, DELIVERY_SUCCEEDED
 
 # The attempt log lines keep the logger name operators filter on.

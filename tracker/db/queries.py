@@ -22,9 +22,9 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session, joinedload, selectinload
 
+from tracker.clock import isoformat_z
+from tracker.db.models import Task, TaskTransition, WebhookAttempt, WebhookDelivery
 from tracker.errors import DeliveryNotFound, TaskNotFound, TrackerError
-from tracker.models import Task, TaskTransition, WebhookAttempt, WebhookDelivery
-from tracker.timeutil import isoformat_z
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500

@@ -5,16 +5,16 @@ database transaction is open while a receiver is slow:
 
 1. a short transaction claims the due rows of the batch with a lease, in one
    statement, and reads their payloads, URLs and the clients' secrets in force
-   (`tracker.outbox`);
+   (`tracker.delivery.outbox`);
 2. outside any transaction, the process's sending threads each resolve and vet
-   a callback host (`tracker.netguard`) and POST the stored payload to the
-   vetted address, all requests of the batch at once (`tracker.sender`);
+   a callback host (`tracker.delivery.netguard`) and POST the stored payload to the
+   vetted address, all requests of the batch at once (`tracker.delivery.sender`);
 3. the answers are recorded as they come in: on PostgreSQL, a 2xx answer to a row
    still ours by the sending thread that read it, with any others waiting, in one
    autocommitted statement (`Settler`, `settle_acknowledged`); the others by the
    job's thread, in a short transaction that applies the outcome rules to the rows
    still ours; a row that changed meanwhile (superseded, retried by hand, lease taken
-   over) only gets its attempt logged (`tracker.attempts`).
+   over) only gets its attempt logged (`tracker.delivery.outcome`).
 
 The retry schedule lives on the row (`next_attempt_at`), never in broker
 countdowns. Nothing here knows about Celery.
@@ -36,21 +36,21 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker.attempts import (
+from tracker.clock import utcnow
+from tracker.config import Settings
+from tracker.db.engine import autocommit_engine, retry_while_unreachable
+from tracker.db.models import WebhookDelivery
+from tracker.delivery.netguard import Resolver
+from tracker.delivery.outbox import Claim, among_ids, claim_deliveries, older_event_unsettled
+from tracker.delivery.outcome import (
     Acknowledged,
     DeliveryOutcome,
     record_attempts,
     settle_acknowledged,
 )
-from tracker.clients import secrets_in_force
-from tracker.config import Settings
-from tracker.db import autocommit_engine, retry_while_unreachable
-from tracker.models import WebhookDelivery
-from tracker.netguard import Resolver
-from tracker.outbox import Claim, among_ids, claim_deliveries, older_event_unsettled
-from tracker.sender import WebhookAnswer, send_pool, send_webhook
+from tracker.delivery.sender import WebhookAnswer, send_pool, send_webhook
 from tracker.states import DELIVERY_PENDING
-from tracker.timeutil import utcnow
+from tracker.tracking.clients import secrets_in_force
 
 Sessions = Engine | sessionmaker[Session]
 
@@ -94,7 +94,7 @@ def attempt_deliveries(
 
     A short transaction claims the batch and reads the payloads and the
     clients' secrets; the requests then go out at once from the process's
-    sending threads (`tracker.sender.send_pool`), outside any transaction; the
+    sending threads (`tracker.delivery.sender.send_pool`), outside any transaction; the
     answers are recorded as they come in (a 2xx by the thread that read it, on
     PostgreSQL), so neither a slow receiver nor a dying worker holds back the
     record of the others. Safe to call twice for the same ids at once (a duplicated

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from tracker.outbox import DELIVERY_BATCH
+from tracker.delivery.outbox import DELIVERY_BATCH
 
 log = logging.getLogger("tracker.doorbells")
 

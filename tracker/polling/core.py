@@ -31,19 +31,12 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker import metrics
-from tracker.budget import (
-    Budget,
-    BudgetUnavailable,
-    clear_rejected,
-    mark_rejected,
-    slots_ahead,
-)
+from tracker.clock import utcnow
 from tracker.config import Settings
-from tracker.db import is_postgresql
+from tracker.db.engine import is_postgresql
+from tracker.db.models import Task, task_schedule_table, tasks_table
 from tracker.errors import UpstreamAuthError, UpstreamError, UpstreamRateLimited
-from tracker.history import record_transition
-from tracker.models import Task, task_schedule_table, tasks_table
+from tracker.observability import metrics
 from tracker.states import (
     ACTIVE_STATES,
     FAILED,
@@ -53,7 +46,14 @@ from tracker.states import (
     can_transition,
     normalise,
 )
-from tracker.timeutil import utcnow
+from tracker.tracking.transitions import record_transition
+from tracker.upstream.budget import (
+    Budget,
+    BudgetUnavailable,
+    clear_rejected,
+    mark_rejected,
+    slots_ahead,
+)
 
 log = logging.getLogger("tracker.polling")
 
@@ -71,7 +71,7 @@ DEFAULT_RATE_LIMIT_PAUSE = 5.0
 
 
 class TaskUpstream(Protocol):
-    """The part of `tracker.upstream.UpstreamClient` polling needs."""
+    """The part of `tracker.upstream.client.UpstreamClient` polling needs."""
 
     def retrieve(self, service: str, task_id: str) -> dict[str, Any] | None: ...
 
@@ -117,7 +117,7 @@ class PollBatch:
     the next one, counted from `claimed_at`.
 
     `probe`: the upstream had rejected the token when the batch was claimed; an
-    answer clears that (`tracker.budget.clear_rejected`).
+    answer clears that (`tracker.upstream.budget.clear_rejected`).
     """
 
     service: str

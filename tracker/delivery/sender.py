@@ -2,7 +2,7 @@
 
 `send_webhook` never raises: every outcome, a refused address included, is a
 `WebhookAnswer` for the attempt log. The database side is elsewhere: claims in
-`tracker.outbox`, outcome rules and the retry schedule in `tracker.attempts`.
+`tracker.delivery.outbox`, outcome rules and the retry schedule in `tracker.delivery.outcome`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from email.utils import parsedate_to_datetime
 import requests
 import urllib3
 
-from tracker.netguard import (
+from tracker.delivery.netguard import (
     AttemptDeadline,
     CallbackRefused,
     PinnedAddressAdapter,
@@ -28,7 +28,7 @@ from tracker.netguard import (
     system_resolver,
     vet_callback,
 )
-from tracker.signing import webhook_headers
+from tracker.delivery.signing import webhook_headers
 
 # The attempt log keeps this much of each answer.
 EXCERPT_BYTES = 2048

@@ -26,9 +26,9 @@ from prometheus_client.registry import REGISTRY, Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from tracker.models import Task, WebhookDelivery
+from tracker.clock import utcnow
+from tracker.db.models import Task, WebhookDelivery
 from tracker.states import DELIVERY_FAILED, DELIVERY_PENDING, DELIVERY_STATUSES, TASK_STATES
-from tracker.timeutil import utcnow
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LAG_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)

@@ -1,6 +1,6 @@
 """The simulator: a local stand-in for AceData's task APIs (SPEC section 7).
 
-Upstream routes, as AceData answers them (records: `tracker.simulator_records`):
+Upstream routes, as AceData answers them (records: `tracker.devtools.simulator_records`):
 
     POST /{service}/tasks   {"id": ID, "action": "retrieve"}          -> one record
                             {"ids": [...], "action": "retrieve_batch"} -> {"items", "count"}
@@ -51,8 +51,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from tracker.simulator_records import Settled, error_body
-from tracker.simulator_state import Fault, SimulatorConfig, SimulatorState, TaskSeed
+from tracker.devtools.simulator_records import Settled, error_body
+from tracker.devtools.simulator_state import Fault, SimulatorConfig, SimulatorState, TaskSeed
 
 __all__ = ["SimulatorConfig", "create_app", "serve", "serving_in_thread"]
 

@@ -1,7 +1,7 @@
 """The webhook outbox: which deliveries are due, leasing them for an attempt, resending.
 
 Every webhook to send is a `webhook_deliveries` row written in the same
-transaction as the state change it reports (`tracker.history`). A delivery is
+transaction as the state change it reports (`tracker.tracking.transitions`). A delivery is
 due when it is pending and its `next_attempt_at` has passed; an attempt first
 leases it (`claimed_until`), so two workers never send it at once and a worker
 that dies gives it back when the lease ends. Events of one task go out in
@@ -19,9 +19,9 @@ from sqlalchemy import ColumnElement, any_, exists, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
-from tracker.db import is_postgresql
+from tracker.db.engine import is_postgresql
+from tracker.db.models import WebhookDelivery
 from tracker.errors import Conflict, DeliveryNotFound
-from tracker.models import WebhookDelivery
 from tracker.states import DELIVERY_PENDING, DELIVERY_SUPERSEDED
 
 # Deliveries per `deliver` job: one claim, one record, their requests sent at once.

@@ -9,14 +9,14 @@ from typing import Any, cast
 from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session, make_transient_to_detached
 
+from tracker.clock import utcnow
 from tracker.config import Settings, get_settings
-from tracker.db import dialect_insert
+from tracker.db.engine import dialect_insert
+from tracker.db.models import Client, Task, TaskTransition, task_schedule_table, tasks_table
 from tracker.errors import RegistrationConflict, TaskNotFound
-from tracker.history import record_transition
-from tracker.models import Client, Task, TaskTransition, task_schedule_table, tasks_table
-from tracker.schemas import TaskRegistration
 from tracker.states import ACTIVE_STATES, CANCELLED, PENDING
-from tracker.timeutil import utcnow
+from tracker.tracking.schemas import TaskRegistration
+from tracker.tracking.transitions import record_transition
 
 _TRANSITIONS = cast(Table, TaskTransition.__table__)
 

@@ -15,9 +15,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from tracker.clock import utcnow
+from tracker.db.models import Client, WebhookSecret
 from tracker.errors import ClientExists, ClientNotFound
-from tracker.models import Client, WebhookSecret
-from tracker.timeutil import utcnow
 
 API_KEY_PREFIX = "trk_"
 SECRET_PREFIX = "whsec_"

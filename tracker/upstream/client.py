@@ -28,7 +28,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from tracker import __version__, metrics
+from tracker import __version__
 from tracker.config import Settings
 from tracker.errors import (
     UpstreamAuthError,
@@ -37,6 +37,7 @@ from tracker.errors import (
     UpstreamRateLimited,
     UpstreamServerError,
 )
+from tracker.observability import metrics
 
 VENDOR_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
 BACKOFF_JITTER = 0.2

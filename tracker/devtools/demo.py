@@ -25,11 +25,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tracker import migrate
-from tracker.clients import create_client
-from tracker.db import make_engine, transaction
-from tracker.roles import Supervisor
-from tracker.signing import SignatureError, verify
+from tracker.db import migrate
+from tracker.db.engine import make_engine, transaction
+from tracker.delivery.signing import SignatureError, verify
+from tracker.tracking.clients import create_client
+from tracker.worker.roles import Supervisor
 
 PROMPTS = (
     "Astronauts shuttle from space to volcano",

@@ -1,6 +1,6 @@
 """Rich renderings of the history for the CLI: task and delivery tables, a task's timeline.
 
-They take the resource dicts of `tracker.queries` (what the API answers), so a
+They take the resource dicts of `tracker.db.queries` (what the API answers), so a
 table shows exactly what `--json` would print.
 """
 

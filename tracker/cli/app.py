@@ -50,7 +50,7 @@ def load_cli_settings() -> Settings:
 @contextmanager
 def cli_transaction() -> Iterator[Session]:
     """One committed unit of work; tracker errors end the command with their message."""
-    from tracker.db import transaction
+    from tracker.db.engine import transaction
 
     load_cli_settings()
     try:
@@ -68,7 +68,7 @@ def print_json(value: object) -> None:
 @app.command()
 def migrate() -> None:
     """Create or upgrade the history database (`alembic upgrade head` on TRACKER_DATABASE_URL)."""
-    from tracker import migrate as migrations
+    from tracker.db import migrate as migrations
 
     settings = load_cli_settings()
     migrations.upgrade(settings.database_url)
@@ -84,7 +84,7 @@ def api(
     import uvicorn
 
     from tracker.api import create_app
-    from tracker.logs import configure_logging
+    from tracker.observability.logs import configure_logging
 
     settings = load_cli_settings()
     configure_logging(settings)
@@ -109,8 +109,8 @@ def worker(
     ] = "ticks,polls,deliveries",
 ) -> None:
     """Run a worker: polls the upstream and delivers webhooks. Run as many as you like."""
-    from tracker.metrics import serve_worker_metrics
-    from tracker.roles import run_worker
+    from tracker.observability.metrics import serve_worker_metrics
+    from tracker.worker.roles import run_worker
 
     settings = load_cli_settings()
     if settings.metrics_port and not serve_worker_metrics(settings.metrics_port):
@@ -129,7 +129,7 @@ def worker(
 @app.command()
 def beat() -> None:
     """Run the scheduler: a poll tick every second, a sweep every TRACKER_SWEEP_INTERVAL."""
-    from tracker.roles import run_beat
+    from tracker.worker.roles import run_beat
 
     settings = load_cli_settings()
     run_beat(loglevel=settings.log_level)
@@ -148,8 +148,8 @@ def up(
     """Run the whole service: migrate, then API, worker and beat together (Ctrl-C stops all)."""
     import os
 
-    from tracker import migrate as migrations
-    from tracker.roles import Supervisor
+    from tracker.db import migrate as migrations
+    from tracker.worker.roles import Supervisor
 
     settings = load_cli_settings()
     env = dict(os.environ)
@@ -201,7 +201,7 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 180.0,
 ) -> None:
     """The whole loop on this machine: simulator, tracker and a webhook receiver, live."""
-    from tracker.demo import run_demo
+    from tracker.devtools.demo import run_demo
 
     raise typer.Exit(
         run_demo(
@@ -265,7 +265,7 @@ def simulator(
     """
     from pydantic import ValidationError
 
-    from tracker.simulator import SimulatorConfig, serve
+    from tracker.devtools.simulator import SimulatorConfig, serve
 
     knobs: dict[str, object] = {
         "tokens": token or None,
@@ -304,7 +304,7 @@ def clients_create(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Create a client; prints its API key and webhook secret once (they cannot be shown again)."""
-    from tracker.clients import create_client
+    from tracker.tracking.clients import create_client
 
     with cli_transaction() as session:
         new = create_client(session, name)
@@ -319,8 +319,8 @@ def clients_create(
 @clients_app.command("list")
 def clients_list() -> None:
     """List clients with their key prefix and signing secrets in force."""
-    from tracker.clients import active_secrets
-    from tracker.models import Client
+    from tracker.db.models import Client
+    from tracker.tracking.clients import active_secrets
 
     with cli_transaction() as session:
         clients = session.scalars(select(Client).order_by(Client.name)).all()
@@ -340,7 +340,7 @@ def clients_rotate_secret(
     name: Annotated[str, typer.Argument(help="The client whose webhook secret to rotate.")],
 ) -> None:
     """Add a new webhook secret; the old one keeps signing for TRACKER_SECRET_ROTATION_GRACE s."""
-    from tracker.clients import get_client, rotate_secret
+    from tracker.tracking.clients import get_client, rotate_secret
 
     settings = load_cli_settings()
     with cli_transaction() as session:
@@ -368,9 +368,9 @@ def tasks_add(
     """Register a task for tracking, as `POST /v1/tasks` would."""
     from pydantic import ValidationError
 
-    from tracker.clients import get_client
-    from tracker.registry import register_task
-    from tracker.schemas import TaskRegistration
+    from tracker.tracking.clients import get_client
+    from tracker.tracking.registration import register_task
+    from tracker.tracking.schemas import TaskRegistration
 
     try:
         registration = TaskRegistration(
@@ -400,9 +400,9 @@ def tasks_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print what the API answers.")] = False,
 ) -> None:
     """List tracked tasks, newest first, as `GET /v1/tasks` does."""
-    from tracker.cli_views import tasks_table
-    from tracker.clients import get_client
-    from tracker.queries import list_tasks, task_resource
+    from tracker.cli.views import tasks_table
+    from tracker.db.queries import list_tasks, task_resource
+    from tracker.tracking.clients import get_client
 
     with cli_transaction() as session:
         client_id = get_client(session, client_name).id if client_name else None
@@ -429,9 +429,9 @@ def tasks_show(
     as_json: Annotated[bool, typer.Option("--json", help="Print what the API answers.")] = False,
 ) -> None:
     """Show one task: its settings, its history as a timeline, and its webhooks."""
-    from tracker.cli_views import task_timeline
-    from tracker.clients import get_client
-    from tracker.queries import find_tasks, task_detail
+    from tracker.cli.views import task_timeline
+    from tracker.db.queries import find_tasks, task_detail
+    from tracker.tracking.clients import get_client
 
     with cli_transaction() as session:
         client_id = get_client(session, client_name).id if client_name else None
@@ -469,9 +469,9 @@ def deliveries_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print what the API answers.")] = False,
 ) -> None:
     """List webhook deliveries, newest first, as `GET /v1/deliveries` does."""
-    from tracker.cli_views import deliveries_table
-    from tracker.clients import get_client
-    from tracker.queries import delivery_resource, list_deliveries
+    from tracker.cli.views import deliveries_table
+    from tracker.db.queries import delivery_resource, list_deliveries
+    from tracker.tracking.clients import get_client
 
     with cli_transaction() as session:
         client_id = get_client(session, client_name).id if client_name else None
@@ -492,8 +492,8 @@ def deliveries_retry(
     delivery_id: Annotated[str, typer.Argument(help="The delivery id (its `webhook-id`).")],
 ) -> None:
     """Deliver a webhook again now, with the same webhook-id; also after it failed for good."""
-    from tracker.outbox import redeliver
-    from tracker.timeutil import utcnow
+    from tracker.clock import utcnow
+    from tracker.delivery.outbox import redeliver
 
     with cli_transaction() as session:
         delivery = redeliver(session, delivery_id, now=utcnow())

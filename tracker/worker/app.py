@@ -14,8 +14,8 @@ from celery import Celery
 from celery.signals import setup_logging
 
 from tracker.config import Settings, get_settings
-from tracker.logs import configure_logging
-from tracker.polling import dispatch_interval
+from tracker.observability.logs import configure_logging
+from tracker.polling.core import dispatch_interval
 
 POLL_QUEUE = "polls"
 DELIVERY_QUEUE = "deliveries"
@@ -23,7 +23,7 @@ SCHEDULE_QUEUE = "ticks"
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("tracker", broker=settings.effective_broker_url, include=["tracker.jobs"])
+    app = Celery("tracker", broker=settings.effective_broker_url, include=["tracker.worker.jobs"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracker.celery_app import DELIVERY_QUEUE, POLL_QUEUE, SCHEDULE_QUEUE
+from tracker.worker.app import DELIVERY_QUEUE, POLL_QUEUE, SCHEDULE_QUEUE
 
 log = logging.getLogger("tracker.roles")
 
@@ -45,7 +45,7 @@ def run_worker(
     """
     from celery.signals import worker_init, worker_shutting_down
 
-    from tracker.celery_app import celery_app
+    from tracker.worker.app import celery_app
 
     stop_requested = threading.Event()
     worker_shutting_down.connect(lambda **_: stop_requested.set(), weak=False)
@@ -80,7 +80,7 @@ def run_worker(
 
 def run_beat(*, loglevel: str = "INFO", schedule_file: Path | None = None) -> None:
     """Run Celery beat in this process until it is stopped."""
-    from tracker.celery_app import celery_app
+    from tracker.worker.app import celery_app
 
     schedule = schedule_file or Path(tempfile.gettempdir()) / f"tracker-beat-{os.getpid()}"
     celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
