@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from tests.receiver import Receiver
-from tests.sim import SimulatorHandle
+from tests.support.receiver import Receiver
+from tests.support.sim import SimulatorHandle
 from tracker.config import Settings, load_settings
 from tracker.db import migrate
 from tracker.db.engine import make_engine

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner, Result
 
-from tests.history_factory import T0, add_delivery, add_task
+from tests.support.history_factory import T0, add_delivery, add_task
 from tracker.cli.app import app
 from tracker.config import get_settings
 from tracker.db import engine as db

@@ -56,9 +56,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
-from tests.processes import TrackerProcesses, wait_until
-from tests.receiver import Received, Receiver, Reply
-from tests.sim import SimulatorHandle
+from tests.support.processes import TrackerProcesses, wait_until
+from tests.support.receiver import Received, Receiver, Reply
+from tests.support.sim import SimulatorHandle
 from tracker.config import load_settings
 from tracker.db import migrate
 from tracker.db.engine import make_engine

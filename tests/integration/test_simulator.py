@@ -1,6 +1,6 @@
 """The simulator against the vendor's own documentation and SDK, over real HTTP.
 
-`tests/upstream/luma-tasks-api.txt` is a verbatim copy of AceData's Luma Tasks
+`tests/support/upstream/luma-tasks-api.txt` is a verbatim copy of AceData's Luma Tasks
 API page; its curl examples and response examples are parsed here, so the
 simulator cannot drift from the page.
 """
@@ -22,9 +22,9 @@ import requests
 from acedatacloud import AceDataCloud, AuthenticationError
 from acedatacloud._runtime.tasks import task_status
 
-from tests.sim import SimulatorHandle
+from tests.support.sim import SimulatorHandle
 
-VENDOR_PAGE = Path(__file__).parent / "upstream" / "luma-tasks-api.txt"
+VENDOR_PAGE = Path(__file__).parents[1] / "support" / "upstream" / "luma-tasks-api.txt"
 VENDOR_BASE = "https://api.acedata.cloud"
 
 

@@ -15,7 +15,7 @@ from tracker.cli.app import app
 from tracker.db.engine import autocommit_engine, make_engine
 from tracker.worker.roles import DEFAULT_CONCURRENCY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Each scenario runs a few hundred tasks through PostgreSQL, Redis, Celery worker
 and beat processes, the simulator and a loopback receiver, breaks one part on a
-schedule, then checks the invariants of `tests.faults` (every task terminal in
+schedule, then checks the invariants of `tests.support.faults` (every task terminal in
 its true state, every terminal webhook acknowledged, duplicates under 1 %,
 nothing left claimed, clean histories). Durations are shrunk through settings
 (FAST_ENV) with their shapes kept; `python -m bench.soak` mixes every fault for
@@ -22,9 +22,9 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from tests.faults import FaultRig, PrivatePostgres, Repeating
-from tests.receiver import Receiver, Reply
-from tests.sim import SimulatorHandle
+from tests.support.faults import FaultRig, PrivatePostgres, Repeating
+from tests.support.receiver import Receiver, Reply
+from tests.support.sim import SimulatorHandle
 from tracker.clock import utcnow
 from tracker.config import load_settings
 from tracker.db import migrate

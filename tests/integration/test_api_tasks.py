@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from tests.history_factory import T0, add_delivery, add_task
+from tests.support.history_factory import T0, add_delivery, add_task
 from tracker.config import Settings
 from tracker.db.models import Task, WebhookDelivery
 from tracker.tracking.clients import NewClient, create_client

@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from tests.conftest import _engine_for
-from tests.processes import TrackerProcesses, wait_until
-from tests.receiver import Receiver, Reply
-from tests.sim import SimulatorHandle
+from tests.support.processes import TrackerProcesses, wait_until
+from tests.support.receiver import Receiver, Reply
+from tests.support.sim import SimulatorHandle
 from tracker.config import load_settings
 from tracker.db.models import TaskTransition, WebhookDelivery
 from tracker.devtools.demo import free_port

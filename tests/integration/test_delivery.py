@@ -21,8 +21,8 @@ from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
-from tests.processes import wait_until
-from tests.receiver import Receiver, Reply
+from tests.support.processes import wait_until
+from tests.support.receiver import Receiver, Reply
 from tracker.clock import utcnow
 from tracker.config import Settings
 from tracker.db.engine import autocommit_engine

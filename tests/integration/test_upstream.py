@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.sim import SimulatorHandle
+from tests.support.sim import SimulatorHandle
 from tracker import __version__
 from tracker.config import load_settings
 from tracker.errors import (

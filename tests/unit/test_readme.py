@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tracker.config import Settings, env_name
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_configuration_table_matches_settings() -> None:

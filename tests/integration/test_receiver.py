@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from tests.receiver import Receiver, Reply
+from tests.support.receiver import Receiver, Reply
 
 REQUEST = (
     b"POST /hook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"

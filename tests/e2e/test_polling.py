@@ -22,8 +22,8 @@ import requests
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tests.processes import TrackerProcesses, wait_until
-from tests.sim import SimulatorHandle
+from tests.support.processes import TrackerProcesses, wait_until
+from tests.support.sim import SimulatorHandle
 from tracker.clock import utcnow
 from tracker.config import Settings, load_settings
 from tracker.db.engine import make_engine, session_factory

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from tests.history_factory import T0, add_delivery, add_task
+from tests.support.history_factory import T0, add_delivery, add_task
 from tracker.db.models import WebhookDelivery
 from tracker.tracking.clients import NewClient, create_client
 

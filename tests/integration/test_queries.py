@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
-from tests.history_factory import T0, add_delivery, add_task
+from tests.support.history_factory import T0, add_delivery, add_task
 from tracker.db.models import WebhookDelivery
 from tracker.db.queries import (
     DELIVERIES_LISTING,

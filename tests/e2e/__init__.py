@@ -1,0 +1,1 @@
+"""The real `tracker` processes end to end: API, worker, beat, the demo."""

@@ -1,0 +1,1 @@
+"""The real processes while their database, broker, upstream and receivers misbehave."""

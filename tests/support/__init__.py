@@ -1,0 +1,1 @@
+"""Test rigs: webhook receiver, simulator handle, processes, fault rig, history factory."""

@@ -1,0 +1,1 @@
+"""Pure functions and files: no database, broker or server."""
