@@ -6,7 +6,8 @@
 Needs PostgreSQL (TRACKER_BENCH_POSTGRES_URL, default the tests' server); the
 simulator and a webhook receiver are started on loopback. Prints one line per
 figure (value, target, ratio to the baseline measured in the same run,
-PASS/FAIL) and appends the run to bench/RESULTS.md. Exit status 1 if a target fails.
+PASS/FAIL). A full run (no --only) replaces bench/RESULTS.md with its own record: the
+latest run is kept there, earlier ones in git's history. Exit status 1 if a target fails.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -76,7 +78,9 @@ def main() -> int:
         "--scale-cycles", type=int, default=2, help="Full poll cycles of the memory run."
     )
     parser.add_argument("--only", choices=PARTS, action="append")
-    parser.add_argument("--no-results", action="store_true", help="Do not append to RESULTS.md.")
+    parser.add_argument(
+        "--no-results", action="store_true", help="Do not replace RESULTS.md (full runs do)."
+    )
     args = parser.parse_args()
     only = set(args.only or PARTS)
     # Webhook attempts log one line each at INFO: keep the output to the figures.
@@ -135,18 +139,24 @@ def main() -> int:
     print(f"suite: {elapsed:.0f} s, {len(failed)} target(s) failed", flush=True)
     for name, profile in profiles.items():
         print(f"Profile of {name}:\n{profile}")
-    if not args.no_results:
+    if not args.no_results and only == set(PARTS):
         write_results(figures, profiles, elapsed)
     return 1 if failed else 0
 
 
 def write_results(figures: list[Figure], profiles: dict[str, str], elapsed: float) -> None:
-    """Append this run to bench/RESULTS.md: command, date, machine, figures, profile."""
+    """Replace bench/RESULTS.md with this run: command, date, commit, machine, figures."""
     command = "python -m bench " + " ".join(sys.argv[1:])
     lines = [
+        "# Benchmark results",
+        "",
+        "The latest full run of `make bench`; earlier runs are in git's history of this file.",
+        "docs/benchmarks.md says what each figure measures and why its target is what it is.",
+        "",
         f"## Run of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
         f"- command: `{command.strip()}` ({elapsed:.0f} s)",
+        f"- commit: {commit()}",
         f"- machine: {machine()}",
         "",
         "```",
@@ -156,11 +166,24 @@ def write_results(figures: list[Figure], profiles: dict[str, str], elapsed: floa
     ]
     for name, profile in profiles.items():
         lines += [f"Profile of {name}:", "", "```", profile.strip(), "```", ""]
-    new_file = not RESULTS.exists()
-    with RESULTS.open("a") as results:
-        if new_file:
-            results.write("# Benchmark results\n\nEach run of `make bench` appends a section.\n\n")
-        results.write("\n".join(lines) + "\n")
+    RESULTS.write_text("\n".join(lines) + "\n")
+
+
+def commit() -> str:
+    """The checked-out commit, with `+changes` if the tree differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" +changes" if dirty else "")
 
 
 if __name__ == "__main__":

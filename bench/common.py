@@ -260,13 +260,13 @@ def simulator_process() -> Iterator[str]:
 
 @contextmanager
 def receiver_subprocess(after: str = "") -> Iterator[tuple[str, list[str]]]:
-    """`tests.receiver.Receiver` (200 at once) in its own process: the hook URL, its output.
+    """`tests.support.receiver.Receiver` (200 at once) in its own process: the hook URL, its output.
 
     `after` is Python run once the receiver is closed (its `Receiver` is `r`); what it
     prints is put in the yielded list on the way out.
     """
     code = (
-        "import sys; from tests.receiver import Receiver; r = Receiver(); "
+        "import sys; from tests.support.receiver import Receiver; r = Receiver(); "
         "print(r.port, flush=True); sys.stdin.read(); r.close(); " + after
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@
 then seeded with the same ids, running, each set to settle at its own moment,
 spread evenly (in random order) over a window that starts `lead` seconds later
 (time for the roles to start and make a first poll cycle). Real `tracker
-worker` and `tracker beat` processes, with the SPEC's default settings (and any
+worker` and `tracker beat` processes, with the default settings (and any
 stated overrides), poll and deliver. A task's latency is the first arrival of
 its webhook minus the simulator's `settled_at`; it splits into the detection
 lag (until the tracker recorded the terminal transition) and the delivery lag.

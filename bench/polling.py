@@ -45,7 +45,7 @@ from bench.roles import BROKER_URL, Spy, empty_broker, log_dir, tracker_env, wai
 from tracker.clock import utcnow
 from tracker.config import Settings, load_settings
 from tracker.db.engine import make_engine
-from tracker.polling.core import (
+from tracker.polling import (
     MAX_BUDGET_WAIT,
     PollBatch,
     claim_due_tasks,
@@ -53,7 +53,7 @@ from tracker.polling.core import (
     run_poll_batch,
     run_poll_job,
 )
-from tracker.states import normalise
+from tracker.tracking.normalise import normalise
 from tracker.upstream.budget import DatabaseBudget, credential_key, wait_for_slot
 from tracker.upstream.client import UpstreamClient
 from tracker.worker.app import SCHEDULE_QUEUE
@@ -68,7 +68,7 @@ CALLBACK = "https://hooks.example.com/tracker"
 UNLIMITED_RPS = 1_000_000.0
 PROFILED_OBSERVATIONS = 3000
 # A pass over every registration takes longer than the default 5 s poll interval, and a
-# claim's lease never outlasts the interval (`tracker.polling.core.poll_lease`): polls still
+# claim's lease never outlasts the interval (`tracker.polling.poll_lease`): polls still
 # queued when it ends are dropped for the next tick, as an overloaded deployment sheds
 # them. With 60 s, a pass measures the work of each observation (which the interval does
 # not change), not that shedding.

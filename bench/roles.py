@@ -127,7 +127,7 @@ class PeakRss:
 
 @contextmanager
 def arrivals_receiver() -> Iterator[tuple[str, list[tuple[str, float]]]]:
-    """A webhook receiver (`tests.receiver`, 200 at once) in its own process.
+    """A webhook receiver (`tests.support.receiver`, 200 at once) in its own process.
 
     Yields the hook URL and a list that is filled on the way out with
     (task id, wall-clock arrival time) of every webhook received.

@@ -35,8 +35,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults import FaultRig, Repeating
-from tests.sim import SimulatorHandle
+from tests.support.faults import FaultRig, Repeating
+from tests.support.sim import SimulatorHandle
 from tracker.devtools.simulator import serving_in_thread
 
 # Durations as the issue states them; leases and retries at production-like scale.

@@ -16,9 +16,3 @@ def isoformat_z(moment: datetime | None) -> str | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def from_unix(seconds: float | int | None) -> datetime | None:
-    if seconds is None or isinstance(seconds, bool):
-        return None
-    return datetime.fromtimestamp(float(seconds), UTC)

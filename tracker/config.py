@@ -1,6 +1,6 @@
 """Settings: every knob of the service, read once from the environment and `.env`.
 
-Names and defaults of the `TRACKER_*` variables are part of the contract (SPEC section 5).
+Names and defaults of the `TRACKER_*` variables are part of the contract (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tracker.errors import ConfigError
+
 ENV_PREFIX = "TRACKER_"
 
 DEFAULT_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 SEVEN_DAYS = 7 * 24 * 3600
-
-
-class ConfigError(Exception):
-    """A setting has a value the service cannot run with."""
+# Webhook secrets are `whsec_` and the base64 key, as Standard Webhooks libraries expect.
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 class Settings(BaseSettings):
-    """The service's configuration; see the README's configuration table."""
+    """The service's configuration; every setting: docs/configuration.md."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -145,6 +145,11 @@ class Settings(BaseSettings):
         if value not in {"auto", "json", "console"}:
             raise ValueError(f"must be auto, json or console (got {value!r})")
         return value
+
+    @property
+    def upstream_bearer(self) -> str | None:
+        """The upstream token in clear, for the Authorization header; None when unset."""
+        return self.upstream_token.get_secret_value() if self.upstream_token else None
 
     @property
     def webhook_lease(self) -> float:

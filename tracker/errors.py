@@ -1,11 +1,20 @@
 """The service's exceptions, one hierarchy:
 
     TrackerError
-    ├── NotFound
+    ├── ConfigError                        a setting the service cannot run with
+    ├── NotFound                           404
     │   ├── ClientNotFound, TaskNotFound, DeliveryNotFound
-    ├── Conflict
+    ├── Conflict                           409
     │   ├── ClientExists, RegistrationConflict
-    └── UpstreamError                      (tracker.upstream)
+    ├── InvalidQuery                       422: a listing parameter
+    │   └── InvalidCursor
+    ├── InvalidTransition                  a move the state machine forbids
+    ├── SignatureError                     a webhook that does not verify
+    ├── CallbackRefused                    a callback URL that cannot be sent to
+    │   └── ForbiddenAddress               it resolves to a non-public address
+    ├── UnresolvableHost                   DNS has no answer (retried)
+    ├── BudgetUnavailable                  no upstream request slot in time
+    └── UpstreamError                      the upstream did not answer as documented
         ├── UpstreamAuthError              401/403: the token was rejected
         ├── UpstreamRateLimited            429, with `retry_after`
         ├── UpstreamServerError            5xx, timeouts, connection errors
@@ -13,10 +22,13 @@
                                            or another 4xx
 
 Each carries a `code` (snake_case, shown to API users) and a message that says
-what is wrong and how to fix it.
+what is wrong and how to fix it. The API maps them to statuses in
+`tracker.api.errors`.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class TrackerError(Exception):
@@ -27,6 +39,12 @@ class TrackerError(Exception):
         self.message = message
         if code is not None:
             self.code = code
+
+
+class ConfigError(TrackerError):
+    """A setting has a value the service cannot run with."""
+
+    code = "invalid_configuration"
 
 
 class NotFound(TrackerError):
@@ -55,6 +73,56 @@ class ClientExists(Conflict):
 
 class RegistrationConflict(Conflict):
     code = "registration_conflict"
+
+
+class InvalidQuery(TrackerError):
+    """A listing parameter the query cannot use; the message names the parameter."""
+
+    code = "invalid_query"
+
+
+class InvalidCursor(InvalidQuery):
+    code = "invalid_cursor"
+
+
+class InvalidTransition(TrackerError):
+    """A state change the state machine does not allow (terminal states are final)."""
+
+    code = "invalid_transition"
+
+
+class SignatureError(TrackerError):
+    """A webhook whose headers or signature do not verify."""
+
+    code = "invalid_signature"
+
+
+class CallbackRefused(TrackerError):
+    """The callback URL cannot be used at all: it is not retried."""
+
+    code = "invalid_callback_url"
+
+
+class ForbiddenAddress(CallbackRefused):
+    """The callback host resolves to a non-public address."""
+
+    code = "forbidden_address"
+
+
+class UnresolvableHost(TrackerError):
+    """DNS gave no address for the callback host (possibly transient: retried)."""
+
+    code = "unresolvable_host"
+
+
+class BudgetUnavailable(TrackerError):
+    """No upstream request slot within the wait this caller accepts, or the token is paused."""
+
+    code = "budget_unavailable"
+
+    def __init__(self, message: str, *, retry_at: datetime) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
 
 
 class UpstreamError(TrackerError):

@@ -29,7 +29,7 @@ from tracker.config import Settings, load_settings
 from tracker.db.engine import make_engine, session_factory
 from tracker.db.models import Task, TaskTransition
 from tracker.devtools.demo import free_port
-from tracker.polling.core import (
+from tracker.polling import (
     PollBatch,
     claim_due_tasks,
     plan_batches,

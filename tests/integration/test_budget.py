@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from tracker.clock import utcnow
 from tracker.db.engine import make_engine
 from tracker.db.models import UpstreamCredential
+from tracker.errors import BudgetUnavailable
 from tracker.upstream.budget import (
     SCHEDULE_MARGIN,
     Budget,
-    BudgetUnavailable,
     DatabaseBudget,
     RedisBudget,
     clear_rejected,

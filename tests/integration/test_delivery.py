@@ -29,7 +29,8 @@ from tracker.db.engine import autocommit_engine
 from tracker.db.models import Task, WebhookAttempt, WebhookDelivery
 from tracker.delivery.attempt import Settler, attempt_deliveries, attempt_delivery
 from tracker.delivery.outbox import claim_deliveries, claim_delivery, due_delivery_ids, redeliver
-from tracker.delivery.outcome import DeliveryOutcome, next_retry_delay
+from tracker.delivery.outcome import DeliveryOutcome
+from tracker.delivery.retries import next_retry_delay
 from tracker.delivery.sender import WebhookAnswer, new_http_session
 from tracker.errors import Conflict, DeliveryNotFound
 from tracker.tracking.clients import NewClient, create_client, rotate_secret
@@ -157,16 +158,16 @@ def test_500_500_200_is_attempted_three_times_with_the_same_webhook_id(
     delivery_id = completed_delivery(session, client, settings, receiver.url())
     clock = Clock()
 
-    first = attempt_delivery(engine, delivery_id, settings=settings, now_fn=clock)
+    first = attempt_delivery(engine, delivery_id, settings=settings, clock=clock)
     assert (first.status, first.status_code) == ("pending", 500)
     assert first.next_attempt_at is not None
     assert 3.9 <= (first.next_attempt_at - clock()).total_seconds() <= 6.1  # 5 s +-20 %
-    early = attempt_delivery(engine, delivery_id, settings=settings, now_fn=clock)
+    early = attempt_delivery(engine, delivery_id, settings=settings, clock=clock)
     assert (early.attempted, early.skipped) == (False, "not_due")
     clock.advance(6.1)
-    assert attempt_delivery(engine, delivery_id, settings=settings, now_fn=clock).status_code == 500
+    assert attempt_delivery(engine, delivery_id, settings=settings, clock=clock).status_code == 500
     clock.advance(6.1)
-    third = attempt_delivery(engine, delivery_id, settings=settings, now_fn=clock)
+    third = attempt_delivery(engine, delivery_id, settings=settings, clock=clock)
 
     assert (third.status, third.attempt) == ("succeeded", 3)
     assert [r.headers["webhook-id"] for r in receiver.requests] == [delivery_id] * 3
@@ -189,9 +190,9 @@ def test_410_gone_fails_at_once_and_is_not_retried(
     delivery_id = completed_delivery(session, client, settings, receiver.url())
     clock = Clock()
 
-    outcome = attempt_delivery(engine, delivery_id, settings=settings, now_fn=clock)
+    outcome = attempt_delivery(engine, delivery_id, settings=settings, clock=clock)
     clock.advance(100_000)
-    again = attempt_delivery(engine, delivery_id, settings=settings, now_fn=clock)
+    again = attempt_delivery(engine, delivery_id, settings=settings, clock=clock)
 
     assert outcome.status == "failed"
     assert (again.attempted, again.skipped) == (False, "not_pending")
@@ -749,7 +750,7 @@ def test_a_batch_is_claimed_sent_and_recorded_per_delivery(
     gone = completed_delivery(session, client, settings, receiver.url("/gone"), task_id="g")
     ids = [ok, "msg_missing", retry, gone, also_ok, ok]
 
-    outcomes = attempt_deliveries(engine, ids, settings=settings, now_fn=clock)
+    outcomes = attempt_deliveries(engine, ids, settings=settings, clock=clock)
 
     assert [o.delivery_id for o in outcomes] == [ok, "msg_missing", retry, gone, also_ok]
     assert [o.status for o in outcomes] == ["succeeded", None, "pending", "failed", "succeeded"]
@@ -776,7 +777,7 @@ def test_a_batch_is_claimed_sent_and_recorded_per_delivery(
     assert [(a.attempt, a.status_code) for a in attempts] == [(1, 410)]
 
     clock.advance(10)
-    again = attempt_deliveries(engine, [ok, retry, gone], settings=settings, now_fn=clock)
+    again = attempt_deliveries(engine, [ok, retry, gone], settings=settings, clock=clock)
 
     assert [(o.attempted, o.skipped, o.status) for o in again] == [
         (False, "not_pending", "succeeded"),
@@ -951,3 +952,53 @@ def _waiting_for_a_lock(engine: Engine) -> bool:
                 )
             )
         )
+
+
+def test_both_ways_of_recording_a_2xx_write_the_same_rows(pg_url: str, receiver: Receiver) -> None:
+    """The 2xx rule is written twice, for speed: in Python (`record_attempts`) and in the
+    single PostgreSQL statement of `settle_acknowledged`. Both must leave the same rows."""
+    from tracker.config import load_settings
+    from tracker.db.engine import make_engine
+    from tracker.delivery.outcome import record_attempts, settle_acknowledged
+
+    engine = make_engine(pg_url)
+    settings = load_settings(database_url=pg_url, webhook_allow_private=True, _env_file=None)
+    with Session(engine, expire_on_commit=False) as session:
+        client = create_client(session, "agree")
+        session.commit()
+        ids = [
+            completed_delivery(session, client, settings, receiver.url(), task_id=f"a{n}")
+            for n in range(2)
+        ]
+    now = utcnow()
+    with Session(engine) as claiming, claiming.begin():
+        by_python, by_sql = claim_deliveries(claiming, ids, now=now, lease_seconds=30)
+    answer = WebhookAnswer(now, duration_ms=7, status_code=204, excerpt="")
+    with Session(engine) as session, session.begin():
+        record_attempts(session, [(by_python, answer)], settings=settings, now=now)
+    autocommit = autocommit_engine(engine)
+    assert autocommit is not None
+    with autocommit.connect() as connection:
+        settled = settle_acknowledged(connection, [(by_sql, answer)], now=now)
+    assert [row.id for row, _, _ in settled] == [by_sql.id]
+
+    def written(delivery_id: str) -> tuple[object, ...]:
+        delivery, attempts = load(engine, delivery_id)
+        return (
+            delivery.status,
+            delivery.attempts,
+            delivery.claimed_until,
+            delivery.next_attempt_at,
+            delivery.delivered_at,
+            delivery.last_status_code,
+            delivery.failure_code,
+            delivery.failure_message,
+            [
+                (a.attempt, a.started_at, a.duration_ms, a.status_code, a.response_excerpt, a.error)
+                for a in attempts
+            ],
+        )
+
+    assert written(by_sql.id) == written(by_python.id)
+    assert written(by_python.id)[:2] == ("succeeded", 1)
+    engine.dispose()

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 from tracker.clock import utcnow
 from tracker.config import Settings
 from tracker.db.models import Task, TaskTransition, WebhookDelivery
-from tracker.polling.core import (
-    Claim,
+from tracker.polling import (
+    ClaimedTask,
     PollBatch,
     Seen,
     apply_batch_answer,
@@ -94,7 +94,7 @@ def test_claim_takes_due_tasks_once_until_the_lease_expires(
 def test_plan_batches_takes_each_upstream_id_once_per_service() -> None:
     now = utcnow()
     pairs = [("luma", "a"), ("luma", "b"), ("luma", "a"), ("suno", "a"), ("luma", "c")]
-    claimed = [Claim(service, task_id, now) for service, task_id in pairs]
+    claimed = [ClaimedTask(service, task_id, now) for service, task_id in pairs]
     assert plan_batches(claimed, 2) == [
         PollBatch("luma", ("a", "b")),
         PollBatch("luma", ("c",)),

@@ -17,8 +17,6 @@ from tracker.db.models import WebhookDelivery
 from tracker.db.queries import (
     DELIVERIES_LISTING,
     TASKS_LISTING,
-    InvalidCursor,
-    InvalidQuery,
     Page,
     Position,
     decode_cursor,
@@ -30,7 +28,7 @@ from tracker.db.queries import (
     list_tasks,
     task_detail,
 )
-from tracker.errors import DeliveryNotFound, TaskNotFound
+from tracker.errors import DeliveryNotFound, InvalidCursor, InvalidQuery, TaskNotFound
 from tracker.tracking.clients import NewClient, create_client
 
 

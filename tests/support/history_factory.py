@@ -15,8 +15,8 @@ from tracker.states import (
     DELIVERY_SUCCEEDED,
     FAILED,
     RUNNING,
-    Failure,
 )
+from tracker.tracking.normalise import Failure
 from tracker.tracking.registration import register_task
 from tracker.tracking.schemas import TaskRegistration
 from tracker.tracking.transitions import new_delivery_id, record_transition, webhook_payload

@@ -8,14 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tracker.delivery.netguard import (
-    AttemptDeadline,
-    CallbackRefused,
-    ForbiddenAddress,
-    UnresolvableHost,
-    forbidden_reason,
-    vet_callback,
-)
+from tracker.delivery.netguard import AttemptDeadline, forbidden_reason, vet_callback
+from tracker.errors import CallbackRefused, ForbiddenAddress, UnresolvableHost
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The README's configuration table lists exactly the settings the service reads."""
+"""The configuration page lists exactly the settings the service reads."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from pathlib import Path
 
 from tracker.config import Settings, env_name
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 
 
 def test_configuration_table_matches_settings() -> None:
-    text = README.read_text()
-    section = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"`(TRACKER_[A-Z_]+)`", section))
+    text = CONFIGURATION.read_text()
+    documented = set(re.findall(r"`(TRACKER_[A-Z_]+)`", text))
     expected = {env_name(field) for field in Settings.model_fields}
     assert documented == expected, (
-        f"missing from README: {sorted(expected - documented)}; "
+        f"missing from docs/configuration.md: {sorted(expected - documented)}; "
         f"not settings: {sorted(documented - expected)}"
     )

@@ -9,7 +9,8 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 import tracker
-from tracker.delivery.signing import SignatureError, sign, signature_header, verify, webhook_headers
+from tracker.delivery.signing import sign, signature_header, verify, webhook_headers
+from tracker.errors import SignatureError
 from tracker.tracking.clients import new_webhook_secret
 
 BODY = '{"type":"task.completed","data":{"task_id":"t-1","note":"d\u00e9j\u00e0 vu"}}'

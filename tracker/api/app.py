@@ -33,26 +33,15 @@ fails or times out. Every `/v1` route needs `Authorization: Bearer <api key>`
 """
 
 
-# Worker threads running the requests' database work (anyio's default is 40): the route's
-# transaction, and the lookup of an API key not seen lately, each holding a pooled
-# connection only within its hop (`tracker.api.deps`). A few threads hide the database's
-# latency; more only fight over the interpreter lock with the event loop. At 200
-# registrations/s on two cores (`bench/scale.py`), p99 was 446 ms with 40 threads, 47-68 ms
-# with 3 (with 8 threads 244 ms, with 1 659 ms). Fewer than the pool keeps open
-# (`tracker.db.engine.make_engine`).
+# Few request threads hide the database's latency; more fight over the GIL with the event
+# loop. Fewer than the pool keeps open (docs/decisions/0010-three-api-request-threads.md).
 API_THREADS = 3
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Before the first request: fill the connection pool, set the request threads, then
-    settle the heap.
-
-    Connections opened under the first burst of requests would each stall it by
-    the connection set-up. `gc.freeze()` moves the objects alive after start-up
-    (modules, routes, models) out of the collector's reach; without it a full
-    collection walks them all and stalls one request in every few thousand by 30-40 ms.
-    """
+    """Before the first request: fill the connection pool, set the request threads, freeze
+    the start-up heap (docs/decisions/0013-keyset-paging.md)."""
     engine: sa.Engine = app.state.sessions.kw["bind"]
     # SQLite: connecting costs nothing, and each statement takes the write lock
     # (BEGIN IMMEDIATE, see tracker.db.engine), so a second held connection would wait on the first.

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tracker.api.errors import ApiError
 from tracker.config import Settings
+from tracker.db.engine import transaction
 from tracker.db.models import Client
 from tracker.tracking.clients import KeyCache, authenticate
 
@@ -34,16 +35,13 @@ bearer_scheme = HTTPBearer(
 
 @contextmanager
 def request_transaction(request: Request) -> Iterator[Session]:
-    """The request's transaction: committed on leaving the block, rolled back on an error.
+    """The request's transaction, in one hop to a worker thread; committed before the answer.
 
-    A route opens it in its own body, so its database work (statements and commit)
-    runs in one hop to a worker thread, holding one pooled connection from start to
-    end (see `tracker.api.app.API_THREADS`); a connection held across hops could
-    wait for a thread held by a request waiting for a connection. The commit
-    happens before the answer is sent: a failed commit is a 500, never a false 201.
+    A failed commit is a 500, never a false 201
+    (docs/decisions/0010-three-api-request-threads.md).
     """
     sessions: sessionmaker[Session] = request.app.state.sessions
-    with sessions() as session, session.begin():
+    with transaction(sessions) as session:
         yield session
 
 

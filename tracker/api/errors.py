@@ -1,4 +1,4 @@
-"""Every error answer in one shape (SPEC section 3):
+"""Every error answer in one shape (docs/api.md):
 
     {"error": {"code": "<snake_case>", "message": "<what and how to fix>"}, "trace_id": "<id>"}
 
@@ -26,8 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 
 from tracker.api.resources import ErrorBody
-from tracker.db.queries import InvalidQuery
-from tracker.errors import Conflict, NotFound, TrackerError
+from tracker.errors import Conflict, InvalidQuery, NotFound, TrackerError
 
 VALIDATION_ERROR = "validation_error"
 _MAX_PROBLEMS = 10

@@ -11,9 +11,10 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.api.resources import Health, Readiness
-from tracker.clock import isoformat_z
+from tracker.clock import isoformat_z, utcnow
 from tracker.config import Settings
 from tracker.db.models import UpstreamCredential
+from tracker.db.queries import database_levels
 from tracker.observability import metrics
 from tracker.upstream.budget import credential_key
 
@@ -61,7 +62,7 @@ def check_broker(url: str, *, timeout: float = BROKER_TIMEOUT_SECONDS) -> str:
 
 def check_upstream_credentials(sessions: sessionmaker[Session], settings: Settings) -> str:
     """`ok` unless the upstream rejected the configured token (recorded by the pollers)."""
-    token = settings.upstream_token.get_secret_value() if settings.upstream_token else None
+    token = settings.upstream_bearer
     try:
         with sessions() as session:
             row = session.execute(
@@ -107,4 +108,10 @@ def readyz(request: Request) -> JSONResponse:
 )
 def metrics_text(request: Request) -> Response:
     """This process's counters (every process's, on a shared host) and the database levels."""
-    return Response(metrics.render(request.app.state.sessions), media_type=CONTENT_TYPE_LATEST)
+    sessions: sessionmaker[Session] = request.app.state.sessions
+
+    def read_levels() -> metrics.DatabaseLevels:
+        with sessions() as session:
+            return database_levels(session, now=utcnow())
+
+    return Response(metrics.render(read_levels), media_type=CONTENT_TYPE_LATEST)

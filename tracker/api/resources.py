@@ -18,7 +18,7 @@ class Resource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Failure(Resource):
+class FailureResource(Resource):
     """Why a task failed, or why a delivery gave up."""
 
     code: str
@@ -50,7 +50,7 @@ class TaskResource(Resource):
     finished_at: str | None
     deadline_at: str
     polls: int
-    failure: Failure | None
+    failure: FailureResource | None
     record: dict[str, Any] | None = Field(description="The last upstream task record.")
 
 
@@ -69,7 +69,7 @@ class DeliverySummary(Resource):
     next_attempt_at: str | None
     delivered_at: str | None
     last_status_code: int | None
-    failure: Failure | None
+    failure: FailureResource | None
 
 
 class TaskDetail(TaskResource):
@@ -130,7 +130,7 @@ class DeliveryDetail(Resource):
     next_attempt_at: str | None
     delivered_at: str | None
     last_status_code: int | None
-    failure: Failure | None
+    failure: FailureResource | None
     task_id: str
     service: str
     callback_url: str

@@ -85,7 +85,8 @@ def is_postgresql(engine_or_session: Engine | Session) -> bool:
 def autocommit_engine(sessions: Engine | sessionmaker[Session]) -> Engine | None:
     """On PostgreSQL, an engine for the hot paths whose work is one statement: autocommit,
     and no ping when a connection is taken from its pool, so the statement is the one
-    round trip (no BEGIN, COMMIT or `SELECT 1`). None elsewhere.
+    round trip (no BEGIN, COMMIT or `SELECT 1`). None elsewhere
+    (docs/decisions/0008-record-acknowledged-answers-at-once.md).
 
     Its pool is its own, as large as a default engine's. Without the ping, a statement
     on a connection the server has dropped (a restart) fails with `OperationalError`
@@ -120,9 +121,19 @@ def session_factory(engine: Engine | None = None) -> sessionmaker[Session]:
 
 
 @contextmanager
-def transaction(engine: Engine | None = None) -> Iterator[Session]:
-    """`with transaction() as session:` one unit of work, committed on success."""
-    with Session(engine or get_engine(), expire_on_commit=False) as session, session.begin():
+def transaction(
+    target: Engine | sessionmaker[Session] | None = None,
+) -> Iterator[Session]:
+    """`with transaction() as session:` one unit of work, committed on success.
+
+    `target` is an engine or a session factory (default: the configured database).
+    Functions that take a session never commit: the caller's transaction is this one.
+    """
+    if isinstance(target, sessionmaker):
+        with target.begin() as session:
+            yield session
+        return
+    with Session(target or get_engine(), expire_on_commit=False) as session, session.begin():
         yield session
 
 

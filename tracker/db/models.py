@@ -1,8 +1,7 @@
 """The history database: clients, tracked tasks, their transitions, webhook deliveries.
 
 These tables are an interface too (users query them with SQL), so names are
-stable and change only through Alembic migrations. See the README's
-"History database" section for the meaning of every column.
+stable and change only through Alembic migrations. Every column: docs/database.md.
 """
 
 from __future__ import annotations
@@ -145,10 +144,9 @@ tasks_table = Table(
     Index("ix_tasks_client_task_id", "client_id", "task_id"),
 )
 
-# A registration's polling, apart from `tasks`: a claim rewrites these columns on every
-# poll, and a narrow row with two indexes costs PostgreSQL a third of what a new version
-# of the wide `tasks` row and its eight indexes does. One row per registration, kept
-# once it is terminal (`next_poll_at` null) for its poll count.
+# A registration's polling, apart from `tasks`: a claim rewrites it on every poll
+# (docs/decisions/0002-task-schedule-table.md). One row per registration, kept once it is
+# terminal (`next_poll_at` null) for its poll count.
 task_schedule_table = Table(
     "task_schedule",
     Base.metadata,

@@ -2,12 +2,13 @@
 
 Listings are newest first and paged by keyset on `(created_at, id)`: a page is
 one index range scan (`ix_tasks_client_*`, `ix_webhook_deliveries_client_*`),
-however deep the page, never an OFFSET. The cursor is opaque to clients:
-base64url of a small JSON object naming the listing and the last row seen.
+however deep the page, never an OFFSET (docs/decisions/0013-keyset-paging.md). The
+cursor is opaque to clients: base64url of a small JSON object naming the listing and the
+last row seen.
 
 `client_id=None` reads across every client (the CLI); the API always passes the
 calling client, so nobody sees another client's rows. The serialisers turn rows
-into the resource dicts of SPEC section 3, the same for API and CLI `--json`.
+into the resource dicts of docs/api.md, the same for API and CLI `--json`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, select, tuple_
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from tracker.clock import isoformat_z
 from tracker.db.models import Task, TaskTransition, WebhookAttempt, WebhookDelivery
-from tracker.errors import DeliveryNotFound, TaskNotFound, TrackerError
+from tracker.errors import DeliveryNotFound, InvalidCursor, InvalidQuery, TaskNotFound
+from tracker.observability.metrics import DatabaseLevels
+from tracker.states import DELIVERY_PENDING
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -36,16 +39,6 @@ TASKS_LISTING = "tasks"
 DELIVERIES_LISTING = "deliveries"
 
 RowT = TypeVar("RowT", Task, WebhookDelivery)
-
-
-class InvalidQuery(TrackerError):
-    """A listing parameter the query cannot use; the message names the parameter."""
-
-    code = "invalid_query"
-
-
-class InvalidCursor(InvalidQuery):
-    code = "invalid_cursor"
 
 
 @dataclass(frozen=True)
@@ -245,7 +238,7 @@ def get_delivery(session: Session, delivery_id: str, *, client_id: int | None) -
     return delivery
 
 
-# Serialisers: rows to the resources of SPEC section 3.
+# Serialisers: rows to the resources of docs/api.md.
 
 
 def task_resource(task: Task) -> dict[str, Any]:
@@ -326,7 +319,7 @@ def attempt_resource(attempt: WebhookAttempt) -> dict[str, Any]:
 def delivery_detail(delivery: WebhookDelivery) -> dict[str, Any]:
     """A delivery with its payload and every attempt.
 
-    Here `attempts` is the list of attempts (SPEC section 3) and their number,
+    Here `attempts` is the list of attempts (docs/api.md) and their number,
     which the summary calls `attempts`, moves to `attempt_count`.
     """
     resource = delivery_resource(delivery)
@@ -334,3 +327,20 @@ def delivery_detail(delivery: WebhookDelivery) -> dict[str, Any]:
     resource["payload"] = json.loads(delivery.payload)
     resource["attempts"] = [attempt_resource(a) for a in delivery.attempt_log]
     return resource
+
+
+def database_levels(session: Session, *, now: datetime) -> DatabaseLevels:
+    """Tasks by state, deliveries by status and the deliveries due: the gauges of `/metrics`."""
+    # .all(): a Result has .keys() and would be taken for a mapping by dict().
+    by_state = dict(session.execute(select(Task.state, func.count()).group_by(Task.state)).all())
+    by_status = dict(
+        session.execute(
+            select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
+        ).all()
+    )
+    due = session.scalar(
+        select(func.count()).where(
+            WebhookDelivery.status == DELIVERY_PENDING, WebhookDelivery.next_attempt_at <= now
+        )
+    )
+    return DatabaseLevels(by_state, by_status, due or 0)

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -38,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.clock import utcnow
 from tracker.config import Settings
-from tracker.db.engine import autocommit_engine, retry_while_unreachable
+from tracker.db.engine import autocommit_engine, retry_while_unreachable, transaction
 from tracker.db.models import WebhookDelivery
 from tracker.delivery.netguard import Resolver
 from tracker.delivery.outbox import Claim, among_ids, claim_deliveries, older_event_unsettled
@@ -55,16 +54,6 @@ from tracker.tracking.clients import secrets_in_force
 Sessions = Engine | sessionmaker[Session]
 
 
-@contextmanager
-def _transaction(sessions: Sessions) -> Iterator[Session]:
-    if isinstance(sessions, Engine):
-        with Session(sessions, expire_on_commit=False) as session, session.begin():
-            yield session
-    else:
-        with sessions.begin() as session:
-            yield session
-
-
 def attempt_delivery(
     sessions: Sessions,
     delivery_id: str,
@@ -72,11 +61,11 @@ def attempt_delivery(
     settings: Settings,
     http: requests.Session | None = None,
     resolver: Resolver | None = None,
-    now_fn: Callable[[], datetime] = utcnow,
+    clock: Callable[[], datetime] = utcnow,
 ) -> DeliveryOutcome:
     """One attempt of one due delivery: `attempt_deliveries` of a single id."""
     (outcome,) = attempt_deliveries(
-        sessions, [delivery_id], settings=settings, http=http, resolver=resolver, now_fn=now_fn
+        sessions, [delivery_id], settings=settings, http=http, resolver=resolver, clock=clock
     )
     return outcome
 
@@ -88,7 +77,7 @@ def attempt_deliveries(
     settings: Settings,
     http: requests.Session | None = None,
     resolver: Resolver | None = None,
-    now_fn: Callable[[], datetime] = utcnow,
+    clock: Callable[[], datetime] = utcnow,
 ) -> list[DeliveryOutcome]:
     """One attempt of each due delivery of a batch; an outcome per id, in order.
 
@@ -101,8 +90,8 @@ def attempt_deliveries(
     job): the lease lets one call send, the other returns `attempted=False`.
     """
     ids = list(dict.fromkeys(delivery_ids))
-    with _transaction(sessions) as session:
-        now = now_fn()
+    with transaction(sessions) as session:
+        now = clock()
         claims = claim_deliveries(session, ids, now=now, lease_seconds=settings.webhook_lease)
         lease_ends = time.monotonic() + settings.webhook_lease
         claimed = {claim.id for claim in claims}
@@ -114,7 +103,7 @@ def attempt_deliveries(
 
     pool = send_pool()
     autocommit = autocommit_engine(sessions)
-    settler = None if autocommit is None else Settler(autocommit, now_fn)
+    settler = None if autocommit is None else Settler(autocommit, clock)
     send = partial(
         _send_and_settle,
         settler=settler,
@@ -122,7 +111,7 @@ def attempt_deliveries(
         allow_private=settings.webhook_allow_private,
         http=http,
         resolver=resolver,
-        now_fn=now_fn,
+        clock=clock,
     )
     sending = {
         pool.submit(send, claim, secrets.get(claim.client_id, ())): claim for claim in claims
@@ -149,14 +138,10 @@ def attempt_deliveries(
             else:
                 settled.append(acknowledged)
         if answered or settled:
-            # The receivers have answered: if the database is away (restarting), wait for
-            # it rather than lose the answers, each of which would be sent again once its
-            # lease expires (a duplicate for the receiver). Past the lease too: while the
-            # database is away nobody can claim the rows again, and a record arriving
-            # after someone has is only logged (`record_attempts`). One more lease at
-            # most, so that no thread waits for ever.
+            # Wait for the database rather than lose answers, up to one lease past the
+            # claim's (docs/decisions/0009-record-answers-through-outages.md).
             recorded = retry_while_unreachable(
-                partial(_record_answers, sessions, answered, settled, settings, now_fn),
+                partial(_record_answers, sessions, answered, settled, settings, clock),
                 deadline=lease_ends + settings.webhook_lease,
                 what="recording webhook answers",
             )
@@ -167,22 +152,16 @@ def attempt_deliveries(
 
 
 class Settler:
-    """Records a batch's 2xx answers from the sending threads that read them (PostgreSQL).
+    """Records a batch's 2xx answers from the sending threads that read them, group-committed
+    (PostgreSQL; docs/decisions/0008-record-acknowledged-answers-at-once.md).
 
-    Between reading an acknowledgement and recording it, a worker's death makes the
-    webhook a duplicate, so that window is kept to the statement in flight and the
-    next: the first sending thread with an answer to find no statement of the batch in
-    flight records every answer waiting (`settle_acknowledged`, one autocommitted
-    statement), its own included, then those that came in meanwhile, until none is
-    left; the others hand theirs over and go on sending. No wait for the job's thread
-    to wake, nor for the record of the answers before. The job's thread collects what
-    each came to (`recorded`) and handles the rest (a row taken over meanwhile, the
-    database away).
+    The job's thread collects what each came to (`recorded`) and handles the rest (a row
+    taken over meanwhile, the database away).
     """
 
-    def __init__(self, engine: Engine, now_fn: Callable[[], datetime]) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime]) -> None:
         self._engine = engine
-        self._now_fn = now_fn
+        self._clock = clock
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
         self._waiting: list[tuple[Claim, WebhookAnswer]] = []
@@ -232,7 +211,7 @@ class Settler:
     def _record(self, batch: list[tuple[Claim, WebhookAnswer]]) -> list[Acknowledged]:
         try:
             with self._engine.connect() as connection:
-                return settle_acknowledged(connection, batch, now=self._now_fn())
+                return settle_acknowledged(connection, batch, now=self._clock())
         except OperationalError:  # the database is away: the job's thread waits for it and records
             return []
 
@@ -242,12 +221,12 @@ def _send_and_settle(
     secrets: Sequence[str],
     *,
     settler: Settler | None,
-    now_fn: Callable[[], datetime],
+    clock: Callable[[], datetime],
     **request: Any,
 ) -> WebhookAnswer:
     """Send one webhook; a 2xx answer goes to `settler` at once, from this thread."""
     answer = send_webhook(
-        claim.callback_url, claim.id, claim.payload, secrets, now_fn=now_fn, **request
+        claim.callback_url, claim.id, claim.payload, secrets, clock=clock, **request
     )
     if settler is not None and answer.succeeded:
         settler.settle(claim, answer)
@@ -259,13 +238,13 @@ def _record_answers(
     answered: Sequence[tuple[Claim, WebhookAnswer]],
     settled: Sequence[Acknowledged],
     settings: Settings,
-    now_fn: Callable[[], datetime],
+    clock: Callable[[], datetime],
 ) -> list[DeliveryOutcome]:
     """Record the answers not recorded yet, then count, log and follow up all of them
     (`settled`: those the sending threads recorded). On PostgreSQL, the 2xx answers to
     rows still ours go first, in one autocommitted statement (`settle_acknowledged`);
     the others in one transaction."""
-    now = now_fn()
+    now = clock()
     settled = list(settled)
     autocommit = autocommit_engine(sessions)
     if autocommit is not None and answered:
@@ -273,7 +252,7 @@ def _record_answers(
             settled += settle_acknowledged(connection, answered, now=now)
     done = {row.id for row, _, _ in settled}
     rest = [(claim, answer) for claim, answer in answered if claim.id not in done]
-    with _transaction(sessions) as session:
+    with transaction(sessions) as session:
         return record_attempts(session, rest, settings=settings, now=now, settled=settled)
 
 

@@ -35,6 +35,9 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from tracker.errors import CallbackRefused, ForbiddenAddress, UnresolvableHost
+from tracker.tracking.schemas import parse_callback_url
+
 if TYPE_CHECKING:
     from requests.adapters import _HostParams, _PoolKwargs
 
@@ -50,26 +53,6 @@ ALLOW_PRIVATE_HINT = (
 _CARRIER_GRADE_NAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
-
-
-class CallbackRefused(Exception):
-    """The callback URL cannot be used at all: it is not retried."""
-
-    code = "invalid_callback_url"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class ForbiddenAddress(CallbackRefused):
-    """The callback host resolves to a non-public address."""
-
-    code = "forbidden_address"
-
-
-class UnresolvableHost(Exception):
-    """DNS gave no address for the callback host (possibly transient: retried)."""
 
 
 @dataclass(frozen=True)
@@ -137,15 +120,11 @@ def vet_callback(url: str, *, allow_private: bool, resolver: Resolver) -> Vetted
     `UnresolvableHost` when DNS has no answer.
     """
     try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:
-        raise CallbackRefused(f"callback URL {url!r} is not valid: {exc}") from None
-    hostname = parts.hostname
-    if parts.scheme not in ("http", "https") or not hostname:
-        raise CallbackRefused(
-            f"callback URL {url!r} must be an absolute http:// or https:// URL with a host"
-        )
+        parts = parse_callback_url(url)
+    except CallbackRefused as exc:
+        raise CallbackRefused(f"callback URL {exc.message}") from None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    hostname = parts.hostname or ""
     try:
         addresses: list[IPAddress] = [ipaddress.ip_address(hostname)]
     except ValueError:

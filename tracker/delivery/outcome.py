@@ -1,16 +1,19 @@
-"""Recording webhook attempts: the attempt log and the outcome rules of SPEC section 4.
+"""Recording webhook attempts: the attempt log and the outcome rules of docs/webhooks.md.
 
 A receiver's answer becomes a `webhook_attempts` row, and for a delivery still
 leased by the attempt, its new status: succeeded on 2xx; failed on 410, on a
 refused callback address or when the retry schedule is done; otherwise pending
 again at the next time of `TRACKER_WEBHOOK_RETRY_SCHEDULE` (jittered, honouring
-`Retry-After` within bounds).
+`Retry-After` within bounds: `tracker.delivery.retries`).
+
+Over 400 lines for a reason: the general path (`record_attempts`) and its
+single-statement PostgreSQL twin for 2xx answers (`settle_acknowledged`) must apply
+the same rule, and are kept side by side so that a change to one is seen in the other.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,38 +26,13 @@ from tracker.config import Settings
 from tracker.db.engine import is_postgresql
 from tracker.db.models import WebhookAttempt, WebhookDelivery
 from tracker.delivery.outbox import Claim, among, among_ids
+from tracker.delivery.retries import MANUAL_RETRY_HINT, next_retry_delay
 from tracker.delivery.sender import WebhookAnswer
 from tracker.observability import metrics
 from tracker.states import DELIVERY_FAILED, DELIVERY_PENDING, DELIVERY_SUCCEEDED
 
 # The attempt log lines keep the logger name operators filter on.
 log = logging.getLogger("tracker.delivery")
-
-# Scheduled delays vary by +-20 %, so receivers that failed together are not retried together.
-RETRY_JITTER = 0.2
-MANUAL_RETRY_HINT = "`tracker deliveries retry {id}` or `POST /v1/deliveries/{id}/retry`"
-
-
-def next_retry_delay(
-    schedule: Sequence[float],
-    attempts_made: int,
-    *,
-    retry_after: float | None = None,
-    rng: random.Random | None = None,
-) -> float | None:
-    """Seconds before the next attempt once `attempts_made` failed; None: the schedule is done.
-
-    `schedule[k]` is the delay before attempt k+1, jittered by +-20 %. A
-    receiver's `Retry-After` is honoured, clamped between the scheduled delay
-    and twice it, so no receiver can push a delivery out for days.
-    """
-    if attempts_made >= len(schedule):
-        return None
-    nominal = schedule[attempts_made]
-    delay = nominal * (rng or random).uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
-    if retry_after is not None:
-        delay = min(max(delay, retry_after), 2 * nominal)
-    return delay
 
 
 @dataclass(frozen=True)
@@ -116,10 +94,10 @@ def record_attempts(
     A row superseded, retried by hand or taken over meanwhile (its lease is not
     the claim's any more) only gets the attempt logged. One select, one insert
     and one update for the whole batch (a statement per set of equal values), and
-    a select of the newer events to follow up only when there are some: a
-    receiver's answer waits for this record (a worker dying meanwhile makes it a
-    duplicate), so it keeps to few round trips. `settled`: answers already
-    recorded by `settle_acknowledged`, to count, log and follow up with the others.
+    a select of the newer events to follow up only when there are some: few round
+    trips (docs/decisions/0008-record-acknowledged-answers-at-once.md). `settled`:
+    answers already recorded by `settle_acknowledged`, to count, log and follow up
+    with the others.
     """
     recorded = [(row, answer) for row, answer, _ in settled]
     settled_rows = [row for row, _, _ in settled]
@@ -331,7 +309,7 @@ def _waiting_newer_events(
 def _apply_outcome(
     delivery: _Row, answer: WebhookAnswer, *, settings: Settings, now: datetime
 ) -> None:
-    """The outcome rules of SPEC section 4 for a pending delivery that was just attempted."""
+    """The outcome rules (docs/webhooks.md) for a pending delivery that was just attempted."""
     delivery.last_status_code = answer.status_code
     if answer.succeeded:
         delivery.status = DELIVERY_SUCCEEDED
@@ -419,13 +397,10 @@ _SETTLE_ACKNOWLEDGED_PG = text(
 def settle_acknowledged(
     connection: Connection, answered: Sequence[tuple[Claim, WebhookAnswer]], *, now: datetime
 ) -> list[Acknowledged]:
-    """PostgreSQL: record the 2xx answers to deliveries still leased by their claim in one
-    statement (autocommitted by the caller, a single round trip), ahead of the rest.
+    """PostgreSQL: record 2xx answers to rows still leased in one statement, autocommitted
+    by the caller (docs/decisions/0008-record-acknowledged-answers-at-once.md).
 
-    An answer the receiver has given and the worker has read, but not yet recorded, is
-    sent again if the worker dies meanwhile: a duplicate for the receiver. Nearly every
-    answer is a 2xx to a delivery still ours, so this is where that window is kept short;
-    the answers it leaves (errors, a lease taken over) go through `record_attempts`.
+    The answers it leaves (errors, a lease taken over) go through `record_attempts`.
     """
     acknowledged = [(claim, answer) for claim, answer in answered if answer.succeeded]
     if not acknowledged:

@@ -21,14 +21,13 @@ import urllib3
 
 from tracker.delivery.netguard import (
     AttemptDeadline,
-    CallbackRefused,
     PinnedAddressAdapter,
     Resolver,
-    UnresolvableHost,
     system_resolver,
     vet_callback,
 )
 from tracker.delivery.signing import webhook_headers
+from tracker.errors import CallbackRefused, UnresolvableHost
 
 # The attempt log keeps this much of each answer.
 EXCERPT_BYTES = 2048
@@ -128,14 +127,14 @@ def send_webhook(
     allow_private: bool,
     http: requests.Session | None = None,
     resolver: Resolver | None = None,
-    now_fn: Callable[[], datetime],
+    clock: Callable[[], datetime],
 ) -> WebhookAnswer:
     """POST `payload` to the vetted address of `callback_url`, signed, within `timeout` seconds.
 
     `http` must mount `PinnedAddressAdapter` (see `new_http_session`); default: the
     process's pooled session.
     """
-    started_at = now_fn()
+    started_at = clock()
     start = time.perf_counter()
 
     def elapsed_ms() -> int:

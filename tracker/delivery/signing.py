@@ -18,20 +18,17 @@ import time
 from collections.abc import Mapping, Sequence
 
 import tracker
-from tracker.tracking.clients import SECRET_PREFIX
+from tracker.config import WEBHOOK_SECRET_PREFIX
+from tracker.errors import SignatureError
 
 SIGNATURE_VERSION = "v1"
 # Receivers reject timestamps further than this from their clock (replay protection).
 DEFAULT_TOLERANCE_SECONDS = 300
 
 
-class SignatureError(ValueError):
-    """A webhook whose headers or signature do not verify."""
-
-
 def secret_key(secret: str) -> bytes:
     """The HMAC key of a `whsec_...` secret (the base64 after the prefix)."""
-    encoded = secret.removeprefix(SECRET_PREFIX).rstrip("=")
+    encoded = secret.removeprefix(WEBHOOK_SECRET_PREFIX).rstrip("=")
     try:
         # Padding restored, so secrets stored without it still work.
         key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
@@ -63,7 +60,7 @@ def signature_header(secrets: Sequence[str], msg_id: str, timestamp: int, body: 
 def webhook_headers(
     secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes | str
 ) -> dict[str, str]:
-    """Every header of a webhook request (SPEC section 4)."""
+    """Every header of a webhook request (docs/webhooks.md)."""
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),

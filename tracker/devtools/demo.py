@@ -27,7 +27,8 @@ from rich.table import Table
 
 from tracker.db import migrate
 from tracker.db.engine import make_engine, transaction
-from tracker.delivery.signing import SignatureError, verify
+from tracker.delivery.signing import verify
+from tracker.errors import SignatureError
 from tracker.tracking.clients import create_client
 from tracker.worker.roles import Supervisor
 

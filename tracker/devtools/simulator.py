@@ -1,4 +1,4 @@
-"""The simulator: a local stand-in for AceData's task APIs (SPEC section 7).
+"""The simulator: a local stand-in for AceData's task APIs (docs/simulator.md).
 
 Upstream routes, as AceData answers them (records: `tracker.devtools.simulator_records`):
 

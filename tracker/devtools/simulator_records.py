@@ -12,11 +12,11 @@ cost nothing until asked about. Over its `duration` a task goes through:
 A `stall` task stays processing forever. Queueing is short and generating is
 long, as with Luma, so a ten-minute task is soon seen running.
 
-Keys and nesting follow the examples of `upstream/luma-tasks-api.txt`
+Keys and nesting follow AceData's documented examples (docs/simulator.md)
 (`_id, id, api_id, application_id, created_at, credential_id, request,
 trace_id, user_id, response, finished_at`). With `timing_fields`, records
 also carry `started_at` (once there is a response) and `elapsed` (once
-settled), which NOTES.md lists but the example does not show.
+settled), which the vendor lists but its examples do not show.
 """
 
 from __future__ import annotations

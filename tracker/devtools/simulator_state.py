@@ -57,7 +57,7 @@ class SimulatorConfig(BaseModel):
         "empty", description="What retrieve answers for an unknown id: `{}` or a 404."
     )
     timing_fields: bool = Field(
-        False, description="Add started_at and elapsed to records (NOTES.md lists them)."
+        False, description="Add started_at and elapsed to records (docs/simulator.md)."
     )
     seed: int | None = Field(None, description="Seed of every random choice, to repeat a run.")
 

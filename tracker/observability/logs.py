@@ -98,7 +98,7 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
-    token = settings.upstream_token.get_secret_value() if settings.upstream_token else None
+    token = settings.upstream_bearer
     handler.addFilter(SecretMask([token] if token else []))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -11,7 +11,8 @@ right whichever process answers.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,12 +24,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
 
-from tracker.clock import utcnow
-from tracker.db.models import Task, WebhookDelivery
-from tracker.states import DELIVERY_FAILED, DELIVERY_PENDING, DELIVERY_STATUSES, TASK_STATES
+from tracker.states import DELIVERY_FAILED, DELIVERY_STATUSES, TASK_STATES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LAG_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -80,11 +77,18 @@ COMPLETION_TO_DELIVERY = Histogram(
 )
 
 
-class DatabaseLevels(Collector):
-    """Gauges read from the history database at scrape time."""
+@dataclass(frozen=True)
+class DatabaseLevels:
+    """Levels that live in the database, read at scrape time (`tracker.db.queries`)."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self._sessions = sessions
+    tasks_by_state: Mapping[str, int]
+    deliveries_by_status: Mapping[str, int]
+    deliveries_due: int
+
+
+class _LevelsCollector(Collector):
+    def __init__(self, read_levels: Callable[[], DatabaseLevels]) -> None:
+        self._read_levels = read_levels
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         tasks = GaugeMetricFamily("tracker_tasks", "Tracked tasks by state.", labels=["state"])
@@ -96,34 +100,19 @@ class DatabaseLevels(Collector):
             "Deliveries waiting: due now, or failed for good until retried by hand.",
             labels=["kind"],
         )
-        with self._sessions() as session:
-            # .all(): a Result has .keys() and would be taken for a mapping by dict().
-            by_state = dict(
-                session.execute(select(Task.state, func.count()).group_by(Task.state)).all()
-            )
-            by_status = dict(
-                session.execute(
-                    select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
-                ).all()
-            )
-            due = session.scalar(
-                select(func.count()).where(
-                    WebhookDelivery.status == DELIVERY_PENDING,
-                    WebhookDelivery.next_attempt_at <= utcnow(),
-                )
-            )
+        levels = self._read_levels()
         for state in sorted(TASK_STATES):
-            tasks.add_metric([state], by_state.get(state, 0))
+            tasks.add_metric([state], levels.tasks_by_state.get(state, 0))
         for status in sorted(DELIVERY_STATUSES):
-            deliveries.add_metric([status], by_status.get(status, 0))
-        backlog.add_metric(["due"], due or 0)
-        backlog.add_metric(["failed"], by_status.get(DELIVERY_FAILED, 0))
+            deliveries.add_metric([status], levels.deliveries_by_status.get(status, 0))
+        backlog.add_metric(["due"], levels.deliveries_due)
+        backlog.add_metric(["failed"], levels.deliveries_by_status.get(DELIVERY_FAILED, 0))
         yield tasks
         yield deliveries
         yield backlog
 
 
-def render(sessions: sessionmaker[Session] | None) -> bytes:
+def render(read_levels: Callable[[], DatabaseLevels] | None) -> bytes:
     """The text exposition for `/metrics`: this process (or all on the host) plus DB levels."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -131,9 +120,9 @@ def render(sessions: sessionmaker[Session] | None) -> bytes:
     else:
         registry = REGISTRY
     output = generate_latest(registry)
-    if sessions is not None:
+    if read_levels is not None:
         levels = CollectorRegistry()
-        levels.register(DatabaseLevels(sessions))
+        levels.register(_LevelsCollector(read_levels))
         output += generate_latest(levels)
     return output
 

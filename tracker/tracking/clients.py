@@ -16,11 +16,11 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from tracker.clock import utcnow
+from tracker.config import WEBHOOK_SECRET_PREFIX
 from tracker.db.models import Client, WebhookSecret
 from tracker.errors import ClientExists, ClientNotFound
 
 API_KEY_PREFIX = "trk_"
-SECRET_PREFIX = "whsec_"
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def hash_api_key(api_key: str) -> str:
 
 def new_webhook_secret() -> str:
     """`whsec_` and base64 of 32 random bytes, as Standard Webhooks libraries expect."""
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def create_client(session: Session, name: str, *, now: datetime | None = None) -> NewClient:
@@ -77,7 +77,8 @@ def authenticate(session: Session, api_key: str) -> Client | None:
 
 
 class KeyCache:
-    """API keys already checked, by hash: a request with a known key needs no database read.
+    """API keys already checked, by hash: a request with a known key needs no database read
+    (docs/decisions/0012-api-key-cache.md).
 
     Only keys that authenticated are kept, each for `ttl` seconds, at most `size` of
     them (the oldest go first). Clients are never deleted and their API keys never

@@ -54,9 +54,9 @@ def register_task(
 ) -> Registered:
     """Start tracking a task for `client`; repeating the same registration is harmless.
 
-    The row is inserted first, `ON CONFLICT DO NOTHING`: a new task (the usual
-    case) costs three statements, and a registration racing another one for the
-    same task waits for it and then answers as a repeat or a conflict, without
+    Inserted first, `ON CONFLICT DO NOTHING`: three statements for a new task
+    (docs/decisions/0011-registration-insert-first.md). A registration racing another
+    for the same task waits for it and then answers as a repeat or a conflict, without
     breaking the caller's transaction (a batch goes on with its other items).
     """
     settings = settings or get_settings()

@@ -1,13 +1,15 @@
-"""The registration contract (SPEC section 3), shared by the API, the CLI and `register_task`."""
+"""The registration contract (docs/api.md), shared by the API, the CLI and `register_task`."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tracker.config import SEVEN_DAYS
+from tracker.errors import CallbackRefused
 from tracker.states import DEFAULT_EVENTS
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -32,6 +34,26 @@ def _contains_nul(value: Any) -> bool:
         elif isinstance(node, list):
             stack.extend(node)
     return False
+
+
+def parse_callback_url(url: str) -> SplitResult:
+    """The parts of a callback URL, or `CallbackRefused` saying why it can never be sent to.
+
+    The one check of a callback URL's form: at registration, and again before every attempt
+    (`tracker.delivery.netguard.vet_callback`), which then checks where the host resolves.
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise CallbackRefused(f"is not a valid URL: {exc} (got {url!r})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CallbackRefused(
+            f"must be an absolute http:// or https:// URL with a host (got {url!r})"
+        )
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise CallbackRefused(f"must not contain white space or control characters (got {url!r})")
+    return parts
 
 
 class TaskRegistration(BaseModel):
@@ -71,19 +93,10 @@ class TaskRegistration(BaseModel):
     def _check_callback_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        from urllib.parse import urlsplit
-
         try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            raise ValueError(f"is not a valid URL: {exc} (got {value!r})") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"must be an absolute http:// or https:// URL with a host (got {value!r})"
-            )
-        if any(ch.isspace() or not ch.isprintable() for ch in value):
-            raise ValueError(f"must not contain white space or control characters (got {value!r})")
+            parse_callback_url(value)
+        except CallbackRefused as exc:
+            raise ValueError(exc.message) from None
         return value
 
     @field_validator("metadata")

@@ -2,7 +2,7 @@
 
 `record_transition` is the one way a task changes state. It does not commit: the
 caller's transaction holds the task update, the history row and the delivery
-rows (SPEC section 1, rule 2), so they land together or not at all.
+rows (one transaction per observation), so they land together or not at all.
 """
 
 from __future__ import annotations
@@ -17,20 +17,17 @@ from sqlalchemy.orm import Session
 
 from tracker.clock import isoformat_z
 from tracker.db.models import Task, TaskTransition, WebhookDelivery
+from tracker.errors import InvalidTransition
 from tracker.observability.metrics import TRANSITIONS
 from tracker.states import (
     DELIVERY_PENDING,
     DELIVERY_SUPERSEDED,
     EVENT_FOR_STATE,
     RUNNING,
-    Failure,
     can_transition,
     is_terminal,
 )
-
-
-class InvalidTransition(ValueError):
-    """A state change the state machine does not allow (terminal states are final)."""
+from tracker.tracking.normalise import Failure
 
 
 def new_delivery_id() -> str:
@@ -41,7 +38,7 @@ def new_delivery_id() -> str:
 def webhook_payload(
     task: Task, *, event: str, previous_state: str | None, observed_at: datetime
 ) -> str:
-    """The exact JSON body of a webhook (SPEC section 4), fixed when the event happens."""
+    """The exact JSON body of a webhook (docs/webhooks.md), fixed when the event happens."""
     body: dict[str, Any] = {
         "type": event,
         "timestamp": isoformat_z(observed_at),

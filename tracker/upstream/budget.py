@@ -26,21 +26,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from tracker.clock import utcnow
 from tracker.db.engine import autocommit_engine, dialect_insert, is_postgresql
 from tracker.db.models import UpstreamCredential
+from tracker.errors import BudgetUnavailable
 from tracker.observability.metrics import BUDGET_WAIT
 
 _CREDENTIALS = cast(Table, UpstreamCredential.__table__)
 
-# Slots sit 5 % further apart than 1/rps, so that requests delayed unevenly on their
-# way (scheduling, network) still arrive at no more than rps in any one-second window.
+# Slots 5 % further apart than 1/rps: no one-second window sees more than rps
+# (docs/decisions/0006-shared-request-budget.md).
 SCHEDULE_MARGIN = 1.05
-
-
-class BudgetUnavailable(Exception):
-    """No request slot within the wait this caller accepts, or the token is paused."""
-
-    def __init__(self, message: str, *, retry_at: datetime) -> None:
-        super().__init__(message)
-        self.retry_at = retry_at
 
 
 def credential_key(token: str | None) -> str:
@@ -114,12 +107,12 @@ class DatabaseBudget:
         key: str,
         rps: float,
         *,
-        now: Callable[[], datetime] = utcnow,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._sessions = sessions
         self._key = key
         self.interval = SCHEDULE_MARGIN / rps
-        self._now = now
+        self._clock = clock
         # PostgreSQL takes a slot in one autocommitted statement (no session).
         self._autocommit = autocommit_engine(sessions)
 
@@ -128,7 +121,7 @@ class DatabaseBudget:
         if wait is not None:
             return wait
         with self._sessions.begin() as session:
-            now = self._now()
+            now = self._clock()
             row = _locked_credential(session, self._key, now)
             if row.paused_until is not None and row.paused_until > now:
                 raise BudgetUnavailable(
@@ -152,7 +145,7 @@ class DatabaseBudget:
         """
         if self._autocommit is None:
             return None
-        now = self._now()
+        now = self._clock()
         reserved = timedelta(seconds=self.interval * count)
         credential = _CREDENTIALS.c
         try:
@@ -177,7 +170,7 @@ class DatabaseBudget:
 
     def pause(self, seconds: float) -> None:
         with self._sessions.begin() as session:
-            now = self._now()
+            now = self._clock()
             row = _locked_credential(session, self._key, now)
             until = now + timedelta(seconds=seconds)
             if row.paused_until is None or row.paused_until < until:

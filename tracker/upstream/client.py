@@ -90,8 +90,8 @@ class UpstreamClient:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             # Proxy and CA bundle variables are read once, here, for the one base URL:
-            # requests would re-read the whole environment on every request (a tenth
-            # of a poll's CPU in a worker).
+            # requests would re-read the whole environment on every request, a
+            # noticeable share of a poll's CPU in a worker.
             environment = session.merge_environment_settings(self.base_url, {}, None, None, None)
             session.proxies.update(environment["proxies"])
             session.verify = environment["verify"]
@@ -101,7 +101,7 @@ class UpstreamClient:
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> UpstreamClient:
         """A client for TRACKER_UPSTREAM_URL and its token; `kwargs` override the rest."""
-        token = settings.upstream_token.get_secret_value() if settings.upstream_token else None
+        token = settings.upstream_bearer
         kwargs.setdefault("read_timeout", settings.upstream_timeout)
         kwargs.setdefault("max_batch", settings.batch_size)
         return cls(settings.upstream_url, token, **kwargs)

@@ -1,15 +1,9 @@
 """Delivery doorbells, gathered: one `deliver` job for the deliveries of many polls.
 
-Each poll job finds a few new deliveries (a batch of 50 ids with a handful of
-completions). A `deliver` job costs about the same CPU for one delivery as for
-ten (a claim and a record transaction, a broker message), so ringing one job per
-poll made most of a busy worker's CPU go to job overhead. A worker process
-therefore gathers the ids its jobs ring for `DOORBELL_WINDOW` seconds and rings
-one job per batch of up to `DELIVERY_BATCH` (a full batch goes at once).
-
-Ids still gathered when the process dies are not lost work: the rows are due in
-the database, and the sweep rings again for deliveries overdue by a few seconds.
-Nothing here knows about Celery: `send` enqueues one batch.
+Ids rung within `DOORBELL_WINDOW` go as one deliver job per batch of up to
+`DELIVERY_BATCH`; the sweep covers a dying worker's
+(docs/decisions/0007-batched-deliveries-and-doorbells.md). Nothing here knows about
+Celery: `send` enqueues one batch.
 """
 
 from __future__ import annotations

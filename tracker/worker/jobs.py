@@ -11,7 +11,6 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -25,10 +24,9 @@ from tracker.db.engine import make_engine, session_factory
 from tracker.delivery.attempt import attempt_deliveries
 from tracker.delivery.outbox import delivery_batches
 from tracker.observability import metrics
-from tracker.polling.core import (
+from tracker.polling import (
     MAX_BUDGET_WAIT,
     PollBatch,
-    Seen,
     claim_due_tasks,
     claim_limit,
     claim_lookahead,
@@ -50,6 +48,7 @@ from tracker.upstream.budget import (
 from tracker.upstream.client import UpstreamClient
 from tracker.worker.app import POLL_QUEUE, celery_app
 from tracker.worker.doorbells import Doorbell
+from tracker.worker.messages import PollBatchMessage, poll_batch_from_message, poll_batch_message
 from tracker.worker.roles import DEFAULT_CONCURRENCY
 
 log = logging.getLogger("tracker.jobs")
@@ -80,7 +79,7 @@ def worker_context() -> WorkerContext:
     # A connection per worker thread stays open: the default pool (5 kept, 10 more
     # opened and closed as needed) makes 16 threads connect again every few jobs.
     sessions = session_factory(make_engine(settings.database_url, pool_size=DEFAULT_CONCURRENCY))
-    token = settings.upstream_token.get_secret_value() if settings.upstream_token else None
+    token = settings.upstream_bearer
     credential = credential_key(token)
     budget: Budget
     if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
@@ -128,15 +127,10 @@ def _ring_gathered_doorbells(**_: object) -> None:
 
 @celery_app.task(name="tracker.dispatch_polls")  # type: ignore[untyped-decorator]
 def dispatch_polls() -> int:
-    """Beat tick: lease due tasks and enqueue one poll job per batch of distinct ids.
+    """Beat tick: lease due tasks, enqueue poll jobs.
 
-    A tick claims nothing while more poll jobs wait in the broker than the ticks of one
-    lease make (`max_waiting_jobs`): the workers are behind, and claims they reach
-    only after their lease could be taken again by later ticks, and be dropped unpolled
-    by the late job. (Jobs pace themselves on the upstream budget, so a tick's worth
-    or two waiting is the normal course.) A job expires with its lease: a worker that
-    takes it later discards it unread (`_count_expired_poll_job`), since the next tick
-    claims its tasks again.
+    Claims nothing while more than a lease's worth of jobs wait (`max_waiting_jobs`)
+    (docs/decisions/0005-poll-backpressure-and-expiring-jobs.md).
     """
     ctx = worker_context()
     settings = ctx.settings
@@ -168,19 +162,15 @@ def dispatch_polls() -> int:
 
 
 def enqueue_poll_job(job: Sequence[PollBatch], app: Celery = celery_app) -> None:
-    """One `poll_batches` message for the batches of one claim, expiring with their lease.
+    """One `poll_batches` message, expiring with its lease: a late job is discarded unread.
 
-    A job still waiting in the broker when its lease ends is worth nothing: the tick
-    after claims its tasks again (into a job of its own), and taking the job late would
-    cost a thread, a database round trip per batch and budget slots to find that out.
-    Once workers fall a lease behind, such jobs would be all they do, and no task would
-    be polled; discarded unread, they cost the worker a message each, and it spends
-    its time on jobs it can still poll.
+    The next tick claims its tasks again
+    (docs/decisions/0005-poll-backpressure-and-expiring-jobs.md).
     """
     leases = [batch.lease_until for batch in job]
     expires = None if None in leases else max(lease for lease in leases if lease is not None)
     app.send_task(
-        poll_batches.name, args=([_batch_message(batch) for batch in job],), expires=expires
+        poll_batches.name, args=([poll_batch_message(batch) for batch in job],), expires=expires
     )
 
 
@@ -227,70 +217,10 @@ def _batches_per_job(batches: int, threads: int) -> int:
 def poll_jobs(
     batches: list[PollBatch], threads: int = DEFAULT_CONCURRENCY
 ) -> list[list[PollBatch]]:
-    """The batches of one tick, grouped into poll jobs.
-
-    One batch a job while a tick has no more batches than a worker has threads,
-    so they are all polled at once; beyond that (a backlog, a large fleet) up to
-    POLL_JOB_BATCHES a job, which spares a Celery message and its handling per
-    batch (a third of a worker's CPU when each job held one batch).
-    """
+    """A tick's batches as poll jobs: one each up to the worker's threads, then up to
+    POLL_JOB_BATCHES each (docs/decisions/0004-poll-jobs-carry-batches.md)."""
     per_job = _batches_per_job(len(batches), threads)
     return [batches[start : start + per_job] for start in range(0, len(batches), per_job)]
-
-
-# A batch as a poll job carries it (JSON): service, ids, lease and tick (ISO 8601), the
-# probe flag, then what the claim saw of each id's registrations, compactly: the distinct
-# views ([state, upstream word, misses]; most registrations share one) and, per id, the
-# index of its registration's view (a list of indexes for an id several clients watch).
-# Earlier versions sent the first four items only, or those, each id's views spelled out
-# and the probe flag (six items); both are still read.
-PollBatchMessage = Sequence[Any]
-
-
-def _batch_message(batch: PollBatch) -> PollBatchMessage:
-    """A batch as a poll job carries it (JSON)."""
-    lease = batch.lease_until.isoformat() if batch.lease_until else None
-    tick = batch.claimed_at.isoformat() if batch.claimed_at else None
-    message: list[Any] = [batch.service, list(batch.task_ids), lease, tick, batch.probe, None, None]
-    if batch.seen is not None:
-        views: dict[Seen, int] = {}
-        refs: list[int | list[int]] = []
-        for task_id in batch.task_ids:
-            registrations = batch.seen[task_id]
-            if len(registrations) == 1:
-                refs.append(views.setdefault(registrations[0], len(views)))
-            else:
-                refs.append([views.setdefault(seen, len(views)) for seen in registrations])
-        message[5:] = [[list(view) for view in views], refs]
-    return message
-
-
-def _batch_from_message(message: PollBatchMessage) -> PollBatch:
-    service, task_ids, lease_until, claimed_at = message[:4]
-    probe, seen = False, None
-    if len(message) == 7:
-        probe, views, refs = message[4:]
-        if views is not None:
-            alone = [(Seen(*view),) for view in views]
-            seen = {
-                task_id: alone[ref] if isinstance(ref, int) else tuple(alone[r][0] for r in ref)
-                for task_id, ref in zip(task_ids, refs, strict=True)
-            }
-    elif len(message) == 6:
-        spelled_out, probe = message[4:]
-        if spelled_out is not None:
-            seen = {
-                task_id: tuple(Seen(*registration) for registration in registrations)
-                for task_id, registrations in zip(task_ids, spelled_out, strict=True)
-            }
-    return PollBatch(
-        service,
-        tuple(task_ids),
-        datetime.fromisoformat(lease_until) if lease_until else None,
-        datetime.fromisoformat(claimed_at) if claimed_at else None,
-        seen,
-        probe,
-    )
 
 
 @celery_app.task(name="tracker.poll_batches")  # type: ignore[untyped-decorator]
@@ -305,19 +235,11 @@ def poll_batches(batches: list[PollBatchMessage]) -> None:
         ctx.sessions,
         ctx.upstream,
         ctx.budget,
-        [_batch_from_message(message) for message in batches],
+        [poll_batch_from_message(message) for message in batches],
         settings=ctx.settings,
         credential=ctx.credential,
     ):
         ring_delivery_doorbells(outcome.applied.delivery_ids)
-
-
-@celery_app.task(name="tracker.poll_batch")  # type: ignore[untyped-decorator]
-def poll_batch(
-    service: str, task_ids: list[str], lease_until: str | None = None, claimed_at: str | None = None
-) -> None:
-    """One batch, as messages queued by earlier versions carry it."""
-    poll_batches([(service, task_ids, lease_until, claimed_at)])
 
 
 @celery_app.task(name="tracker.sweep")  # type: ignore[untyped-decorator]
@@ -340,11 +262,10 @@ def sweep() -> None:
 
 
 @celery_app.task(name="tracker.deliver")  # type: ignore[untyped-decorator]
-def deliver(delivery_ids: list[str] | str) -> None:
-    """Attempt a batch of deliveries (a single id, as older doorbells carry, is a batch of one)."""
+def deliver(delivery_ids: list[str]) -> None:
+    """Attempt a batch of deliveries."""
     ctx = worker_context()
-    ids = [delivery_ids] if isinstance(delivery_ids, str) else delivery_ids
-    outcomes = attempt_deliveries(ctx.sessions, ids, settings=ctx.settings)
+    outcomes = attempt_deliveries(ctx.sessions, delivery_ids, settings=ctx.settings)
     # Newer events of the tasks held back by the order rule are due now.
     ring_delivery_doorbells(i for outcome in outcomes for i in outcome.follow_up_ids)
     # Short retries are rung with a countdown, one doorbell per second they fall due in;
