@@ -20,6 +20,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check tracker tests bench migrations
 	$(VENV)/bin/ruff format --check tracker tests bench migrations
 	$(VENV)/bin/mypy tracker
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(VENV)/bin/pytest
