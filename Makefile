@@ -4,10 +4,15 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo up test lint bench
 
-$(VENV)/.installed: pyproject.toml
+# The pinned versions of requirements-dev.lock (regenerate it as its header says when
+# pyproject.toml's dependencies change), then the project itself without resolving again.
+# A venv from before the rename to acedata-tracker drops the old `tracker` distribution.
+$(VENV)/.installed: pyproject.toml requirements-dev.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip uninstall --quiet --yes tracker 2>/dev/null || true
+	$(PY) -m pip install --quiet -r requirements-dev.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 demo: $(VENV)/.installed

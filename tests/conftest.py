@@ -1,8 +1,10 @@
 """Shared fixtures: real SQLite and PostgreSQL databases, Redis, settings.
 
 Every test module that touches the database runs on both backends through the
-parametrised `db_url` fixture. PostgreSQL and Redis must answer: a missing
-service fails the run with a clear message, it never skips.
+parametrised `db_url` fixture. PostgreSQL and Redis are those at the TRACKER_TEST_*
+URLs when they answer; where one does not, the session starts a private server and
+says so in one line (tests/support/services.py). A service that can be neither
+reached nor started fails the run with a clear message, it never skips.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from tests.support import services
 from tests.support.receiver import Receiver
 from tests.support.sim import SimulatorHandle
 from tracker.config import Settings, load_settings
@@ -28,16 +31,51 @@ from tracker.db.models import Base
 from tracker.devtools.simulator import serving_in_thread
 from tracker.tracking.clients import NewClient, create_client
 
-PG_ADMIN_URL = os.environ.get(
-    "TRACKER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("TRACKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# The services' URLs, resolved once in pytest_configure: the configured ones
+# (TRACKER_TEST_POSTGRES_URL, TRACKER_TEST_REDIS_URL, TRACKER_TEST_BROKER_URL) where
+# they answer, else those of private servers started for the session.
+PG_ADMIN_URL = services.DEFAULT_URLS[services.POSTGRES_ENV]
+REDIS_URL = services.DEFAULT_URLS[services.REDIS_ENV]
+BROKER_URL = services.DEFAULT_URLS[services.BROKER_ENV]
+_services: services.TestServices | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global PG_ADMIN_URL, REDIS_URL, BROKER_URL, _services
+    if config.option.help or config.option.collectonly:
+        return
+    try:
+        _services = services.resolve()
+    except services.ServiceError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+    services.expose_tools(_services)
+    PG_ADMIN_URL, REDIS_URL, BROKER_URL = (
+        _services.postgres_url,
+        _services.redis_url,
+        _services.broker_url,
+    )
+
+
+def pytest_unconfigure() -> None:
+    if _services is not None:
+        _services.stop()
+
+
+def pytest_report_header() -> str | None:
+    return _services.notice if _services else None
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # With -q there is no header: the notice goes at the end instead.
+    if _services and _services.notice and terminalreporter.verbosity < 0:
+        terminalreporter.write_line(_services.notice)
 
 
 def _service_missing(what: str, url: str, exc: Exception) -> pytest.UsageError:
     return pytest.UsageError(
-        f"{what} does not answer at {url} ({exc}). The tests need it: start it "
-        f"(bash .ci/run does) or point TRACKER_TEST_{what.upper()}_URL elsewhere."
+        f"{what} does not answer at {url} ({exc}). The tests need it: start it or point "
+        f"TRACKER_TEST_{what.upper()}_URL elsewhere (where nothing listens at the URL, "
+        f"the session starts a private one unless {services.MODE_ENV}=system)."
     )
 
 
@@ -179,9 +217,6 @@ def simulator(simulator_url: str) -> Iterator[SimulatorHandle]:
     handle.reset()
     yield handle
     handle.close()
-
-
-BROKER_URL = os.environ.get("TRACKER_TEST_BROKER_URL", "redis://127.0.0.1:6379/14")
 
 
 @pytest.fixture

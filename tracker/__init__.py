@@ -3,6 +3,6 @@
 from importlib.metadata import PackageNotFoundError, version
 
 try:
-    __version__ = version("tracker")
+    __version__ = version("acedata-tracker")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
