@@ -23,8 +23,9 @@ from tracker.db.engine import is_postgresql
 from tracker.db.models import Task, task_schedule_table
 from tracker.polling.batches import BatchApplied, PollBatch, Seen
 from tracker.polling.schedule import next_poll_at
+from tracker.profiles import Profile, profile_for
 from tracker.states import ACTIVE_STATES, FAILED, TIMED_OUT, can_transition
-from tracker.tracking.normalise import Failure, Observation, normalise
+from tracker.tracking.normalise import Failure, Observation, normalise_with
 from tracker.tracking.transitions import record_transition
 
 log = logging.getLogger("tracker.polling")
@@ -122,11 +123,12 @@ def apply_batch_answer(
     counted = batch.seen is not None  # the claim counted this poll and set the next one
     scheduled_from = batch.claimed_at or now
     task_ids: Sequence[str] = batch.task_ids
+    profile = profile_for(batch.service)
     if batch.seen is not None:
         task_ids = []
         for task_id in batch.task_ids:
             seen = batch.seen.get(task_id, ())
-            if _answer_changes(seen, records.get(task_id)):
+            if _answer_changes(seen, records.get(task_id), profile):
                 task_ids.append(task_id)
             else:
                 applied.observed += len(seen)
@@ -154,7 +156,7 @@ def apply_batch_answer(
                 applied.missing.append(row.task_id)
             unchanged.append(rescheduled(row, polled=False, misses=misses))
             continue
-        observation = normalise(record)
+        observation = normalise_with(record, profile)
         if _changes(row.state, row.upstream_state, observation):
             changed[row.id] = (record, observation)
         else:
@@ -180,12 +182,12 @@ def _changes(state: str, upstream_state: str | None, observation: Observation) -
     ) or observation.upstream_state not in (None, upstream_state)
 
 
-def _answer_changes(seen: Sequence[Seen], record: dict[str, Any] | None) -> bool:
+def _answer_changes(seen: Sequence[Seen], record: dict[str, Any] | None, profile: Profile) -> bool:
     """An id's answer must be written: it is missing (a miss to count), or it changes a
     registration the claim saw, or ends a run of misses."""
     if record is None or not seen:
         return True
-    observation = normalise(record)
+    observation = normalise_with(record, profile)
     return any(
         seen_one.misses or _changes(seen_one.state, seen_one.upstream_state, observation)
         for seen_one in seen
