@@ -38,6 +38,7 @@ class _Polled(NamedTuple):
     task_id: str
     state: str
     upstream_state: str | None
+    progress: int | None
     polls: int
     misses: int
     created_at: datetime
@@ -63,6 +64,7 @@ _POLLED = select(
     Task.task_id,
     Task.state,
     Task.upstream_state,
+    Task.progress,
     Task.polls,
     Task.misses,
     Task.created_at,
@@ -88,7 +90,7 @@ def _lock_active_registrations(
     query = _LOCK_POSTGRESQL if is_postgresql(session) else _LOCK_SQLITE
     session.flush()  # what Session.execute would do; plain rows need no ORM loading
     rows = session.connection().execute(query, {"service": service, "task_ids": list(task_ids)})
-    return [_Polled(*row) for row in rows]
+    return [_Polled._make(row) for row in rows]
 
 
 def _leased_by_another(row: _Polled, lease_until: datetime | None, now: datetime) -> bool:
@@ -157,7 +159,7 @@ def apply_batch_answer(
             unchanged.append(rescheduled(row, polled=False, misses=misses))
             continue
         observation = normalise_with(record, profile)
-        if _changes(row.state, row.upstream_state, observation):
+        if _changes(row.state, row.upstream_state, row.progress, observation):
             changed[row.id] = (record, observation)
         else:
             unchanged.append(rescheduled(row, polled=True, misses=0))
@@ -175,11 +177,16 @@ def apply_batch_answer(
     return applied
 
 
-def _changes(state: str, upstream_state: str | None, observation: Observation) -> bool:
-    """The observation moves the registration to a new state or brings a new upstream word."""
+def _changes(
+    state: str, upstream_state: str | None, progress: int | None, observation: Observation
+) -> bool:
+    """The observation moves the registration to a new state, or brings a new upstream word
+    or a new progress."""
     return (
-        observation.state is not None and can_transition(state, observation.state)
-    ) or observation.upstream_state not in (None, upstream_state)
+        (observation.state is not None and can_transition(state, observation.state))
+        or observation.upstream_state not in (None, upstream_state)
+        or observation.progress not in (None, progress)
+    )
 
 
 def _answer_changes(seen: Sequence[Seen], record: dict[str, Any] | None, profile: Profile) -> bool:
@@ -189,7 +196,8 @@ def _answer_changes(seen: Sequence[Seen], record: dict[str, Any] | None, profile
         return True
     observation = normalise_with(record, profile)
     return any(
-        seen_one.misses or _changes(seen_one.state, seen_one.upstream_state, observation)
+        seen_one.misses
+        or _changes(seen_one.state, seen_one.upstream_state, seen_one.progress, observation)
         for seen_one in seen
     )
 
@@ -242,16 +250,18 @@ def _apply_changes(
                     upstream_state=observation.upstream_state,
                     record=record,
                     failure=observation.failure,
+                    progress=observation.progress,
                 )
             ]
             applied.transitions += 1
         else:
-            # A new upstream word, same state (queued -> pending): keep it, no history row.
-            task.upstream_state, task.record, task.updated_at = (
-                observation.upstream_state,
-                record,
-                now,
-            )
+            # A new upstream word or progress, same state (queued -> pending, 40 % -> 60 %):
+            # keep it, no history row.
+            if observation.upstream_state is not None:
+                task.upstream_state = observation.upstream_state
+            if observation.progress is not None:
+                task.progress = observation.progress
+            task.record, task.updated_at = record, now
 
 
 # One statement for every registration of a batch the answer did not change. The

@@ -61,11 +61,11 @@ def claim_due_tasks(
         rows = _claim_sqlite(session, now, horizon, limit, lease_until, settings)
     # Most registrations look alike to a claim (running, same upstream word, no miss):
     # they share one `Seen`, which also keeps the poll jobs' messages short.
-    views: dict[tuple[str, str | None, int], Seen] = {}
+    views: dict[tuple[str, str | None, int, int | None], Seen] = {}
     # due_at is set on every row the claim matched (it was compared with now).
     claims = []
-    for service, task_id, due_at, state, upstream_state, misses in rows:
-        key = (state, upstream_state, misses)
+    for service, task_id, due_at, state, upstream_state, misses, progress in rows:
+        key = (state, upstream_state, misses, progress)
         seen = views.get(key) or views.setdefault(key, Seen(*key))
         claims.append(ClaimedTask(service, task_id, due_at or now, lease_until, now, seen))
     return claims
@@ -94,7 +94,7 @@ _CLAIM_POSTGRESQL = """
     ) AS due, tasks
     WHERE task_schedule.task_row_id = due.task_row_id AND tasks.id = due.task_row_id
     RETURNING tasks.service, tasks.task_id, due.due_at,
-        tasks.state, tasks.upstream_state, task_schedule.misses
+        tasks.state, tasks.upstream_state, task_schedule.misses, tasks.progress
 """
 
 
@@ -105,7 +105,7 @@ def _claim_sqlite(
     limit: int,
     lease_until: datetime,
     settings: Settings,
-) -> list[tuple[str, str, datetime | None, str, str | None, int]]:
+) -> list[tuple[str, str, datetime | None, str, str | None, int, int | None]]:
     """SQLite has no row locks: the lease is taken in one statement, whose write takes the
     database at once; then each row's poll is counted and its next one set."""
     due = (
@@ -159,6 +159,7 @@ def _claim_sqlite(
             tasks[row_id].state,
             tasks[row_id].upstream_state,
             misses,
+            tasks[row_id].progress,
         )
         for row_id, due_at, misses in leased
     ]
@@ -173,6 +174,7 @@ _CLAIMED_SQLITE = select(
     tasks_table.c.created_at,
     tasks_table.c.state,
     tasks_table.c.upstream_state,
+    tasks_table.c.progress,
 ).where(tasks_table.c.id.in_(bindparam("ids", expanding=True)))
 
 

@@ -13,6 +13,7 @@ the schedule (polling) read the same profiles.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from tracker.profiles.catalogue import PROFILES
 from tracker.profiles.model import (
@@ -42,6 +43,11 @@ def profile_name(service: str) -> str:
     return service if service in BY_SERVICE else GENERIC_NAME
 
 
+def outputs_of(service: str, record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The artifacts of a finished task's record in one shape (`[]` without a record)."""
+    return profile_for(service).read_outputs(record) if isinstance(record, dict) else []
+
+
 def advised_poll_intervals() -> dict[str, float]:
     """Seconds between polls of a fresh task, per service whose vendor advises a pace."""
     return {p.service: p.poll_interval for p in PROFILES if p.poll_interval is not None}
@@ -59,6 +65,7 @@ __all__ = [
     "OutputSpec",
     "Profile",
     "advised_poll_intervals",
+    "outputs_of",
     "profile_for",
     "profile_name",
 ]
