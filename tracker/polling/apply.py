@@ -141,9 +141,8 @@ def apply_batch_answer(
         if counted and row.next_poll_at is not None:
             return _Rescheduled(row.id, row.polls, misses, row.next_poll_at)
         polls = row.polls + 1 if polled and not counted else row.polls
-        return _Rescheduled(
-            row.id, polls, misses, next_poll_at(row.created_at, scheduled_from, settings)
-        )
+        next_at = next_poll_at(row.created_at, scheduled_from, settings, service=batch.service)
+        return _Rescheduled(row.id, polls, misses, next_at)
 
     unchanged: list[_Rescheduled] = []
     changed: dict[int, tuple[dict[str, Any], Observation]] = {}
@@ -236,7 +235,9 @@ def _apply_changes(
         record, observation = changed[task.id]
         if scheduled_from is not None:
             task.polls += 1
-            task.next_poll_at = next_poll_at(task.created_at, scheduled_from, settings)
+            task.next_poll_at = next_poll_at(
+                task.created_at, scheduled_from, settings, service=task.service
+            )
         task.misses = 0
         task.claimed_until = None
         if observation.state is not None and can_transition(task.state, observation.state):

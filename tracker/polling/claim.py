@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
@@ -18,11 +19,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from tracker.config import Settings
+from tracker.config import SERVICE_NAME, Settings
 from tracker.db.engine import is_postgresql
 from tracker.db.models import task_schedule_table, tasks_table
 from tracker.polling.batches import ClaimedTask, PollBatch, Seen
-from tracker.polling.schedule import BACKOFF_SHARE_OF_AGE, claim_lookahead, next_poll_at, poll_lease
+from tracker.polling.schedule import (
+    BACKOFF_SHARE_OF_AGE,
+    claim_lookahead,
+    next_poll_at,
+    poll_lease,
+    service_paces,
+)
 from tracker.states import (
     ACTIVE_STATES,
 )
@@ -46,7 +53,7 @@ def claim_due_tasks(
     rows: Iterable[Sequence[Any]]
     if is_postgresql(session):
         rows = session.connection().exec_driver_sql(
-            _CLAIM_POSTGRESQL,
+            _claim_postgresql(tuple(service_paces(settings).items())),
             {
                 "now": now,
                 "horizon": horizon,
@@ -72,7 +79,26 @@ def claim_due_tasks(
 
 
 # The claim in one statement (docs/decisions/0002-task-schedule-table.md); a test holds its
-# next poll equal to `next_poll_at`.
+# next poll equal to `next_poll_at`. A service with a pace of its own polls fresh tasks at
+# that pace: its name and seconds are written into the statement (names are checked
+# `[a-z0-9-]`), so the text is the same for every claim and psycopg prepares it once.
+@lru_cache(maxsize=8)
+def _claim_postgresql(paces: tuple[tuple[str, float], ...]) -> str:
+    fresh = "%(poll_interval)s"
+    if paces:
+        cases = " ".join(
+            f"WHEN '{_service_literal(service)}' THEN {float(pace)!r}" for service, pace in paces
+        )
+        fresh = f"CASE tasks.service {cases} ELSE %(poll_interval)s END"
+    return _CLAIM_POSTGRESQL.replace("%(fresh_interval)s", fresh)
+
+
+def _service_literal(service: str) -> str:
+    if not SERVICE_NAME.fullmatch(service):
+        raise ValueError(f"a service is 1-32 of a-z, 0-9 and - (got {service!r})")
+    return service
+
+
 _CLAIM_POSTGRESQL = """
     UPDATE task_schedule
     SET claimed_until = %(lease_until)s,
@@ -80,7 +106,7 @@ _CLAIM_POSTGRESQL = """
         next_poll_at = %(now)s + make_interval(secs => LEAST(
             %(max_poll_interval)s,
             GREATEST(
-                %(poll_interval)s,
+                %(fresh_interval)s,
                 EXTRACT(EPOCH FROM (%(now)s - tasks.created_at))::double precision * %(share)s
             )
         ))
@@ -146,7 +172,9 @@ def _claim_sqlite(
         [
             {
                 "row_id": row_id,
-                "new_next_poll_at": next_poll_at(tasks[row_id].created_at, now, settings),
+                "new_next_poll_at": next_poll_at(
+                    tasks[row_id].created_at, now, settings, service=tasks[row_id].service
+                ),
             }
             for row_id in ids
         ],
