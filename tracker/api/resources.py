@@ -182,3 +182,18 @@ class Readiness(Resource):
     checks: dict[str, str] = Field(
         description="Per dependency (database, broker, upstream_credentials): `ok` or the reason."
     )
+
+
+class ServiceResource(Resource):
+    """A task service the tracker knows: how its records are read."""
+
+    service: str
+    endpoint: str = Field(description="The upstream task endpoint polled, e.g. `/suno/tasks`.")
+    progress: bool = Field(description="Whether its tasks report `progress`.")
+    outputs: list[Literal["video", "audio", "image", "file"]] = Field(
+        description="The kinds of artifact its tasks' `outputs` hold."
+    )
+
+
+class ServicePage(Resource):
+    items: list[ServiceResource]

@@ -48,6 +48,20 @@ def outputs_of(service: str, record: dict[str, Any] | None) -> list[dict[str, An
     return profile_for(service).read_outputs(record) if isinstance(record, dict) else []
 
 
+def service_listing() -> list[dict[str, Any]]:
+    """The services this tracker knows, as `GET /v1/services` and `tracker services` list
+    them: `{"service", "endpoint", "progress", "outputs"}`, by name."""
+    return [
+        {
+            "service": profile.service,
+            "endpoint": profile.endpoint,
+            "progress": profile.progress_at is not None,
+            "outputs": profile.output_types,
+        }
+        for profile in sorted(PROFILES, key=lambda p: p.service)
+    ]
+
+
 def advised_poll_intervals() -> dict[str, float]:
     """Seconds between polls of a fresh task, per service whose vendor advises a pace."""
     return {p.service: p.poll_interval for p in PROFILES if p.poll_interval is not None}
@@ -68,4 +82,5 @@ __all__ = [
     "outputs_of",
     "profile_for",
     "profile_name",
+    "service_listing",
 ]
