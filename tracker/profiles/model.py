@@ -147,6 +147,13 @@ class Profile:
             return generic_state_words(record)
         words = []
         for path in self.state_paths:
+            if _EACH not in path:  # the common case: a walk down dictionaries
+                value: Any = record
+                for step in path:
+                    value = value.get(step) if isinstance(value, dict) else None
+                if isinstance(value, str) and value:
+                    words.append(value.lower())
+                continue
             for value in read_path(record, path):
                 if isinstance(value, str) and value:
                     words.append(value.lower())

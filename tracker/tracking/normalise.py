@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from tracker.profiles import (
     DONE_WORDS,
@@ -63,8 +63,7 @@ class Failure:
         return {"code": self.code, "message": self.message}
 
 
-@dataclass(frozen=True)
-class Observation:
+class Observation(NamedTuple):
     """What one upstream record says. `state` None: nothing to learn, leave the task as is.
 
     `profile`: the rules it was read by (the service, or `generic`); `progress`: 0-100
@@ -131,10 +130,18 @@ def normalise_with(record: dict[str, Any], profile: Profile) -> Observation:
 
     words = profile.state_words(record)
     if words:
-        failed = next((w for w in words if w in profile.failed_words), None)
-        if failed is not None:
-            return Observation(FAILED, failed, _failure(record, response), progress, name)
-        if all(w in profile.done_words for w in words):
+        # One pass (this runs for every record of every poll): a failed word decides; else
+        # note the first word still in flight and whether every word is a pending one.
+        in_flight: str | None = None
+        all_pending = True
+        for word in words:
+            if word in profile.failed_words:
+                return Observation(FAILED, word, _failure(record, response), progress, name)
+            if word not in profile.done_words and in_flight is None:
+                in_flight = word
+            if word not in profile.pending_words:
+                all_pending = False
+        if in_flight is None:
             done = words[0]
             if profile.requires_output and not profile.read_outputs(record):
                 failure = Failure(
@@ -143,9 +150,7 @@ def normalise_with(record: dict[str, Any], profile: Profile) -> Observation:
                 return Observation(FAILED, done, failure, progress, name)
             return Observation(COMPLETED, done, None, 100 if progress is not None else None, name)
         # A word in flight: previews or intermediate images are not a result.
-        state = PENDING if all(w in profile.pending_words for w in words) else RUNNING
-        word = next((w for w in words if w not in profile.done_words), words[0])
-        return Observation(state, word, None, progress, name)
+        return Observation(PENDING if all_pending else RUNNING, in_flight, None, progress, name)
 
     source: dict[str, Any] = record if response is None else response
     success = source.get("success")
