@@ -300,3 +300,13 @@ def test_proxy_and_ca_bundle_variables_are_read_once_when_the_client_is_made(
     assert client.session.verify == "/etc/ssl/certs/example.pem"
     assert client.session.trust_env is False
     client.close()
+
+
+def test_a_single_retrieve_knows_each_services_answer_from_no_such_task() -> None:
+    from tracker.upstream.client import names_a_task
+
+    assert names_a_task({"id": "t", "response": {}})
+    assert names_a_task({"task_id": "t", "status": "processing"})  # captcha's flat answer
+    assert names_a_task({"task": {"id": "t", "status": "running"}})  # minimax
+    assert not names_a_task({})
+    assert not names_a_task({"task": None})

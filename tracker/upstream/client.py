@@ -122,7 +122,7 @@ class UpstreamClient:
             raise
         if not isinstance(answer, dict):
             raise self._off_shape(service, "a task record (a JSON object)", answer)
-        return answer if answer.get("id") else None
+        return answer if names_a_task(answer) else None
 
     def retrieve_batch(self, service: str, ids: Sequence[str]) -> dict[str, Record]:
         """The records of `ids` keyed by their `id`; ids the answer left out are absent.
@@ -226,6 +226,15 @@ class UpstreamClient:
             "expected; check that TRACKER_UPSTREAM_URL points at the AceData task API",
             status=200,
         )
+
+
+def names_a_task(answer: dict[str, Any]) -> bool:
+    """A single `retrieve` answered a task, not "no such task" (`{}`): a record with its
+    `id`, a flat answer with its `task_id` (captcha), or MiniMax's `{"task": {"id"}}`."""
+    task = answer.get("task")
+    return bool(
+        answer.get("id") or answer.get("task_id") or (isinstance(task, dict) and task.get("id"))
+    )
 
 
 def _parse_answer(url: str, response: requests.Response) -> Any:
