@@ -23,6 +23,7 @@ that fits no rule.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -49,8 +50,10 @@ __all__ = [
     "upstream_failure",
 ]
 
-# Ids of records already logged as fitting no rule: each is logged once, not every poll.
+# Ids of records already logged as fitting no rule: each is logged once, not every poll
+# (a worker's poll threads share it).
 _UNFIT_LOGGED: OrderedDict[str, None] = OrderedDict()
+_UNFIT_LOCK = threading.Lock()
 _UNFIT_REMEMBERED = 10_000
 
 
@@ -178,12 +181,13 @@ def normalise_with(record: dict[str, Any], profile: Profile) -> Observation:
 def _log_unfit(record: dict[str, Any], profile: str, why: str) -> None:
     """A record that fits no rule changes nothing; it is logged once per id."""
     task_id = str(record.get("id"))
-    if task_id in _UNFIT_LOGGED:
-        _UNFIT_LOGGED.move_to_end(task_id)
-        return
-    _UNFIT_LOGGED[task_id] = None
-    if len(_UNFIT_LOGGED) > _UNFIT_REMEMBERED:
-        _UNFIT_LOGGED.popitem(last=False)
+    with _UNFIT_LOCK:
+        if task_id in _UNFIT_LOGGED:
+            _UNFIT_LOGGED.move_to_end(task_id)
+            return
+        _UNFIT_LOGGED[task_id] = None
+        if len(_UNFIT_LOGGED) > _UNFIT_REMEMBERED:
+            _UNFIT_LOGGED.popitem(last=False)
     log.warning(
         "upstream record %s fits no rule of the %s profile (%s); the task stays as it is",
         task_id,
