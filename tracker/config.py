@@ -5,6 +5,7 @@ Names and defaults of the `TRACKER_*` variables are part of the contract (docs/c
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from tracker.errors import ConfigError
 
 ENV_PREFIX = "TRACKER_"
+# A service's name, as registrations and the upstream's paths spell it.
+SERVICE_NAME = re.compile(r"[a-z0-9-]{1,32}")
 
 DEFAULT_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 SEVEN_DAYS = 7 * 24 * 3600
@@ -50,6 +53,14 @@ class Settings(BaseSettings):
     poll_interval: float = Field(5.0, gt=0, description="Seconds between polls of a fresh task.")
     max_poll_interval: float = Field(
         60.0, gt=0, description="Polls of long-running tasks back off up to this many seconds."
+    )
+    service_poll_intervals: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            "Seconds between polls of a fresh task, per service, as `suno=10,kling=15`; "
+            "overrides the pace a service's vendor advises (`tracker services`). Never "
+            "below `TRACKER_POLL_INTERVAL`; older tasks back off as any other."
+        ),
     )
     batch_size: int = Field(50, ge=1, le=500, description="Ids per `retrieve_batch` call.")
     upstream_rps: float = Field(
@@ -100,6 +111,34 @@ class Settings(BaseSettings):
     log_format: str = Field(
         "auto", description="`json`, `console`, or `auto` (console on a terminal, else json)."
     )
+
+    @field_validator("service_poll_intervals", mode="before")
+    @classmethod
+    def _parse_service_paces(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        paces: dict[str, float] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            service, equals, seconds = part.partition("=")
+            try:
+                paces[service.strip()] = float(seconds)
+            except ValueError:
+                paces[service.strip()] = float("nan")
+            if not equals or paces[service.strip()] != paces[service.strip()]:
+                raise ValueError(f"expects service=seconds pairs, e.g. suno=10 (got {part!r})")
+        return paces
+
+    @field_validator("service_poll_intervals")
+    @classmethod
+    def _check_service_paces(cls, value: dict[str, float]) -> dict[str, float]:
+        for service, seconds in value.items():
+            if not SERVICE_NAME.fullmatch(service):
+                raise ValueError(f"a service is 1-32 of a-z, 0-9 and - (got {service!r})")
+            if not seconds > 0 or seconds == float("inf"):
+                raise ValueError(f"{service}: seconds must be a positive number (got {seconds!r})")
+        return value
 
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod

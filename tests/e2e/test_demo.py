@@ -1,4 +1,5 @@
-"""`tracker demo` runs the whole loop on the embedded defaults and exits 0 with a summary."""
+"""`tracker demo` runs the whole loop on the embedded defaults and exits 0 with a summary;
+it shows a Luma video, a Suno song and a Midjourney image with their outputs."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def test_demo_completes_with_every_webhook_verified(tmp_path: Path) -> None:
             "tracker",
             "demo",
             "--tasks",
-            "4",
+            "5",
             "--max-duration",
             "3",
             "--stall-timeout",
@@ -39,13 +40,19 @@ def test_demo_completes_with_every_webhook_verified(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = re.search(
-        r"done: 4 tasks: (\d+) completed, (\d+) failed, (\d+) timed_out; "
+        r"done: 5 tasks: (\d+) completed, (\d+) failed, (\d+) timed_out; "
         r"(\d+) webhooks received, (\d+) verified",
         result.stdout,
     )
     assert summary, result.stdout[-3000:]
     completed, failed, timed_out, received, verified = map(int, summary.groups())
-    assert (completed, failed, timed_out) == (2, 1, 1)
-    assert received == verified >= 4
+    assert (completed, failed, timed_out) == (3, 1, 1)
+    assert received == verified >= 5
+    # A Luma video, a Suno song and a Midjourney image, side by side, with their outputs.
+    outputs = result.stdout[result.stdout.index("outputs, one shape") :]
+    assert re.search(r"luma +video +https://\S+\.mp4", outputs), outputs
+    assert re.search(r"suno +audio +https://cdn1\.suno\.ai/\S+\.mp3", outputs), outputs
+    assert re.search(r"midjourney +image +https://\S+\.png", outputs), outputs
+    assert "audiopipe" not in outputs  # a preview is never an output
     assert "history of" in result.stdout
     assert "history database:" in result.stdout

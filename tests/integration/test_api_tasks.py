@@ -52,6 +52,7 @@ def test_registering_a_task_answers_201_with_the_task(
     assert set(task) == {
         "task_id", "service", "state", "upstream_state", "callback_url", "metadata", "events",
         "created_at", "updated_at", "finished_at", "deadline_at", "polls", "failure", "record",
+        "progress", "outputs", "profile",
     }  # fmt: skip
     assert task["service"] == "luma"
     assert task["state"] == "pending"
@@ -62,6 +63,7 @@ def test_registering_a_task_answers_201_with_the_task(
     deadline = datetime.fromisoformat(task["deadline_at"])
     assert deadline - created == timedelta(seconds=settings.task_timeout)
     assert (task["failure"], task["record"], task["finished_at"]) == (None, None, None)
+    assert (task["progress"], task["outputs"], task["profile"]) == (None, [], "luma")
 
 
 def test_the_same_registration_again_answers_200_and_other_settings_409(

@@ -93,11 +93,14 @@ def test_retrieve_batch_keys_records_by_id_not_position(
 def test_ids_missing_from_the_answer_are_absent(
     simulator: SimulatorHandle, make_client: MakeClient
 ) -> None:
+    """An upstream answering at most 4 items: the ids it left out are asked again until an
+    answer brings none of them (4 + 4 + 2 + 0); the unknown id is absent, not an error."""
     ids = simulator.seed([{"duration": 0}] * 10)
     simulator.configure(batch_cap=4)
+    calls = simulator.stats()["retrieve_batch_calls"]
     records = make_client().retrieve_batch("luma", [*ids, "no-such-task"])
-    assert len(records) == 4
-    assert set(records) <= set(ids)
+    assert set(records) == set(ids)
+    assert simulator.stats()["retrieve_batch_calls"] - calls == 4
 
 
 def test_more_ids_than_max_batch_are_split_and_merged(
@@ -297,3 +300,13 @@ def test_proxy_and_ca_bundle_variables_are_read_once_when_the_client_is_made(
     assert client.session.verify == "/etc/ssl/certs/example.pem"
     assert client.session.trust_env is False
     client.close()
+
+
+def test_a_single_retrieve_knows_each_services_answer_from_no_such_task() -> None:
+    from tracker.upstream.client import names_a_task
+
+    assert names_a_task({"id": "t", "response": {}})
+    assert names_a_task({"task_id": "t", "status": "processing"})  # captcha's flat answer
+    assert names_a_task({"task": {"id": "t", "status": "running"}})  # minimax
+    assert not names_a_task({})
+    assert not names_a_task({"task": None})

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 TaskState = Literal["pending", "running", "completed", "failed", "timed_out", "cancelled"]
 DeliveryStatus = Literal["pending", "succeeded", "failed", "superseded"]
@@ -37,6 +43,24 @@ class ErrorBody(Resource):
     trace_id: str = Field(description="Also in the `x-trace-id` header and the server's log.")
 
 
+class Output(Resource):
+    """One artifact of a finished task, whatever the service."""
+
+    type: Literal["video", "audio", "image", "file"]
+    url: str
+    thumbnail_url: str | None = None
+    width: int | None = None
+    height: int | None = None
+    duration: float | None = None
+    title: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _what_the_service_gives(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The same shape as in webhooks: details the service does not give are left out.
+        fields: dict[str, Any] = handler(self)
+        return {key: value for key, value in fields.items() if value is not None}
+
+
 class TaskResource(Resource):
     task_id: str
     service: str
@@ -51,6 +75,15 @@ class TaskResource(Resource):
     deadline_at: str
     polls: int
     failure: FailureResource | None
+    progress: int | None = Field(
+        description="How far the upstream says the task is, 0-100, where the service reports it."
+    )
+    outputs: list[Output] = Field(
+        description="The artifacts, in one shape for every service; `[]` until completed."
+    )
+    profile: str = Field(
+        description="The rules the task's records are read by: its service, or `generic`."
+    )
     record: dict[str, Any] | None = Field(description="The last upstream task record.")
 
 
@@ -149,3 +182,18 @@ class Readiness(Resource):
     checks: dict[str, str] = Field(
         description="Per dependency (database, broker, upstream_credentials): `ok` or the reason."
     )
+
+
+class ServiceResource(Resource):
+    """A task service the tracker knows: how its records are read."""
+
+    service: str
+    endpoint: str = Field(description="The upstream task endpoint polled, e.g. `/suno/tasks`.")
+    progress: bool = Field(description="Whether its tasks report `progress`.")
+    outputs: list[Literal["video", "audio", "image", "file"]] = Field(
+        description="The kinds of artifact its tasks' `outputs` hold."
+    )
+
+
+class ServicePage(Resource):
+    items: list[ServiceResource]

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tracker.cli.clients import clients_app
-from tracker.cli.common import console, err_console, load_cli_settings
+from tracker.cli.common import console, err_console, load_cli_settings, print_json
 from tracker.cli.deliveries import deliveries_app
 from tracker.cli.tasks import tasks_app
 
@@ -57,6 +57,36 @@ def api(
         log_config=None,
         access_log=False,
     )
+
+
+@app.command()
+def services(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print what GET /v1/services answers.")
+    ] = False,
+) -> None:
+    """The AceData task services this tracker knows and their profiles: where each keeps
+    its state word, its progress and artifacts, and the pace its fresh tasks are polled at.
+    A service not listed is tracked by the generic rules."""
+    from tracker.cli.views import services_table
+    from tracker.polling.schedule import fresh_interval
+    from tracker.profiles import PROFILES, service_listing
+
+    listing = service_listing()
+    if as_json:
+        print_json({"items": listing})
+        return
+    settings = load_cli_settings()
+    by_name = {profile.service: profile for profile in PROFILES}
+    rows = [
+        {
+            **item,
+            "state_at": by_name[item["service"]].state_at,
+            "poll_interval": fresh_interval(item["service"], settings),
+        }
+        for item in listing
+    ]
+    console.print(services_table(rows))
 
 
 @app.command()

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -128,6 +129,7 @@ tasks_table = Table(
     Column("failure_code", String(64)),
     Column("failure_message", Text),
     Column("record", JSONValue),
+    Column("progress", SmallInteger),
     UniqueConstraint("service", "task_id", "client_id"),
     CheckConstraint(f"state IN ({_in(TASK_STATES)})", name="state"),
     Index(
@@ -191,6 +193,7 @@ class Task(Base):
     failure_code: Mapped[str | None]
     failure_message: Mapped[str | None]
     record: Mapped[dict[str, Any] | None]
+    progress: Mapped[int | None]
     # Poll scheduling (`task_schedule`): next_poll_at is NULL once terminal.
     polls: Mapped[int]
     next_poll_at: Mapped[datetime | None]

@@ -27,7 +27,8 @@ from tracker.clock import isoformat_z
 from tracker.db.models import Task, TaskTransition, WebhookAttempt, WebhookDelivery
 from tracker.errors import DeliveryNotFound, InvalidCursor, InvalidQuery, TaskNotFound
 from tracker.observability.metrics import DatabaseLevels
-from tracker.states import DELIVERY_PENDING
+from tracker.profiles import outputs_of, profile_name
+from tracker.states import COMPLETED, DELIVERY_PENDING
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -241,6 +242,12 @@ def get_delivery(session: Session, delivery_id: str, *, client_id: int | None) -
 # Serialisers: rows to the resources of docs/api.md.
 
 
+def task_outputs(task: Task) -> list[dict[str, Any]]:
+    """A task's artifacts in one shape for every service, read from its last record by the
+    service's profile: `[]` until it completed."""
+    return outputs_of(task.service, task.record) if task.state == COMPLETED else []
+
+
 def task_resource(task: Task) -> dict[str, Any]:
     """A task as the API shows it."""
     return {
@@ -257,6 +264,9 @@ def task_resource(task: Task) -> dict[str, Any]:
         "deadline_at": isoformat_z(task.deadline_at),
         "polls": task.polls,
         "failure": task.failure,
+        "progress": task.progress,
+        "outputs": task_outputs(task),
+        "profile": profile_name(task.service),
         "record": task.record,
     }
 

@@ -26,6 +26,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tracker.devtools.simulator_families import FAMILIES, FLAT
+
 Outcome = Literal["completed", "failed", "stall"]
 Settled = Literal["completed", "failed"]
 Phase = Literal["no_response", "pending", "processing", "completed", "failed"]
@@ -130,17 +132,25 @@ def build_record(
         "user_id": account.user_id,
     }
     phase = task.phase(now)
+    shape = FAMILIES.get(task.service)
     if phase == "no_response":
+        if shape is not None and task.service in FLAT:
+            return shape(record, task, "pending", 0.0)
         return record
     started_at = task.created_at + task.started_after
     if timing_fields:
         record["started_at"] = round(started_at, 3)
-    record["response"] = _response(task, phase)
     settled_at = task.settled_at
     if phase in ("completed", "failed") and settled_at is not None:
         record["finished_at"] = round(settled_at, 3)
         if timing_fields:
             record["elapsed"] = round(settled_at - started_at, 3)
+    if shape is not None:
+        share = (now - task.created_at) / task.duration if task.duration else 1.0
+        return shape(record, task, phase, max(0.0, min(1.0, share)))
+    record["response"] = _response(task, phase)
+    if "finished_at" in record:  # keep the documented key order: response, then finished_at
+        record["finished_at"] = record.pop("finished_at")
     return record
 
 

@@ -48,6 +48,12 @@ class SimulatorConfig(BaseModel):
     malformed_share: Share = Field(0.0, description="Share answered 200 with a non-JSON body.")
     redirect_to: str | None = Field(None, description="Answer every request 307 to this URL.")
     batch_cap: int | None = Field(None, ge=0, description="Most items in one batch answer.")
+    default_limit: int | None = Field(
+        None,
+        ge=0,
+        description="Items a batch answer holds when its request names no `limit` (the vendor "
+        "pages some task endpoints, e.g. 12); a request's `limit` is honoured always.",
+    )
     drop_share: Share = Field(0.0, description="Share of batch items left out at random.")
     shuffle_batch: bool = Field(False, description="Answer batch items in random order.")
     rate_limit_rps: int | None = Field(
@@ -212,8 +218,11 @@ class SimulatorState:
             if epoch == self.epoch:
                 self.by_status[status] += 1
 
-    def records(self, service: str, ids: list[str]) -> list[dict[str, Any]]:
-        """The batch answer's items: known ids of this service, after drops, shuffle and cap."""
+    def records(
+        self, service: str, ids: list[str], *, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The batch answer's items: known ids of this service, after drops, shuffle, the
+        request's `limit` (or the default one) and the cap."""
         with self.lock:
             config, now = self.config, time.time()
             found = [self.tasks.get(task_id) for task_id in dict.fromkeys(ids)]
@@ -221,6 +230,9 @@ class SimulatorState:
             tasks = [t for t in tasks if self.rng.random() >= config.drop_share]
             if config.shuffle_batch:
                 self.rng.shuffle(tasks)
+            page = limit if limit is not None else config.default_limit
+            if page is not None:
+                tasks = tasks[:page]
             if config.batch_cap is not None:
                 tasks = tasks[: config.batch_cap]
             self.batch_calls += 1

@@ -31,6 +31,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LAG_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
 TRANSITIONS = Counter("tracker_transitions_total", "Task state changes observed.", ["to_state"])
+UPSTREAM_SHORT_ANSWERS = Counter(
+    "tracker_upstream_short_answers_total",
+    "retrieve_batch answers with fewer items than ids asked, whose missing ids were asked again.",
+)
 UPSTREAM_REQUESTS = Counter(
     "tracker_upstream_requests_total",
     "Requests to the upstream task API by action and outcome.",

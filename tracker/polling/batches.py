@@ -17,6 +17,7 @@ class Seen(NamedTuple):
     state: str
     upstream_state: str | None
     misses: int
+    progress: int | None = None
 
 
 class ClaimedTask(NamedTuple):

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
@@ -18,11 +19,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from tracker.config import Settings
+from tracker.config import SERVICE_NAME, Settings
 from tracker.db.engine import is_postgresql
 from tracker.db.models import task_schedule_table, tasks_table
 from tracker.polling.batches import ClaimedTask, PollBatch, Seen
-from tracker.polling.schedule import BACKOFF_SHARE_OF_AGE, claim_lookahead, next_poll_at, poll_lease
+from tracker.polling.schedule import (
+    BACKOFF_SHARE_OF_AGE,
+    claim_lookahead,
+    next_poll_at,
+    poll_lease,
+    service_paces,
+)
 from tracker.states import (
     ACTIVE_STATES,
 )
@@ -46,7 +53,7 @@ def claim_due_tasks(
     rows: Iterable[Sequence[Any]]
     if is_postgresql(session):
         rows = session.connection().exec_driver_sql(
-            _CLAIM_POSTGRESQL,
+            _claim_postgresql(tuple(service_paces(settings).items())),
             {
                 "now": now,
                 "horizon": horizon,
@@ -61,18 +68,37 @@ def claim_due_tasks(
         rows = _claim_sqlite(session, now, horizon, limit, lease_until, settings)
     # Most registrations look alike to a claim (running, same upstream word, no miss):
     # they share one `Seen`, which also keeps the poll jobs' messages short.
-    views: dict[tuple[str, str | None, int], Seen] = {}
+    views: dict[tuple[str, str | None, int, int | None], Seen] = {}
     # due_at is set on every row the claim matched (it was compared with now).
     claims = []
-    for service, task_id, due_at, state, upstream_state, misses in rows:
-        key = (state, upstream_state, misses)
+    for service, task_id, due_at, state, upstream_state, misses, progress in rows:
+        key = (state, upstream_state, misses, progress)
         seen = views.get(key) or views.setdefault(key, Seen(*key))
         claims.append(ClaimedTask(service, task_id, due_at or now, lease_until, now, seen))
     return claims
 
 
 # The claim in one statement (docs/decisions/0002-task-schedule-table.md); a test holds its
-# next poll equal to `next_poll_at`.
+# next poll equal to `next_poll_at`. A service with a pace of its own polls fresh tasks at
+# that pace: its name and seconds are written into the statement (names are checked
+# `[a-z0-9-]`), so the text is the same for every claim and psycopg prepares it once.
+@lru_cache(maxsize=8)
+def _claim_postgresql(paces: tuple[tuple[str, float], ...]) -> str:
+    fresh = "%(poll_interval)s"
+    if paces:
+        cases = " ".join(
+            f"WHEN '{_service_literal(service)}' THEN {float(pace)!r}" for service, pace in paces
+        )
+        fresh = f"CASE tasks.service {cases} ELSE %(poll_interval)s END"
+    return _CLAIM_POSTGRESQL.replace("%(fresh_interval)s", fresh)
+
+
+def _service_literal(service: str) -> str:
+    if not SERVICE_NAME.fullmatch(service):
+        raise ValueError(f"a service is 1-32 of a-z, 0-9 and - (got {service!r})")
+    return service
+
+
 _CLAIM_POSTGRESQL = """
     UPDATE task_schedule
     SET claimed_until = %(lease_until)s,
@@ -80,7 +106,7 @@ _CLAIM_POSTGRESQL = """
         next_poll_at = %(now)s + make_interval(secs => LEAST(
             %(max_poll_interval)s,
             GREATEST(
-                %(poll_interval)s,
+                %(fresh_interval)s,
                 EXTRACT(EPOCH FROM (%(now)s - tasks.created_at))::double precision * %(share)s
             )
         ))
@@ -94,7 +120,7 @@ _CLAIM_POSTGRESQL = """
     ) AS due, tasks
     WHERE task_schedule.task_row_id = due.task_row_id AND tasks.id = due.task_row_id
     RETURNING tasks.service, tasks.task_id, due.due_at,
-        tasks.state, tasks.upstream_state, task_schedule.misses
+        tasks.state, tasks.upstream_state, task_schedule.misses, tasks.progress
 """
 
 
@@ -105,7 +131,7 @@ def _claim_sqlite(
     limit: int,
     lease_until: datetime,
     settings: Settings,
-) -> list[tuple[str, str, datetime | None, str, str | None, int]]:
+) -> list[tuple[str, str, datetime | None, str, str | None, int, int | None]]:
     """SQLite has no row locks: the lease is taken in one statement, whose write takes the
     database at once; then each row's poll is counted and its next one set."""
     due = (
@@ -146,7 +172,9 @@ def _claim_sqlite(
         [
             {
                 "row_id": row_id,
-                "new_next_poll_at": next_poll_at(tasks[row_id].created_at, now, settings),
+                "new_next_poll_at": next_poll_at(
+                    tasks[row_id].created_at, now, settings, service=tasks[row_id].service
+                ),
             }
             for row_id in ids
         ],
@@ -159,6 +187,7 @@ def _claim_sqlite(
             tasks[row_id].state,
             tasks[row_id].upstream_state,
             misses,
+            tasks[row_id].progress,
         )
         for row_id, due_at, misses in leased
     ]
@@ -173,6 +202,7 @@ _CLAIMED_SQLITE = select(
     tasks_table.c.created_at,
     tasks_table.c.state,
     tasks_table.c.upstream_state,
+    tasks_table.c.progress,
 ).where(tasks_table.c.id.in_(bindparam("ids", expanding=True)))
 
 

@@ -31,6 +31,7 @@ from requests.adapters import HTTPAdapter
 from tracker import __version__
 from tracker.config import Settings
 from tracker.errors import (
+    BudgetUnavailable,
     UpstreamAuthError,
     UpstreamBadAnswer,
     UpstreamError,
@@ -121,23 +122,50 @@ class UpstreamClient:
             raise
         if not isinstance(answer, dict):
             raise self._off_shape(service, "a task record (a JSON object)", answer)
-        return answer if answer.get("id") else None
+        return answer if names_a_task(answer) else None
 
     def retrieve_batch(self, service: str, ids: Sequence[str]) -> dict[str, Record]:
-        """The records of `ids` keyed by their `id`; ids the answer left out are absent."""
+        """The records of `ids` keyed by their `id`; ids the answer left out are absent.
+
+        Each request asks for what it means: `limit` is the number of ids (some of the
+        vendor's task endpoints page their answers, with default limits as small as 12).
+        Ids missing from an answer with fewer items than asked are asked again at once,
+        each request taking its own slot of the budget, until an answer brings none of
+        them: a page cut short is not a miss. Should a re-ask fail, what the earlier
+        answers brought is kept and the rest count as misses.
+        """
         wanted = list(dict.fromkeys(ids))
         records: dict[str, Record] = {}
         for start in range(0, len(wanted), self.max_batch):
             chunk = wanted[start : start + self.max_batch]
-            answer = self._post(service, {"ids": chunk, "action": "retrieve_batch"})
-            items = answer.get("items") if isinstance(answer, dict) else None
-            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-                raise self._off_shape(service, '{"items": [task records], "count": N}', answer)
-            asked = set(chunk)
-            for item in items:
-                if item.get("id") in asked:
-                    records[item["id"]] = item
+            asked, answered = len(chunk), self._retrieve_chunk(service, chunk, records)
+            missing = [task_id for task_id in chunk if task_id not in records]
+            while missing and answered < asked:  # a short answer: ask for what it left out
+                metrics.UPSTREAM_SHORT_ANSWERS.inc()
+                try:
+                    answered = self._retrieve_chunk(service, missing, records)
+                except (UpstreamError, BudgetUnavailable):
+                    break  # the earlier answers stand; the rest are misses this time
+                still = [task_id for task_id in missing if task_id not in records]
+                if len(still) == len(missing):
+                    break  # the upstream has none of them: misses, not a page cut short
+                asked, missing = len(missing), still
         return records
+
+    def _retrieve_chunk(
+        self, service: str, chunk: Sequence[str], records: dict[str, Record]
+    ) -> int:
+        """Ask for `chunk` once; add what came back to `records`; return the items answered."""
+        body = {"ids": list(chunk), "action": "retrieve_batch", "limit": len(chunk)}
+        answer = self._post(service, body)
+        items = answer.get("items") if isinstance(answer, dict) else None
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise self._off_shape(service, '{"items": [task records], "count": N}', answer)
+        asked = set(chunk)
+        for item in items:
+            if item.get("id") in asked:
+                records[item["id"]] = item
+        return len(items)
 
     def _post(self, service: str, body: dict[str, Any]) -> Any:
         url = f"{self.base_url}/{service}/tasks"
@@ -198,6 +226,15 @@ class UpstreamClient:
             "expected; check that TRACKER_UPSTREAM_URL points at the AceData task API",
             status=200,
         )
+
+
+def names_a_task(answer: dict[str, Any]) -> bool:
+    """A single `retrieve` answered a task, not "no such task" (`{}`): a record with its
+    `id`, a flat answer with its `task_id` (captcha), or MiniMax's `{"task": {"id"}}`."""
+    task = answer.get("task")
+    return bool(
+        answer.get("id") or answer.get("task_id") or (isinstance(task, dict) and task.get("id"))
+    )
 
 
 def _parse_answer(url: str, response: requests.Response) -> Any:

@@ -2,8 +2,9 @@
 
 A batch travels as a list: service, ids, lease and tick (ISO 8601), the probe flag,
 then what the claim saw of each id's registrations: the distinct views (`[state,
-upstream word, misses]`; most registrations share one) and, per id, the index of its
-registration's view (a list of indexes for an id several clients watch). A batch
+upstream word, misses]`, and the progress where there is one; most registrations share
+one) and, per id, the index of its registration's view (a list of indexes for an id
+several clients watch). A batch
 without views (`seen` None) carries None in both places.
 """
 
@@ -32,7 +33,11 @@ def poll_batch_message(batch: PollBatch) -> PollBatchMessage:
                 refs.append(views.setdefault(registrations[0], len(views)))
             else:
                 refs.append([views.setdefault(seen, len(views)) for seen in registrations])
-        message[5:] = [[list(view) for view in views], refs]
+        # A view's progress travels only when there is one: most services report none.
+        message[5:] = [
+            [list(view if view.progress is not None else view[:3]) for view in views],
+            refs,
+        ]
     return message
 
 
