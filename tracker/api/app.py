@@ -13,7 +13,8 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 
 from tracker import __version__
-from tracker.api import deliveries, health, tasks
+from tracker.api import deliveries, health, tasks, ui
+from tracker.api.docs import install_docs
 from tracker.api.errors import install_error_handlers
 from tracker.api.middleware import RequestContextMiddleware
 from tracker.config import Settings, get_settings
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         redirect_slashes=False,
         lifespan=_lifespan,
+        docs_url=None,  # served from the package by install_docs, not from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.sessions = session_factory(get_engine(settings.database_url))
@@ -78,4 +81,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(deliveries.router)
     app.include_router(health.router)
+    install_docs(app)
+    ui.install(app)
     return app
