@@ -409,3 +409,34 @@ def test_docs_load_swagger_ui_from_this_server_only(api: TestClient) -> None:
     for asset in re.findall(r"(?:src|href)=['\"](/[^'\"]+)", html):
         assert api.get(asset).status_code == 200, asset
     assert api.get("/redoc").status_code == 404
+
+
+def test_the_cli_prints_a_one_time_sign_in_link(
+    db_url: str, client: NewClient, api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from tracker.cli.app import app
+    from tracker.config import get_settings
+    from tracker.db import engine as db
+
+    monkeypatch.setenv("TRACKER_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    db.get_engine.cache_clear()
+    try:
+        result = CliRunner().invoke(
+            app,
+            ["clients", "sign-in-link", "acme", "--base-url", "http://testserver/"],
+            catch_exceptions=False,
+            env={"COLUMNS": "200"},
+        )
+    finally:
+        get_settings.cache_clear()
+        db.get_engine.cache_clear()
+    assert result.exit_code == 0, result.output
+    link = re.search(r"http://testserver(/ui/login\?token=[A-Za-z0-9_-]+)", result.output)
+    assert link, result.output
+    assert client.api_key not in result.output
+    assert api.get("/ui/", follow_redirects=False).status_code == 303
+    api.get(link.group(1))
+    assert api.get("/ui/", follow_redirects=False).status_code == 200
