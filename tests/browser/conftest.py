@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -67,6 +68,7 @@ class Dashboard:
     """The API serving the dashboard on loopback, and its database."""
 
     url: str
+    app: FastAPI
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
@@ -92,9 +94,8 @@ def dashboard(postgresql_database_url: str) -> Iterator[Dashboard]:
         _env_file=None,
     )
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -102,7 +103,7 @@ def dashboard(postgresql_database_url: str) -> Iterator[Dashboard]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the API did not start on loopback")
         time.sleep(0.05)
-    yield Dashboard(f"http://127.0.0.1:{port}", settings, engine, session_factory(engine))
+    yield Dashboard(f"http://127.0.0.1:{port}", app, settings, engine, session_factory(engine))
     server.should_exit = True
     thread.join(timeout=10)
 

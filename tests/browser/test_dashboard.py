@@ -286,12 +286,42 @@ def test_every_page_renders_with_a_history_and_is_captured(
                 )  # fmt: skip
         rows = session.scalars(select(Task.id).where(Task.client_id == owner.client.id)).all()
     assert len(rows) == len(plan)
-    sign_in(page, dashboard, owner.api_key)
-    expect(page.locator("h1")).to_have_text("Overview")
-    screenshot(page, "overview")
-    for path, name in [("/ui/destinations", "destinations"), ("/ui/tasks?service=luma", None)]:
-        page.goto(dashboard.url + path)
-        expect(page.locator("h1")).to_be_visible()
-        if name:
-            screenshot(page, name)
+    # Destinations come from the delivery engine's operations; a fixed set stands in here.
+    dashboard.app.state.destination_operations = FixedDestinations()
+    try:
+        sign_in(page, dashboard, owner.api_key)
+        expect(page.locator("h1")).to_have_text("Overview")
+        expect(page.locator("main")).to_contain_text("2 of 3 open or disabled")
+        screenshot(page, "overview")
+        page.goto(dashboard.url + "/ui/destinations")
+        expect(page.locator("table.destinations tbody tr")).to_have_count(3)
+        screenshot(page, "destinations")
+    finally:
+        dashboard.app.state.destination_operations = None
+    page.goto(dashboard.url + "/ui/tasks?service=luma")
+    expect(page.locator("table.tasks tbody tr")).to_have_count(4)
     assert watched["console"] == []
+
+
+class FixedDestinations:
+    """Destination operations with three fixed destinations, one in each state."""
+
+    def list_destinations(self, session: object, *, client_id: int) -> list[dict[str, Any]]:
+        ago = (utcnow() - timedelta(hours=3)).isoformat()
+        return [
+            {"id": "dst_1", "scheme": "https", "host": "hooks.acme.example", "port": 443,
+             "state": "healthy", "consecutive_failures": 0, "last_success_at": utcnow().isoformat(),
+             "held_deliveries": 0},
+            {"id": "dst_2", "scheme": "https", "host": "crm.acme.example", "port": 8443,
+             "state": "open", "consecutive_failures": 23, "last_success_at": ago,
+             "held_deliveries": 41},
+            {"id": "dst_3", "scheme": "http", "host": "legacy.acme.example", "port": 80,
+             "state": "disabled", "consecutive_failures": 1250, "last_success_at": None,
+             "held_deliveries": 0},
+        ]  # fmt: skip
+
+    def resume_destination(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise AssertionError("not called by this test")
+
+    def replay_deliveries(self, *args: Any, **kwargs: Any) -> int:
+        raise AssertionError("not called by this test")
