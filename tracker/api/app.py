@@ -10,10 +10,11 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 import sqlalchemy as sa
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from tracker import __version__
 from tracker.api import deliveries, health, tasks, ui
+from tracker.api.deps import known_query_parameters
 from tracker.api.docs import install_docs
 from tracker.api.errors import install_error_handlers
 from tracker.api.middleware import RequestContextMiddleware
@@ -78,8 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.key_cache = KeyCache()
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=MAX_BODY_BYTES)
-    app.include_router(tasks.router)
-    app.include_router(deliveries.router)
+    strict_query = [Depends(known_query_parameters)]
+    app.include_router(tasks.router, dependencies=strict_query)
+    app.include_router(deliveries.router, dependencies=strict_query)
     app.include_router(health.router)
     install_docs(app)
     ui.install(app)
