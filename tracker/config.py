@@ -23,6 +23,10 @@ DEFAULT_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 360
 SEVEN_DAYS = 7 * 24 * 3600
 # Webhook secrets are `whsec_` and the base64 key, as Standard Webhooks libraries expect.
 WEBHOOK_SECRET_PREFIX = "whsec_"
+# The dashboard (/ui): how long a sign-in lasts, and how long a one-time sign-in link
+# (`tracker demo`, `tracker clients sign-in-link`) may wait to be opened.
+DASHBOARD_SESSION_SECONDS = 12 * 3600
+DASHBOARD_SIGN_IN_LINK_SECONDS = 600
 
 
 class Settings(BaseSettings):

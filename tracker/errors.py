@@ -8,6 +8,8 @@
     │   ├── ClientExists, RegistrationConflict
     ├── InvalidQuery                       422: a listing parameter
     │   └── InvalidCursor
+    ├── SignInRequired                     the dashboard needs a (new) sign-in
+    ├── CsrfRefused                        a dashboard form without its CSRF token
     ├── InvalidTransition                  a move the state machine forbids
     ├── SignatureError                     a webhook that does not verify
     ├── CallbackRefused                    a callback URL that cannot be sent to
@@ -83,6 +85,19 @@ class InvalidQuery(TrackerError):
 
 class InvalidCursor(InvalidQuery):
     code = "invalid_cursor"
+
+
+class SignInRequired(TrackerError):
+    """A dashboard request without a valid session: no cookie, or one that expired or
+    was signed out. The dashboard answers with its sign-in page."""
+
+    code = "sign_in_required"
+
+
+class CsrfRefused(TrackerError):
+    """A dashboard form that does not carry its session's CSRF token: nothing is done."""
+
+    code = "csrf_refused"
 
 
 class InvalidTransition(TrackerError):

@@ -10,13 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 pytestmark = pytest.mark.slow
 
 
 def test_demo_completes_with_every_webhook_verified(tmp_path: Path) -> None:
+    """...and prints a dashboard link that signs the demo client in, once."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("TRACKER_")}
-    result = subprocess.run(
+    demo = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -33,11 +35,29 @@ def test_demo_completes_with_every_webhook_verified(tmp_path: Path) -> None:
         ],
         cwd=tmp_path,
         env=env | {"COLUMNS": "160"},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=180,
-        check=False,
     )
+    assert demo.stdout is not None
+    head = ""
+    for line in demo.stdout:
+        head += line
+        link = re.search(r"dashboard: (http://[0-9.:]+)(/ui/login\?token=[A-Za-z0-9_-]+)", line)
+        if link:
+            break
+    assert link, head
+    browser = requests.Session()
+    assert browser.get(link.group(1) + link.group(2), timeout=10).status_code == 200
+    overview = browser.get(link.group(1) + "/ui/", timeout=10, allow_redirects=False)
+    assert overview.status_code == 200
+    assert "demo-" in overview.text
+    assert requests.get(link.group(1) + link.group(2), timeout=10).status_code == 401
+    try:
+        rest, errors = demo.communicate(timeout=180)
+    finally:
+        demo.kill()
+    result = subprocess.CompletedProcess(demo.args, demo.returncode, head + rest, errors)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = re.search(
         r"done: 5 tasks: (\d+) completed, (\d+) failed, (\d+) timed_out; "

@@ -272,3 +272,17 @@ def test_fuzzing_the_openapi_document_finds_no_server_error_and_no_schema_violat
         checked += 1
     # Operations: 9 under /v1 (GET and DELETE /v1/tasks/{task_id} are two), 3 probes.
     assert checked == (12 if mode is GenerationMode.POSITIVE else 9)
+
+
+def test_a_query_parameter_the_route_does_not_take_is_named_not_ignored(
+    api: TestClient, auth: dict[str, str]
+) -> None:
+    """A mistyped filter would otherwise list everything, as if it had matched."""
+    answer = api.get("/v1/tasks?stat=failed", headers=auth)
+    assert answer.status_code == 422
+    message = answer.json()["error"]["message"]
+    assert message.startswith("stat: is not a query parameter of this route")
+    assert "state" in message
+    assert api.get("/v1/tasks?state=failed&limit=5", headers=auth).status_code == 200
+    assert api.get("/v1/deliveries?task_id=x&cursorr=1", headers=auth).status_code == 422
+    assert api.get("/v1/tasks?stat=failed").status_code == 401  # the key is checked first

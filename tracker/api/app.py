@@ -10,10 +10,12 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 import sqlalchemy as sa
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from tracker import __version__
-from tracker.api import deliveries, health, services, tasks
+from tracker.api import deliveries, health, services, tasks, ui
+from tracker.api.deps import known_query_parameters
+from tracker.api.docs import install_docs
 from tracker.api.errors import install_error_handlers
 from tracker.api.middleware import RequestContextMiddleware
 from tracker.config import Settings, get_settings
@@ -69,14 +71,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         redirect_slashes=False,
         lifespan=_lifespan,
+        docs_url=None,  # served from the package by install_docs, not from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.sessions = session_factory(get_engine(settings.database_url))
     app.state.key_cache = KeyCache()
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=MAX_BODY_BYTES)
-    app.include_router(tasks.router)
-    app.include_router(deliveries.router)
-    app.include_router(services.router)
+    strict_query = [Depends(known_query_parameters)]
+    app.include_router(tasks.router, dependencies=strict_query)
+    app.include_router(deliveries.router, dependencies=strict_query)
+    app.include_router(services.router, dependencies=strict_query)
     app.include_router(health.router)
+    install_docs(app)
+    ui.install(app)
     return app

@@ -190,8 +190,13 @@ def demo(
         int, typer.Option(help="Deadline of the task that stalls, in seconds.")
     ] = 20,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 180.0,
+    linger: Annotated[
+        float,
+        typer.Option(help="Keep everything running this many seconds after the end, to browse."),
+    ] = 0.0,
 ) -> None:
-    """The whole loop on this machine: simulator, tracker and a webhook receiver, live."""
+    """The whole loop on this machine: simulator, tracker and a webhook receiver, live; the
+    dashboard's sign-in link is printed at the start."""
     from tracker.devtools.demo import run_demo
 
     raise typer.Exit(
@@ -201,6 +206,7 @@ def demo(
             max_duration=max_duration,
             stall_timeout=stall_timeout,
             timeout=timeout,
+            linger=linger,
         )
     )
 

@@ -66,3 +66,32 @@ def clients_rotate_secret(
         f"the old secret stays valid for {settings.secret_rotation_grace} s; during that "
         "time every webhook carries both signatures."
     )
+
+
+@clients_app.command("sign-in-link")
+def clients_sign_in_link(
+    name: Annotated[str, typer.Argument(help="The client to sign in to the dashboard.")],
+    base_url: Annotated[
+        str | None,
+        typer.Option(help="The dashboard's address; default http://TRACKER_API_HOST:PORT."),
+    ] = None,
+) -> None:
+    """Print a one-time link that signs a browser in to the client's dashboard (`/ui`).
+
+    The link works once, within 10 minutes; it carries a random token, not the API key.
+    """
+    from tracker.api.ui.sessions import create_sign_in_link_token
+    from tracker.clock import utcnow
+    from tracker.config import DASHBOARD_SIGN_IN_LINK_SECONDS
+    from tracker.tracking.clients import get_client
+
+    settings = load_cli_settings()
+    base = (base_url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
+    with cli_transaction() as session:
+        token = create_sign_in_link_token(session, get_client(session, name), now=utcnow())
+    console.print(f"{base}/ui/login?token={token}", soft_wrap=True)
+    console.print(
+        f"opens the dashboard as [bold]{name}[/bold]; works once, within "
+        f"{DASHBOARD_SIGN_IN_LINK_SECONDS // 60} minutes",
+        style="dim",
+    )

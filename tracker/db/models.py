@@ -1,4 +1,5 @@
-"""The history database: clients, tracked tasks, their transitions, webhook deliveries.
+"""The history database: clients, tracked tasks, their transitions, webhook deliveries,
+and the dashboard's sign-ins.
 
 These tables are an interface too (users query them with SQL), so names are
 stable and change only through Alembic migrations. Every column: docs/database.md.
@@ -317,3 +318,28 @@ class UpstreamCredential(Base):
     paused_until: Mapped[datetime | None]
     rejected_at: Mapped[datetime | None]
     rejected_reason: Mapped[str | None] = mapped_column(Text)
+
+
+DASHBOARD_SESSION = "session"
+DASHBOARD_SIGN_IN_LINK = "sign_in_link"
+DASHBOARD_SESSION_KINDS = (DASHBOARD_SESSION, DASHBOARD_SIGN_IN_LINK)
+
+
+class DashboardSession(Base):
+    """A dashboard sign-in, or a one-time link that makes one; found by its token's hash.
+
+    Kept in the database, not in one API process, so that every API process knows every
+    session; the token itself (the browser's cookie, the link) is never stored.
+    """
+
+    __tablename__ = "dashboard_sessions"
+    __table_args__ = (CheckConstraint(f"kind IN ({_in(DASHBOARD_SESSION_KINDS)})", name="kind"),)
+
+    # SHA-256 (hex) of the token the browser holds or the link carries.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"), index=True)
+    # The client's API key hash when it signed in: a key that changes ends its sessions.
+    api_key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)

@@ -339,6 +339,47 @@ def delivery_detail(delivery: WebhookDelivery) -> dict[str, Any]:
     return resource
 
 
+def attempts_by_delivery(
+    session: Session, delivery_ids: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every attempt of these deliveries, first first, by delivery id, in one query."""
+    if not delivery_ids:
+        return {}
+    rows = session.scalars(
+        select(WebhookAttempt)
+        .where(WebhookAttempt.delivery_id.in_(delivery_ids))
+        .order_by(WebhookAttempt.delivery_id, WebhookAttempt.attempt)
+    )
+    attempts: dict[str, list[dict[str, Any]]] = {}
+    for attempt in rows:
+        attempts.setdefault(attempt.delivery_id, []).append(attempt_resource(attempt))
+    return attempts
+
+
+def task_counts(session: Session, *, client_id: int) -> dict[str, dict[str, int]]:
+    """A client's tasks counted by service, then state (one index scan of its tasks)."""
+    rows = session.execute(
+        select(Task.service, Task.state, func.count())
+        .where(Task.client_id == client_id)
+        .group_by(Task.service, Task.state)
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for service, state, count in rows:
+        counts.setdefault(service, {})[state] = count
+    return counts
+
+
+def delivery_counts(session: Session, *, client_id: int) -> dict[str, int]:
+    """A client's webhook deliveries counted by status."""
+    rows = session.execute(
+        select(WebhookDelivery.status, func.count())
+        .where(WebhookDelivery.client_id == client_id)
+        .group_by(WebhookDelivery.status)
+    )
+    # .all(): a Result has .keys() and would be taken for a mapping by dict().
+    return dict(rows.all())
+
+
 def database_levels(session: Session, *, now: datetime) -> DatabaseLevels:
     """Tasks by state, deliveries by status and the deliveries due: the gauges of `/metrics`."""
     # .all(): a Result has .keys() and would be taken for a mapping by dict().

@@ -11,6 +11,7 @@ task is final.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -27,6 +28,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from tracker.api.ui.sessions import create_sign_in_link_token
+from tracker.clock import utcnow
 from tracker.db import migrate
 from tracker.db.engine import make_engine, transaction
 from tracker.delivery.signing import verify
@@ -153,8 +156,13 @@ def run_demo(
     stall_timeout: int = 20,
     timeout: float = 180.0,
     workdir: Path | None = None,
+    linger: float = 0.0,
 ) -> int:
-    """Run the demo; returns the exit code (0: every task final, every webhook verified)."""
+    """Run the demo; returns the exit code (0: every task final, every webhook verified).
+
+    The dashboard's one-time sign-in link is printed once the API is up; `linger` keeps
+    everything running that many seconds after the end, to look around in it.
+    """
     workdir = workdir or Path(tempfile.mkdtemp(prefix="tracker-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "metrics").mkdir(exist_ok=True)
@@ -166,6 +174,8 @@ def run_demo(
     engine = make_engine(database_url)
     with transaction(engine) as session:
         demo = create_client(session, f"demo-{os.getpid()}")
+        # Redeemed at most once, within DASHBOARD_SIGN_IN_LINK_SECONDS; never the API key.
+        sign_in_token = create_sign_in_link_token(session, demo.client, now=utcnow())
     engine.dispose()
     received = Received(demo.webhook_secret)
     receiver = start_receiver(received)
@@ -196,6 +206,11 @@ def run_demo(
         wait_for(f"{sim_url}/_sim/stats")
         wait_for(f"{api_url}/healthz")
         console.print(f"simulator {sim_url}   API {api_url}/docs   receiver {callback}")
+        console.print(
+            f"dashboard: [link]{api_url}/ui/login?token={sign_in_token}[/link]  "
+            "(signs you in as the demo client; the link works once)",
+            soft_wrap=True,
+        )
 
         showcase = SHOWCASE[: max(0, tasks - 1)]
         plan = [
@@ -294,6 +309,12 @@ def run_demo(
             + f"; {total} webhooks received, {verified} verified"
         )
         console.print(f"history database: {workdir / 'tracker.db'}  (logs beside it)")
+        if linger > 0:
+            console.print(
+                f"the dashboard stays up for {linger:.0f} s at {api_url}/ui/ (Ctrl-C ends)"
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(linger)
         return 0 if verified == total else 1
     finally:
         supervisor.stop()

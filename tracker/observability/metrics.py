@@ -131,6 +131,24 @@ def render(read_levels: Callable[[], DatabaseLevels] | None) -> bytes:
     return output
 
 
+def upstream_requests_by_outcome() -> dict[str, float]:
+    """Upstream requests since the processes started, by outcome (`ok`, `too_many_requests`,
+    ...): every process on this host with PROMETHEUS_MULTIPROC_DIR, else this one's."""
+    registry: CollectorRegistry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    counts: dict[str, float] = {}
+    for family in registry.collect():
+        if family.name != "tracker_upstream_requests":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                outcome = sample.labels.get("outcome", "")
+                counts[outcome] = counts.get(outcome, 0.0) + sample.value
+    return counts
+
+
 def serve_worker_metrics(port: int) -> bool:
     """Expose this worker's metrics on `port`; False if the port is taken (another worker)."""
     if not port:

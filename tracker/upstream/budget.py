@@ -15,7 +15,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Protocol, cast
 
 import redis
@@ -39,6 +40,55 @@ SCHEDULE_MARGIN = 1.05
 def credential_key(token: str | None) -> str:
     """A stable fingerprint of the upstream token: budgets are per token, and never store it."""
     return "tok_" + hashlib.sha256((token or "").encode()).hexdigest()[:24]
+
+
+def redis_budget_keys(key: str) -> tuple[str, str]:
+    """The Redis keys of a token's budget: its schedule (next free slot) and its pause."""
+    return f"tracker:budget:{key}:schedule", f"tracker:budget:{key}:paused"
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """A token's budget as it stands, for people (the dashboard's overview).
+
+    `queued_seconds`: how far ahead of now the next free request slot lies; above zero,
+    every slot up to then is taken (the budget is fully in use). `paused_until`: a 429
+    paused the token until then.
+    """
+
+    rps: float
+    queued_seconds: float
+    paused_until: datetime | None
+    rejected_at: datetime | None
+    rejected_reason: str | None
+
+
+def read_budget_state(
+    session: Session, key: str, *, rps: float, redis_url: str | None, now: datetime
+) -> BudgetState:
+    """The budget of the token `key` (a `credential_key`), from Redis when the workers keep
+    it there (`redis_url`), else from `upstream_credentials`; rejection is always in the
+    database. Reads only; a Redis that does not answer reads as an idle budget."""
+    row = session.get(UpstreamCredential, key)
+    next_slot = row.next_request_at if row is not None else None
+    paused = row.paused_until if row is not None else None
+    if redis_url:
+        try:
+            conn = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+            with conn:
+                schedule, pause = conn.mget(list(redis_budget_keys(key)))
+        except redis.RedisError:
+            schedule = pause = None
+        next_slot = datetime.fromtimestamp(float(schedule), UTC) if schedule is not None else None
+        paused = datetime.fromtimestamp(float(pause), UTC) if pause is not None else None
+    queued = max(0.0, (next_slot - now).total_seconds()) if next_slot is not None else 0.0
+    return BudgetState(
+        rps=rps,
+        queued_seconds=queued,
+        paused_until=paused if paused is not None and paused > now else None,
+        rejected_at=row.rejected_at if row is not None else None,
+        rejected_reason=row.rejected_reason if row is not None else None,
+    )
 
 
 class Budget(Protocol):
@@ -79,7 +129,7 @@ class RedisBudget:
 
     def __init__(self, url: str, key: str, rps: float) -> None:
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        self._keys = [f"tracker:budget:{key}:schedule", f"tracker:budget:{key}:paused"]
+        self._keys = list(redis_budget_keys(key))
         self.interval = SCHEDULE_MARGIN / rps
         self._reserve = self._redis.register_script(self._RESERVE)
         self._pause = self._redis.register_script(self._PAUSE)
