@@ -73,11 +73,14 @@ def sign_in(page: Page, dashboard: Dashboard, api_key: str, path: str = "/ui/") 
 @pytest.fixture
 def watched(page: Page, dashboard: Dashboard) -> Iterator[dict[str, list[str]]]:
     """What the page did: requests to other hosts, console errors (CSP violations show
-    there), dialogs (an injected alert). Checked empty after the test."""
+    there), dialogs (an injected alert). Checked empty after the test. Images and media
+    are exempt: outputs are previewed from the upstream's file host, by design (the CSP
+    allows `https:` for them alone); the dashboard's own scripts, styles and calls are not."""
     seen: dict[str, list[str]] = {"foreign": [], "console": [], "dialogs": []}
 
     def on_request(request: Request) -> None:
-        if not request.url.startswith((dashboard.url, "data:")):
+        local = request.url.startswith((dashboard.url, "data:"))
+        if not local and request.resource_type not in ("image", "media"):
             seen["foreign"].append(request.url)
 
     def on_console(message: ConsoleMessage) -> None:
