@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from http.cookiejar import Cookie, CookiePolicy
 
 import requests
 import urllib3
@@ -71,13 +72,46 @@ def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
     return max(0.0, (moment - now).total_seconds())
 
 
+class RefuseAllCookies(CookiePolicy):
+    """A cookie policy that keeps no cookie and sends none.
+
+    Each attempt stands alone (docs/webhooks.md): a `Set-Cookie` from one receiver's
+    answer must never ride along on a later webhook, of this client or another.
+    """
+
+    netscape = True
+    rfc2965 = False
+    hide_cookie2 = True
+
+    def set_ok(self, cookie: Cookie, request: object) -> bool:
+        return False
+
+    def return_ok(self, cookie: Cookie, request: object) -> bool:
+        return False
+
+    def domain_return_ok(self, domain: str, request: object) -> bool:
+        return False
+
+    def path_return_ok(self, path: str, request: object) -> bool:
+        return False
+
+
 _http_lock = threading.Lock()
 _http: requests.Session | None = None
 
 
 def new_http_session() -> requests.Session:
-    """An HTTP session that connects only to vetted addresses (`PinnedAddressAdapter`)."""
+    """An HTTP session that connects only to vetted addresses (`PinnedAddressAdapter`).
+
+    It keeps nothing a receiver sets: no cookie (`RefuseAllCookies`), no credential
+    from the environment. Its connections are pooled per vetted address (IP, port, TLS
+    host name), which carries nothing a receiver sets at the HTTP level: a kept-alive
+    connection goes back only to the address that answered on it, and one with
+    anything left unread is dropped, not reused (docs/webhooks.md, "Each attempt stands
+    alone").
+    """
     session = requests.Session()
+    session.cookies.set_policy(RefuseAllCookies())
     # Proxy variables and .netrc must not reroute or alter a vetted request.
     session.trust_env = False
     adapter = PinnedAddressAdapter(
