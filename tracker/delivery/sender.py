@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -14,12 +15,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import parsedate_to_datetime
 from http.cookiejar import Cookie, CookiePolicy
 
 import requests
 import urllib3
 
+from tracker.clock import parse_retry_after
 from tracker.delivery.netguard import (
     AttemptDeadline,
     PinnedAddressAdapter,
@@ -29,6 +30,8 @@ from tracker.delivery.netguard import (
 )
 from tracker.delivery.signing import webhook_headers
 from tracker.errors import CallbackRefused, UnresolvableHost
+
+log = logging.getLogger("tracker.delivery")
 
 # The attempt log keeps this much of each answer.
 EXCERPT_BYTES = 2048
@@ -48,28 +51,13 @@ class WebhookAnswer:
     status_code: int | None = None
     excerpt: str | None = None
     error: str | None = None
-    retry_after: float | None = None  # seconds, from a 429 or 503 answer
+    # Seconds, from a 429 or 503 answer, at most TRACKER_MAX_RETRY_AFTER.
+    retry_after: float | None = None
     refused: CallbackRefused | None = None
 
     @property
     def succeeded(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
-
-
-def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
-    """`Retry-After` in seconds (delta-seconds or an HTTP date); None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        return None
-    return max(0.0, (moment - now).total_seconds())
 
 
 class RefuseAllCookies(CookiePolicy):
@@ -159,6 +147,7 @@ def send_webhook(
     *,
     timeout: float,
     allow_private: bool,
+    max_retry_after: float,
     http: requests.Session | None = None,
     resolver: Resolver | None = None,
     clock: Callable[[], datetime],
@@ -166,7 +155,8 @@ def send_webhook(
     """POST `payload` to the vetted address of `callback_url`, signed, within `timeout` seconds.
 
     `http` must mount `PinnedAddressAdapter` (see `new_http_session`); default: the
-    process's pooled session.
+    process's pooled session. A 429's or 503's `Retry-After` is kept, at most
+    `max_retry_after` seconds.
     """
     started_at = clock()
     start = time.perf_counter()
@@ -241,8 +231,29 @@ def send_webhook(
         error = f"the receiver answered {code}; it must answer 2xx to acknowledge the webhook"
     retry_after = None
     if code in RETRY_AFTER_STATUSES:
-        retry_after = parse_retry_after(response.headers.get("retry-after"), now=started_at)
+        retry_after, note = _bounded_retry_after(response, callback_url, max_retry_after, clock())
+        if note is not None and error is not None:
+            error = f"{error}; {note}"
     return WebhookAnswer(started_at, elapsed_ms(), code, excerpt, error, retry_after)
+
+
+def _bounded_retry_after(
+    response: requests.Response, callback_url: str, limit: float, now: datetime
+) -> tuple[float | None, str | None]:
+    """A receiver's Retry-After in seconds, at most `limit`, and what was done to it."""
+    retry_after = parse_retry_after(response.headers.get("retry-after"), now=now, limit=limit)
+    if retry_after is None:
+        return None, None
+    if retry_after.note is None:
+        return retry_after.seconds, None
+    taken = (
+        f"clamped to {retry_after.seconds:g} s (TRACKER_MAX_RETRY_AFTER)"
+        if retry_after.seconds is not None
+        else "ignored: the retry schedule decides"
+    )
+    note = f"its Retry-After {retry_after.header!r} {retry_after.note}, {taken}"
+    log.warning("the receiver at %s answered %d: %s", callback_url, response.status_code, note)
+    return retry_after.seconds, note
 
 
 def _timeout_message(timeout: float) -> str:
