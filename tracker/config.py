@@ -34,6 +34,9 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         frozen=True,
+        # `TRACKER_UPSTREAM_TOKEN=` (in the environment or `.env`) is no token, not an
+        # empty one: an empty value counts as unset, for every variable.
+        env_ignore_empty=True,
     )
 
     database_url: str = Field(

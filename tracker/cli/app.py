@@ -116,7 +116,8 @@ def up(
     env = dict(os.environ)
     if with_simulator:
         env["TRACKER_UPSTREAM_URL"] = "http://127.0.0.1:8099"
-        env.setdefault("TRACKER_UPSTREAM_TOKEN", "simulator")
+        if settings.upstream_token is None:  # unset or empty
+            env["TRACKER_UPSTREAM_TOKEN"] = "simulator"
     elif settings.upstream_token is None:
         err_console.print(
             "[yellow]TRACKER_UPSTREAM_TOKEN is not set:[/yellow] the upstream will reject "
