@@ -106,7 +106,8 @@ def up(
         ),
     ] = False,
 ) -> None:
-    """Run the whole service: migrate, then API, worker and beat together (Ctrl-C stops all)."""
+    """Run the whole service: migrate, then API, worker and beat together (Ctrl-C or
+    SIGTERM stops all)."""
     import os
 
     from tracker.db import migrate as migrations
@@ -126,25 +127,29 @@ def up(
         )
     migrations.upgrade(settings.database_url)
     supervisor = Supervisor(env=env)
-    if with_simulator:
-        supervisor.start("simulator", ["simulator", "--port", "8099"])
-    supervisor.start("api", ["api"])
-    supervisor.start("worker", ["worker"])
-    supervisor.start("beat", ["beat"])
-    console.print(f"API       http://{settings.api_host}:{settings.api_port}  (docs at /docs)")
-    if settings.metrics_port:
-        console.print(f"metrics   worker at http://127.0.0.1:{settings.metrics_port}/metrics")
-    console.print(f"database  {settings.database_url}")
-    broker = "embedded (" + settings.effective_broker_url + ")"
-    console.print(f"broker    {settings.broker_url or broker}")
-    if with_simulator:
-        console.print("upstream  simulator at http://127.0.0.1:8099")
-    console.print("Ctrl-C stops everything.")
+    # SIGTERM (a service manager, `timeout`, `docker stop`) and SIGHUP stop the whole
+    # tree as Ctrl-C does.
+    supervisor.handle_signals()
     try:
+        if with_simulator:
+            supervisor.start("simulator", ["simulator", "--port", "8099"])
+        supervisor.start("api", ["api"])
+        supervisor.start("worker", ["worker"])
+        supervisor.start("beat", ["beat"])
+        console.print(f"API       http://{settings.api_host}:{settings.api_port}  (docs at /docs)")
+        if settings.metrics_port:
+            console.print(f"metrics   worker at http://127.0.0.1:{settings.metrics_port}/metrics")
+        console.print(f"database  {settings.database_url}")
+        broker = "embedded (" + settings.effective_broker_url + ")"
+        console.print(f"broker    {settings.broker_url or broker}")
+        if with_simulator:
+            console.print("upstream  simulator at http://127.0.0.1:8099")
+        console.print("Ctrl-C (or SIGTERM) stops everything.")
         exited = supervisor.wait()
         err_console.print(f"[red]{exited} exited; stopping the others[/red]")
         code = 1
     except KeyboardInterrupt:
+        err_console.print("stopping API, worker and beat")
         code = 0
     finally:
         supervisor.stop()
