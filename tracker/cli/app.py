@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -40,23 +40,37 @@ def migrate() -> None:
 def api(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Serving processes (uvicorn workers) sharing the port; each has its own "
+            "database connections and request threads.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP API on TRACKER_API_HOST:TRACKER_API_PORT (docs at /docs)."""
     import uvicorn
 
     from tracker.api import create_app
     from tracker.observability.logs import configure_logging
+    from tracker.observability.metrics import share_between_processes
 
     settings = load_cli_settings()
     configure_logging(settings)
     # Every request is logged once, with its trace id, by the API itself.
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.api_host,
-        port=settings.api_port if port is None else port,
-        log_config=None,
-        access_log=False,
-    )
+    serving: dict[str, Any] = {
+        "host": host or settings.api_host,
+        "port": settings.api_port if port is None else port,
+        "log_config": None,
+        "access_log": False,
+    }
+    if workers == 1:
+        uvicorn.run(create_app(settings), **serving)
+        return
+    # Each process counts its own requests; /metrics, whichever answers, shows them all.
+    share_between_processes()
+    uvicorn.run("tracker.api.app:create_served_app", factory=True, workers=workers, **serving)
 
 
 @app.command()
