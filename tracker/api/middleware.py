@@ -101,8 +101,11 @@ class RequestContextMiddleware:
         finally:
             seconds = time.perf_counter() - started
             duration_ms = seconds * 1000
-            route = scope.get("route")  # set by the router on a (full or partial) match
-            observe_api_request(scope["method"], getattr(route, "path", None), status, seconds)
+            # The router sets the route on a (full or partial) match; its template without
+            # convertors (`/v1/tasks/{task_id}`) is the label.
+            route = scope.get("route")
+            template = getattr(route, "path_format", None)
+            observe_api_request(scope["method"], template, status, seconds)
             logger.info(
                 "%s %s -> %d in %.1f ms (trace_id=%s)",
                 scope["method"],

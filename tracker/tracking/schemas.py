@@ -19,14 +19,31 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_CALLBACK_URL = 2048
 # What a callback URL may be, as a pattern the OpenAPI document states: http or https,
 # printable ASCII, an optional user:password@, a host name (letters, digits, `-`, `_`,
-# dot-separated) or IPv4 address, an optional port (0-65535), then a path, query or
-# fragment. Every URL of this form passes `parse_callback_url`, and registration refuses
-# any other, so the document is exactly as strict as the validation. (An IPv6 literal or
-# an internationalised name is given as a host name: its DNS name, or punycode.)
+# dot-separated), an IPv4 address or a bracketed IPv6 one, an optional port (0-65535),
+# then a path, query or fragment. Every URL of this form passes `parse_callback_url`, and
+# registration refuses any other, so the document is exactly as strict as the validation
+# (an internationalised name is given in punycode).
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_LS32 = rf"(?:{_H16}:{_H16}|{_IPV4})"
+_IPV6 = "|".join(  # RFC 3986's IPv6address, form by form
+    [
+        rf"(?:{_H16}:){{6}}{_LS32}",
+        rf"::(?:{_H16}:){{5}}{_LS32}",
+        rf"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}",
+        rf"(?:(?:{_H16}:){{0,4}}{_H16})?::{_LS32}",
+        rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
+        rf"(?:(?:{_H16}:){{0,6}}{_H16})?::",
+    ]
+)
+_HOST = rf"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[(?:{_IPV6})\])"
 _PORT = r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
 CALLBACK_URL_PATTERN = (
-    r"^https?://(?:[A-Za-z0-9._~%!$&'()*+,;=:-]*@)?"
-    r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?" + _PORT + r"(?:[/?#][!-~]*)?$"
+    rf"^https?://(?:[A-Za-z0-9._~%!$&'()*+,;=:-]*@)?{_HOST}{_PORT}(?:[/?#][!-~]*)?$"
 )
 
 # Metadata is any JSON object without the NUL character (PostgreSQL's JSONB refuses it),
