@@ -21,6 +21,9 @@ SERVICE_NAME = re.compile(r"[a-z0-9-]{1,32}")
 
 DEFAULT_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 SEVEN_DAYS = 7 * 24 * 3600
+DEFAULT_MAX_POLL_INTERVAL = 60.0
+# The longest receiver Retry-After honoured, in seconds.
+DEFAULT_MAX_RETRY_AFTER = 300.0
 # Webhook secrets are `whsec_` and the base64 key, as Standard Webhooks libraries expect.
 WEBHOOK_SECRET_PREFIX = "whsec_"
 # The dashboard (/ui): how long a sign-in lasts, and how long a one-time sign-in link
@@ -38,6 +41,9 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         frozen=True,
+        # `TRACKER_UPSTREAM_TOKEN=` (in the environment or `.env`) is no token, not an
+        # empty one: an empty value counts as unset, for every variable.
+        env_ignore_empty=True,
     )
 
     database_url: str = Field(
@@ -56,7 +62,12 @@ class Settings(BaseSettings):
     upstream_token: SecretStr | None = Field(None, description="Bearer token for the upstream.")
     poll_interval: float = Field(5.0, gt=0, description="Seconds between polls of a fresh task.")
     max_poll_interval: float = Field(
-        60.0, gt=0, description="Polls of long-running tasks back off up to this many seconds."
+        DEFAULT_MAX_POLL_INTERVAL,
+        gt=0,
+        description=(
+            "Polls of long-running tasks back off up to this many seconds; also the longest "
+            "an upstream `Retry-After` pauses the token."
+        ),
     )
     service_poll_intervals: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict,
@@ -86,6 +97,14 @@ class Settings(BaseSettings):
     )
     webhook_allow_private: bool = Field(
         False, description="Allow callbacks to non-public addresses (development, tests)."
+    )
+    max_retry_after: float = Field(
+        DEFAULT_MAX_RETRY_AFTER,
+        ge=0,
+        description=(
+            "The longest receiver `Retry-After` honoured, in seconds; a larger, infinite or "
+            "malformed one is clamped and logged."
+        ),
     )
     api_host: str = Field("127.0.0.1", description="Where the API listens.")
     api_port: int = Field(8000, ge=0, le=65535, description="Port of the API.")

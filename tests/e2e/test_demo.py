@@ -3,14 +3,18 @@ it shows a Luma video, a Suno song and a Midjourney image with their outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import requests
+
+from tests.support.processes import descendants, process_table, survivors, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +80,34 @@ def test_demo_completes_with_every_webhook_verified(tmp_path: Path) -> None:
     assert "audiopipe" not in outputs  # a preview is never an output
     assert "history of" in result.stdout
     assert "history database:" in result.stdout
+
+
+def test_sigterm_to_the_demo_stops_the_whole_tree(tmp_path: Path) -> None:
+    """One SIGTERM to `tracker demo` ends it and its simulator, API, worker and beat."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRACKER_")}
+    out = tmp_path / "demo.out"
+    with out.open("wb") as sink:
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "tracker", "demo", "--timeout", "120"],
+            cwd=tmp_path,
+            env=env | {"COLUMNS": "160"},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    tree: set[int] = set()
+    try:
+        wait_until(lambda: "receiver http" in out.read_text(), timeout=60, what="the demo up")
+        tree = descendants(parent.pid)
+        assert len(tree) >= 4, tree  # simulator, api, worker, beat
+        groups = {process_table()[pid][1] for pid in tree} | {parent.pid}
+
+        parent.send_signal(signal.SIGTERM)
+
+        parent.wait(60)
+        wait_until(lambda: not survivors(tree, groups), timeout=5, what="no survivor")
+    finally:
+        for pid in {parent.pid} | survivors(tree, set()):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        parent.wait(30)

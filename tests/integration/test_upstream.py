@@ -5,10 +5,10 @@ Retries sleep through an injected `sleep` that records the delays instead of wai
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from email.utils import formatdate
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from tracker.errors import (
     UpstreamRateLimited,
     UpstreamServerError,
 )
-from tracker.upstream.client import UpstreamClient, parse_retry_after
+from tracker.upstream.client import UpstreamClient
 
 
 class Recorder:
@@ -224,6 +224,59 @@ def test_retries_of_429_wait_at_least_retry_after(
     assert 3.2 <= recorder.delays[2] <= 4.8
 
 
+@pytest.mark.parametrize(
+    "retry_after", ["31536000", "inf", "1e400", "Fri, 31 Dec 9999 23:59:59 GMT"]
+)
+def test_an_absurd_retry_after_is_clamped_to_the_max_poll_interval_and_logged(
+    simulator: SimulatorHandle,
+    make_client: MakeClient,
+    recorder: Recorder,
+    retry_after: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A year, infinity, a float overflow or a date in 9999: at most max_retry_after (the
+    client's from TRACKER_MAX_POLL_INTERVAL), for the raised error and the client's sleeps."""
+    simulator.configure(error_429_share=1.0, retry_after=retry_after)
+    client = make_client(max_retries=2, max_retry_after=2.0)
+    with (
+        caplog.at_level(logging.WARNING, logger="tracker.upstream"),
+        pytest.raises(UpstreamRateLimited) as caught,
+    ):
+        client.retrieve_batch("luma", ["x"])
+    assert caught.value.retry_after == 2.0
+    # The Retry-After (bounded: 2 s) or the vendor's backoff (1 s, 2 s, +-20 %), the longer.
+    assert len(recorder.delays) == 2
+    assert all(2.0 <= delay <= 2.4 for delay in recorder.delays)
+    clamps = [r.getMessage() for r in caplog.records if "Retry-After" in r.getMessage()]
+    assert len(clamps) == 3
+    assert f"Retry-After {retry_after!r}" in clamps[0]
+    assert "clamped to 2 s (TRACKER_MAX_POLL_INTERVAL)" in clamps[0]
+
+
+@pytest.mark.parametrize("retry_after", ["nan", "-5", "soon"])
+def test_an_unreadable_retry_after_is_ignored_and_logged(
+    simulator: SimulatorHandle,
+    make_client: MakeClient,
+    retry_after: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator.configure(error_429_share=1.0, retry_after=retry_after)
+    with (
+        caplog.at_level(logging.WARNING, logger="tracker.upstream"),
+        pytest.raises(UpstreamRateLimited) as caught,
+    ):
+        make_client(max_retries=0).retrieve_batch("luma", ["x"])
+    assert caught.value.retry_after is None
+    assert any("ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_from_settings_bounds_retry_after_by_the_max_poll_interval() -> None:
+    tuned = load_settings(max_poll_interval=7.0, _env_file=None)
+    client = UpstreamClient.from_settings(tuned)
+    assert client.max_retry_after == 7.0
+    client.close()
+
+
 def test_max_retries_zero_makes_one_attempt(
     simulator: SimulatorHandle, make_client: MakeClient, recorder: Recorder
 ) -> None:
@@ -268,20 +321,6 @@ def test_from_settings_uses_the_upstream_settings(simulator: SimulatorHandle) ->
     assert (client.max_batch, client.timeout) == (7, (5.0, 3.0))
     assert client.headers["user-agent"] == f"tracker/{__version__}"
     assert simulator.stats()["retrieve_batch_calls"] == 2
-
-
-@pytest.mark.parametrize(
-    ("header", "seconds"),
-    [("7", 7.0), ("0.5", 0.5), ("-3", 0.0), (None, None), ("soon", None)],
-)
-def test_parse_retry_after_reads_delta_seconds(header: str | None, seconds: float | None) -> None:
-    assert parse_retry_after(header) == seconds
-
-
-def test_parse_retry_after_reads_an_http_date() -> None:
-    in_a_minute = formatdate(time.time() + 60, usegmt=True)
-    assert parse_retry_after(in_a_minute) == pytest.approx(60, abs=2)
-    assert parse_retry_after(formatdate(time.time() - 60, usegmt=True)) == 0.0
 
 
 def test_proxy_and_ca_bundle_variables_are_read_once_when_the_client_is_made(

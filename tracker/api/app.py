@@ -62,6 +62,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
+def create_served_app() -> FastAPI:
+    """The app of one serving process of `tracker api --workers N` (uvicorn's factory): the
+    configured settings, with the process's logging set up as the command's own."""
+    from tracker.observability.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings)
+    return create_app(settings)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API on `settings.database_url` (default: the configured settings)."""
     settings = settings or get_settings()

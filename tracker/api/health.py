@@ -26,8 +26,13 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", response_model=Health, summary="The process is alive")
-def healthz() -> dict[str, Any]:
-    """Always 200 while the process serves requests."""
+async def healthz() -> dict[str, Any]:
+    """Always 200 while the process serves requests.
+
+    Answered on the event loop (async, no I/O): a sync route would wait for one of the
+    few request threads, and a liveness probe must not fail because they are all busy
+    with slow work.
+    """
     return {"status": OK}
 
 

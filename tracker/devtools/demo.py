@@ -198,6 +198,7 @@ def run_demo(
     }
     supervisor = Supervisor(env=env, log_dir=workdir)
     console.print(f"[bold]tracker demo[/bold]: working in {workdir}")
+    supervisor.handle_signals()  # SIGTERM and SIGHUP stop every child too, as Ctrl-C does
     try:
         supervisor.start("simulator", ["simulator", "--port", str(sim_port), "--token", TOKEN])
         supervisor.start("api", ["api"])

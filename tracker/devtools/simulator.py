@@ -169,7 +169,7 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
 
 
 def vendor_error(
-    status: int, code: str, message: str, *, retry_after: int | None = None
+    status: int, code: str, message: str, *, retry_after: int | str | None = None
 ) -> JSONResponse:
     """An error answered with AceData's body, and a Retry-After header when given."""
     headers = {"retry-after": str(retry_after)} if retry_after is not None else None

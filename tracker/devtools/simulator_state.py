@@ -15,7 +15,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tracker.devtools.simulator_records import (
     PHASES,
@@ -43,7 +43,13 @@ class SimulatorConfig(BaseModel):
     stall_share: Share = Field(0.0, description="Share of new tasks that never finish.")
     latency: Seconds = Field(0.0, description="Seconds added before every upstream answer.")
     error_429_share: Share = Field(0.0, description="Share of requests answered 429.")
-    retry_after: int = Field(1, ge=0, description="Retry-After seconds of injected 429s.")
+    retry_after: Annotated[int, Field(ge=0)] | str = Field(
+        1,
+        description=(
+            "Retry-After of injected 429s: seconds, or a string sent as it is, to play a "
+            'misbehaving upstream ("inf", "1e400", "-5", an HTTP date years away, "soon").'
+        ),
+    )
     error_500_share: Share = Field(0.0, description="Share of requests answered 500.")
     malformed_share: Share = Field(0.0, description="Share answered 200 with a non-JSON body.")
     redirect_to: str | None = Field(None, description="Answer every request 307 to this URL.")
@@ -67,6 +73,13 @@ class SimulatorConfig(BaseModel):
     )
     seed: int | None = Field(None, description="Seed of every random choice, to repeat a run.")
 
+    @field_validator("retry_after")
+    @classmethod
+    def _check_retry_after(cls, value: int | str) -> int | str:
+        if isinstance(value, str) and not (value.isprintable() and value.isascii() and value):
+            raise ValueError(f"must be printable ASCII to fit in a header (got {value!r})")
+        return value
+
     @model_validator(mode="after")
     def _check_ranges(self) -> SimulatorConfig:
         if self.duration_min > self.duration_max:
@@ -88,7 +101,7 @@ class Fault:
     status: int
     code: str = ""
     message: str = ""
-    retry_after: int | None = None
+    retry_after: int | str | None = None
     location: str | None = None
 
 

@@ -10,9 +10,13 @@ right whichever process answers.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -81,6 +85,35 @@ COMPLETION_TO_DELIVERY = Histogram(
 )
 
 
+API_REQUESTS = Counter(
+    "tracker_api_requests_total",
+    "API requests by method, route template (never the raw path) and status.",
+    ["method", "route", "status"],
+)
+API_LATENCY = Histogram(
+    "tracker_api_request_seconds",
+    "Duration of API requests by method, route template and status.",
+    ["method", "route", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+# Label values of a request that matched no route, and of a method outside HTTP's usual
+# ones: a client must not be able to make new series (paths, methods) at will.
+UNMATCHED_ROUTE = "unmatched"
+OTHER_METHOD = "other"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def observe_api_request(method: str, route: str | None, status: int, seconds: float) -> None:
+    """Count and time one API request; `route` is the matched route's template, if any."""
+    labels = (
+        method if method in _KNOWN_METHODS else OTHER_METHOD,
+        route or UNMATCHED_ROUTE,
+        str(status),
+    )
+    API_REQUESTS.labels(*labels).inc()
+    API_LATENCY.labels(*labels).observe(seconds)
+
+
 @dataclass(frozen=True)
 class DatabaseLevels:
     """Levels that live in the database, read at scrape time (`tracker.db.queries`)."""
@@ -147,6 +180,19 @@ def upstream_requests_by_outcome() -> dict[str, float]:
                 outcome = sample.labels.get("outcome", "")
                 counts[outcome] = counts.get(outcome, 0.0) + sample.value
     return counts
+
+
+def share_between_processes() -> Path:
+    """Make this process and those it starts from now on keep their counters in one
+    directory, merged by every `/metrics` (PROMETHEUS_MULTIPROC_DIR): the one set, else a
+    fresh temporary one, removed when this process ends."""
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        return Path(configured)
+    directory = tempfile.mkdtemp(prefix="tracker-metrics-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return Path(directory)
 
 
 def serve_worker_metrics(port: int) -> bool:

@@ -12,24 +12,27 @@ follows no redirect. The vendor's error body
 
 429 and server errors are retried up to `max_retries` times with the vendor's
 published backoff (1, 2, 4, 8, 16 s, +-20 % jitter), never sooner than a 429's
-Retry-After; other 4xx are never retried. Records are matched by their `id`,
-never by position: the vendor does not promise order or completeness.
+Retry-After; other 4xx are never retried. A Retry-After is read by
+`tracker.clock.parse_retry_after` and bounded by `max_retry_after`
+(TRACKER_MAX_POLL_INTERVAL): a larger, infinite or unreadable one is clamped and logged.
+Records are matched by their `id`, never by position: the vendor does not promise order
+or completeness.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from tracker import __version__
-from tracker.config import Settings
+from tracker.clock import parse_retry_after, utcnow
+from tracker.config import DEFAULT_MAX_POLL_INTERVAL, Settings
 from tracker.errors import (
     BudgetUnavailable,
     UpstreamAuthError,
@@ -39,6 +42,8 @@ from tracker.errors import (
     UpstreamServerError,
 )
 from tracker.observability import metrics
+
+log = logging.getLogger("tracker.upstream")
 
 VENDOR_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
 BACKOFF_JITTER = 0.2
@@ -62,6 +67,7 @@ class UpstreamClient:
         max_retries: int = 5,
         backoff: Sequence[float] = VENDOR_BACKOFF,
         max_batch: int = 50,
+        max_retry_after: float = DEFAULT_MAX_POLL_INTERVAL,
         pool_size: int = 32,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -76,6 +82,7 @@ class UpstreamClient:
         self.max_retries = max_retries
         self.backoff = tuple(backoff)
         self.max_batch = max_batch
+        self.max_retry_after = max_retry_after
         self.sleep = sleep
         self.before_request = before_request
         self.headers = {
@@ -105,6 +112,7 @@ class UpstreamClient:
         token = settings.upstream_bearer
         kwargs.setdefault("read_timeout", settings.upstream_timeout)
         kwargs.setdefault("max_batch", settings.batch_size)
+        kwargs.setdefault("max_retry_after", settings.max_poll_interval)
         return cls(settings.upstream_url, token, **kwargs)
 
     def close(self) -> None:
@@ -218,7 +226,7 @@ class UpstreamClient:
                 code="connection_error",
             ) from exc
         with response:
-            return _parse_answer(url, response)
+            return _parse_answer(url, response, max_retry_after=self.max_retry_after)
 
     def _off_shape(self, service: str, expected: str, answer: Any) -> UpstreamBadAnswer:
         return UpstreamBadAnswer(
@@ -237,7 +245,7 @@ def names_a_task(answer: dict[str, Any]) -> bool:
     )
 
 
-def _parse_answer(url: str, response: requests.Response) -> Any:
+def _parse_answer(url: str, response: requests.Response, *, max_retry_after: float) -> Any:
     """The JSON body of a 2xx answer; any other answer raised as its typed error."""
     status = response.status_code
     if 200 <= status < 300:
@@ -269,7 +277,7 @@ def _parse_answer(url: str, response: requests.Response) -> Any:
             f"{said}; the token was rejected: check TRACKER_UPSTREAM_TOKEN", **details
         )
     if status == 429:
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        retry_after = _bounded_retry_after(url, response, max_retry_after)
         wait = f"retry after {retry_after:g} s" if retry_after is not None else "slow down"
         raise UpstreamRateLimited(
             f"{said}; {wait}, or lower TRACKER_UPSTREAM_RPS if this persists",
@@ -315,21 +323,25 @@ def _vendor_error(body: Any) -> tuple[str | None, str, str | None]:
     return None, _excerpt(body), trace
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
-    if not value:
+def _bounded_retry_after(url: str, response: requests.Response, limit: float) -> float | None:
+    """The 429's Retry-After in seconds, at most `limit`; None without a readable one."""
+    retry_after = parse_retry_after(response.headers.get("retry-after"), now=utcnow(), limit=limit)
+    if retry_after is None:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:  # "-0000": the date is UTC without saying so
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, moment.timestamp() - time.time())
+    if retry_after.note is not None:
+        taken = (
+            f"clamped to {retry_after.seconds:g} s (TRACKER_MAX_POLL_INTERVAL)"
+            if retry_after.seconds is not None
+            else "ignored"
+        )
+        log.warning(
+            "%s answered 429 with Retry-After %r, which %s; %s",
+            url,
+            retry_after.header,
+            retry_after.note,
+            taken,
+        )
+    return retry_after.seconds
 
 
 def _excerpt(value: Any) -> str:

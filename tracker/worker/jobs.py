@@ -83,9 +83,16 @@ def worker_context() -> WorkerContext:
     credential = credential_key(token)
     budget: Budget
     if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
-        budget = RedisBudget(settings.broker_url, credential, settings.upstream_rps)
+        budget = RedisBudget(
+            settings.broker_url,
+            credential,
+            settings.upstream_rps,
+            max_pause=settings.max_poll_interval,
+        )
     else:
-        budget = DatabaseBudget(sessions, credential, settings.upstream_rps)
+        budget = DatabaseBudget(
+            sessions, credential, settings.upstream_rps, max_pause=settings.max_poll_interval
+        )
     upstream = UpstreamClient.from_settings(
         settings,
         max_retries=0,  # the engine gives failed batches back with a delay instead
