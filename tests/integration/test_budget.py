@@ -106,6 +106,9 @@ def test_slots_reserved_ahead_are_handed_out_in_order_then_asked_for_again(
     budget: Budget,
 ) -> None:
     """A job's 3 slots: one round trip, waits one interval apart; a 4th request reserves."""
+    # Slots half a second apart: a loaded machine's round trips (tens of ms) cannot blur
+    # the rounding below. Nothing sleeps: the waits are only recorded.
+    budget.interval = 0.5
     counting = CountingBudget(budget)
     waits: list[float] = []
     with slots_ahead(counting, 3, max_wait=10) as ahead:
