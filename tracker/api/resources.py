@@ -149,3 +149,10 @@ class Readiness(Resource):
     checks: dict[str, str] = Field(
         description="Per dependency (database, broker, upstream_credentials): `ok` or the reason."
     )
+    detail: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Problems that do not make the tracker unready, e.g. `client NAME`: that client's "
+            "own upstream token is rejected (only its polling pauses)."
+        ),
+    )

@@ -26,6 +26,8 @@ from tracker.polling.schedule import BACKOFF_SHARE_OF_AGE, claim_lookahead, next
 from tracker.states import (
     ACTIVE_STATES,
 )
+from tracker.upstream.budget import credential_key
+from tracker.upstream.credentials import client_credentials
 
 log = logging.getLogger("tracker.polling")
 
@@ -34,7 +36,8 @@ def claim_due_tasks(
     session: Session, *, now: datetime, limit: int, settings: Settings, lookahead: float = 0.0
 ) -> list[ClaimedTask]:
     """Lease up to `limit` registrations due by `now` (plus `lookahead` s), count the poll
-    each is about to get and set its next one (`next_poll_at`, counted from `now`).
+    each is about to get and set its next one (`next_poll_at`, counted from `now`). Each
+    claim names the token its client polls with (`ClaimedTask.credential`).
 
     The poll's answer then writes only what it changes: a task keeps its place in the
     ticks' rhythm however long the job waits, and a poll whose job is lost happens again
@@ -62,12 +65,20 @@ def claim_due_tasks(
     # Most registrations look alike to a claim (running, same upstream word, no miss):
     # they share one `Seen`, which also keeps the poll jobs' messages short.
     views: dict[tuple[str, str | None, int], Seen] = {}
+    # Which token each registration is polled with: its client's own, or the tracker's.
+    own_tokens: dict[int, str] | None = None
+    tracker_token = credential_key(settings.upstream_bearer)
     # due_at is set on every row the claim matched (it was compared with now).
     claims = []
-    for service, task_id, due_at, state, upstream_state, misses in rows:
+    for service, task_id, due_at, state, upstream_state, misses, client_id in rows:
         key = (state, upstream_state, misses)
         seen = views.get(key) or views.setdefault(key, Seen(*key))
-        claims.append(ClaimedTask(service, task_id, due_at or now, lease_until, now, seen))
+        if own_tokens is None:
+            own_tokens = client_credentials(session)
+        credential = own_tokens.get(client_id, tracker_token)
+        claims.append(
+            ClaimedTask(service, task_id, due_at or now, lease_until, now, seen, credential)
+        )
     return claims
 
 
@@ -94,7 +105,7 @@ _CLAIM_POSTGRESQL = """
     ) AS due, tasks
     WHERE task_schedule.task_row_id = due.task_row_id AND tasks.id = due.task_row_id
     RETURNING tasks.service, tasks.task_id, due.due_at,
-        tasks.state, tasks.upstream_state, task_schedule.misses
+        tasks.state, tasks.upstream_state, task_schedule.misses, tasks.client_id
 """
 
 
@@ -105,7 +116,7 @@ def _claim_sqlite(
     limit: int,
     lease_until: datetime,
     settings: Settings,
-) -> list[tuple[str, str, datetime | None, str, str | None, int]]:
+) -> list[tuple[str, str, datetime | None, str, str | None, int, int]]:
     """SQLite has no row locks: the lease is taken in one statement, whose write takes the
     database at once; then each row's poll is counted and its next one set."""
     due = (
@@ -159,6 +170,7 @@ def _claim_sqlite(
             tasks[row_id].state,
             tasks[row_id].upstream_state,
             misses,
+            tasks[row_id].client_id,
         )
         for row_id, due_at, misses in leased
     ]
@@ -173,6 +185,7 @@ _CLAIMED_SQLITE = select(
     tasks_table.c.created_at,
     tasks_table.c.state,
     tasks_table.c.upstream_state,
+    tasks_table.c.client_id,
 ).where(tasks_table.c.id.in_(bindparam("ids", expanding=True)))
 
 
