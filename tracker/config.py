@@ -108,6 +108,14 @@ class Settings(BaseSettings):
     upstream_timeout: float = Field(
         30.0, gt=0, description="Read timeout of one upstream request, in seconds."
     )
+    doorbell_rps: float = Field(
+        1000.0,
+        gt=0,
+        description=(
+            "Doorbell requests per second one API process accepts (bursts of as many); "
+            "more answer 429."
+        ),
+    )
     metrics_port: int = Field(
         9101, ge=0, le=65535, description="Port of the worker's Prometheus endpoint; 0 disables."
     )

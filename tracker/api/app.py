@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
@@ -13,12 +13,13 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 
 from tracker import __version__
-from tracker.api import deliveries, health, tasks
+from tracker.api import deliveries, doorbell, health, submit, tasks
 from tracker.api.errors import install_error_handlers
 from tracker.api.middleware import RequestContextMiddleware
 from tracker.config import Settings, get_settings
 from tracker.db.engine import get_engine, session_factory
 from tracker.tracking.clients import KeyCache
+from tracker.worker.jobs import ring_poll_doorbell
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -54,14 +55,29 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 held.enter_context(engine.connect()).execute(sa.text("SELECT 1"))
     except sa.exc.SQLAlchemyError as exc:  # the API still starts; /readyz reports the database
         log.warning("database not reachable at start-up: %s", exc.__class__.__name__)
+    settings: Settings = app.state.settings
+    if not settings.public_url:
+        log.warning(
+            "TRACKER_PUBLIC_URL is not set: submissions (POST /v1/{service}/submit) work, "
+            "without the doorbell: their tasks are seen done at the next poll rather than "
+            "when AceData calls back"
+        )
     anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
     gc.collect()
     gc.freeze()
     yield
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The API on `settings.database_url` (default: the configured settings)."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    poll_doorbell: Callable[[Iterable[int]], None] | None = None,
+) -> FastAPI:
+    """The API on `settings.database_url` (default: the configured settings).
+
+    `poll_doorbell` asks workers to poll registrations a doorbell made due (default: a
+    `poll_now` job on the configured broker; tests pass their own).
+    """
     settings = settings or get_settings()
     app = FastAPI(
         title="tracker",
@@ -73,9 +89,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessions = session_factory(get_engine(settings.database_url))
     app.state.key_cache = KeyCache()
+    app.state.submitters = submit.Submitters()
+    app.state.doorbell_limit = doorbell.RateLimit(settings.doorbell_rps)
+    app.state.poll_doorbell = poll_doorbell or ring_poll_doorbell
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=MAX_BODY_BYTES)
     app.include_router(tasks.router)
     app.include_router(deliveries.router)
+    app.include_router(submit.router)
+    app.include_router(doorbell.router)
     app.include_router(health.router)
     return app

@@ -19,6 +19,7 @@ from tracker.api.errors import ApiError, error_response
 logger = logging.getLogger("tracker.api")
 
 TRACE_HEADER = "x-trace-id"
+DOORBELL_PREFIX = "/v1/doorbell/"
 
 
 def _too_large(limit: int) -> ApiError:
@@ -96,17 +97,20 @@ class RequestContextMiddleware:
             await response(scope, receive, send_traced)
         finally:
             duration_ms = (time.perf_counter() - started) * 1000
+            path = scope["path"]
+            if path.startswith(DOORBELL_PREFIX):  # its token rings the task: not for logs
+                path = DOORBELL_PREFIX + "[redacted]"
             logger.info(
                 "%s %s -> %d in %.1f ms (trace_id=%s)",
                 scope["method"],
-                scope["path"],
+                path,
                 status,
                 duration_ms,
                 trace_id,
                 extra={
                     "trace_id": trace_id,
                     "method": scope["method"],
-                    "path": scope["path"],
+                    "path": path,
                     "status": status,
                     "duration_ms": round(duration_ms, 1),
                 },

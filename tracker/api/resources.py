@@ -140,6 +140,24 @@ class DeliveryDetail(Resource):
     attempts: list[Attempt] = Field(description="Every attempt, first first.")
 
 
+class SubmitResult(Resource):
+    """A submission the vendor accepted, and the task registered for it."""
+
+    upstream: dict[str, Any] = Field(description="The vendor's answer, as it came.")
+    task: TaskResource
+
+
+class UpstreamErrorDetail(ErrorDetail):
+    upstream: Any = Field(None, description="The vendor's answer, as it came, if there was one.")
+
+
+class UpstreamErrorBody(Resource):
+    """An error of a submission, with the vendor's answer when there was one."""
+
+    error: UpstreamErrorDetail
+    trace_id: str
+
+
 class Health(Resource):
     status: Literal["ok"]
 

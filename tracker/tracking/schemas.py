@@ -56,6 +56,32 @@ def parse_callback_url(url: str) -> SplitResult:
     return parts
 
 
+def check_callback_url(value: str | None) -> str | None:
+    """A registration's callback URL, or ValueError saying why it is refused."""
+    if value is None:
+        return None
+    try:
+        parse_callback_url(value)
+    except CallbackRefused as exc:
+        raise ValueError(exc.message) from None
+    return value
+
+
+def check_json_object(value: dict[str, Any], *, max_bytes: int) -> dict[str, Any]:
+    """A JSON object the database and every webhook body can hold: strict JSON, valid UTF-8,
+    no NUL character (PostgreSQL's JSONB refuses it), at most `max_bytes`; else ValueError."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        size = len(text.encode())
+    except ValueError as exc:  # NaN or Infinity, or a lone surrogate (not UTF-8)
+        raise ValueError(f"must be strict JSON in UTF-8: {exc}") from None
+    if _contains_nul(value):
+        raise ValueError("must not contain the NUL character (\\u0000)")
+    if size > max_bytes:
+        raise ValueError(f"must be at most {max_bytes} bytes of JSON (got {size})")
+    return value
+
+
 class TaskRegistration(BaseModel):
     """What a client asks the tracker to watch."""
 
@@ -91,29 +117,12 @@ class TaskRegistration(BaseModel):
     @field_validator("callback_url")
     @classmethod
     def _check_callback_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parse_callback_url(value)
-        except CallbackRefused as exc:
-            raise ValueError(exc.message) from None
-        return value
+        return check_callback_url(value)
 
     @field_validator("metadata")
     @classmethod
     def _check_metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # What the database and every webhook body can hold: strict JSON, valid UTF-8,
-        # no NUL character (PostgreSQL's JSONB refuses it).
-        try:
-            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-            size = len(text.encode())
-        except ValueError as exc:  # NaN or Infinity, or a lone surrogate (not UTF-8)
-            raise ValueError(f"must be strict JSON in UTF-8: {exc}") from None
-        if _contains_nul(value):
-            raise ValueError("must not contain the NUL character (\\u0000)")
-        if size > MAX_METADATA_BYTES:
-            raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes of JSON (got {size})")
-        return value
+        return check_json_object(value, max_bytes=MAX_METADATA_BYTES)
 
     @field_validator("events")
     @classmethod

@@ -71,6 +71,10 @@ SWEEP_DELIVERY_LIMIT = 1000
 SHORT_RETRY = 60.0
 # Most batches one poll job carries (see `poll_jobs`).
 POLL_JOB_BATCHES = 8
+# Doorbells rung within this window share one `poll_now` job.
+POLL_DOORBELL_WINDOW = 0.02
+# A `poll_now` job older than this is dropped: the regular ticks have polled by then.
+POLL_NOW_EXPIRES = 5.0
 
 
 @dataclass(frozen=True)
@@ -359,6 +363,42 @@ def _poller_for(
             for batch in batches:
                 release_batch(session, batch, retry_at=now)
     return poller
+
+
+def _enqueue_poll_now(row_ids: list[str]) -> None:
+    """One `poll_now` job for the tasks doorbells made due; the next tick covers a lost one."""
+    try:
+        poll_now.apply_async(expires=POLL_NOW_EXPIRES)
+    except Exception:  # the broker is down: the tasks are due, the next tick finds them
+        log.warning("could not enqueue a poll for %d rung tasks; the next tick will", len(row_ids))
+
+
+_poll_doorbell = Doorbell(_enqueue_poll_now, window=POLL_DOORBELL_WINDOW)
+
+
+def ring_poll_doorbell(task_row_ids: Iterable[int]) -> None:
+    """Ask a worker to poll now: the upstream's callback made these registrations due
+    (`tracker.polling.doorbell`). Rings within POLL_DOORBELL_WINDOW share one job."""
+    _poll_doorbell.ring(str(row_id) for row_id in task_row_ids)
+
+
+@celery_app.task(name="tracker.poll_now")  # type: ignore[untyped-decorator]
+def poll_now() -> int:
+    """A tick out of turn, for registrations a doorbell made due: claim what is due and
+    poll it in this job when it is little (one broker hop less: completion reaches its
+    webhook in about one round trip), else enqueue the batches as a tick does. Within the
+    same request budgets; claims nothing while poll jobs back up, as a tick."""
+    ctx = worker_context()
+    if polls_waiting(celery_app) > max_waiting_jobs(ctx.settings):
+        return 0
+    batches = claim_and_plan(ctx, utcnow())
+    if len(batches) > POLL_JOB_BATCHES:
+        for job in poll_jobs(batches):
+            enqueue_poll_job(job)
+        return len(batches)
+    for outcome in poll_with_tokens(ctx, batches):
+        ring_delivery_doorbells(outcome.applied.delivery_ids)
+    return len(batches)
 
 
 @celery_app.task(name="tracker.sweep")  # type: ignore[untyped-decorator]

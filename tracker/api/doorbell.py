@@ -1,0 +1,80 @@
+"""`POST /v1/doorbell/{token}`: AceData's callback, taken as a doorbell and nothing more.
+
+No API key: the upstream calls it. Nothing in the body is read, let alone trusted
+(AceData's callbacks are unsigned): a known token makes its task due for a poll now
+and rings a worker, and the poll's answer decides. The answer is 204 whatever the
+token, so the route tells a caller nothing; a flood answers 429, known and unknown
+tokens alike (`TRACKER_DOORBELL_RPS` per API process). The token is kept out of the
+request log.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from tracker.api.errors import ApiError
+from tracker.clock import utcnow
+from tracker.db.engine import transaction
+from tracker.polling.doorbell import ring_doorbell
+
+router = APIRouter(tags=["doorbell"])
+
+
+class RateLimit:
+    """A token bucket: `rate` per second, bursts of `rate`; thread-safe."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+
+
+@router.post(
+    "/v1/doorbell/{token}",
+    status_code=204,
+    summary="The upstream's callback: poll that task now",
+    responses={
+        204: {"description": "Rung (or not: an unknown token answers the same)."},
+        429: {"description": "Too many doorbells at once; polling covers what is refused."},
+    },
+)
+async def doorbell(
+    token: Annotated[str, Path(description="The token of the doorbell URL.")],
+    request: Request,
+) -> Response:
+    """Make the task this token belongs to due for a poll now; the body is ignored."""
+    limit: RateLimit = request.app.state.doorbell_limit
+    if not limit.allow():
+        raise ApiError(
+            429,
+            "too_many_requests",
+            "too many doorbells at once; the task is polled on its schedule anyway",
+            headers={"Retry-After": "1"},
+        )
+    sessions: sessionmaker[Session] = request.app.state.sessions
+    row_id = await run_in_threadpool(_ring, sessions, token)
+    if row_id is not None:
+        request.app.state.poll_doorbell([row_id])
+    return Response(status_code=204)
+
+
+def _ring(sessions: sessionmaker[Session], token: str) -> int | None:
+    with transaction(sessions) as session:
+        return ring_doorbell(session, token, now=utcnow())
