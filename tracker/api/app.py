@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 
 from tracker import __version__
-from tracker.api import deliveries, doorbell, health, submit, tasks
+from tracker.api import acedata, deliveries, doorbell, health, submit, tasks
 from tracker.api.errors import install_error_handlers
 from tracker.api.middleware import RequestContextMiddleware
 from tracker.config import Settings, get_settings
@@ -90,6 +90,7 @@ def create_app(
     app.state.sessions = session_factory(get_engine(settings.database_url))
     app.state.key_cache = KeyCache()
     app.state.submitters = submit.Submitters()
+    app.state.facade_pollers = acedata.FacadePollers()
     app.state.doorbell_limit = doorbell.RateLimit(settings.doorbell_rps)
     app.state.poll_doorbell = poll_doorbell or ring_poll_doorbell
     install_error_handlers(app)
@@ -98,5 +99,6 @@ def create_app(
     app.include_router(deliveries.router)
     app.include_router(submit.router)
     app.include_router(doorbell.router)
+    app.include_router(acedata.router)
     app.include_router(health.router)
     return app

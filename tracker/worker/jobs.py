@@ -87,9 +87,14 @@ class Poller:
 
 
 def make_poller(
-    settings: Settings, sessions: sessionmaker[Session], credential: Credential
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    credential: Credential,
+    *,
+    max_wait: float = MAX_BUDGET_WAIT,
 ) -> Poller:
-    """A client and budget for one token: each token has a request budget of its own."""
+    """A client and budget for one token: each token has a request budget of its own. A
+    request waits at most `max_wait` s for its slot (else BudgetUnavailable)."""
     budget: Budget
     if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
         budget = RedisBudget(settings.broker_url, credential.key, settings.upstream_rps)
@@ -101,7 +106,7 @@ def make_poller(
         read_timeout=settings.upstream_timeout,
         max_batch=settings.batch_size,
         max_retries=0,  # the engine gives failed batches back with a delay instead
-        before_request=lambda: wait_for_slot(budget, max_wait=MAX_BUDGET_WAIT),
+        before_request=lambda: wait_for_slot(budget, max_wait=max_wait),
     )
     return Poller(credential.key, upstream, budget)
 
