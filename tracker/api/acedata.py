@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tracker.api.deps import bearer_scheme, current_client
 from tracker.api.errors import ApiError
+from tracker.api.resources import AceDataError
 from tracker.clock import utcnow
 from tracker.config import Settings
 from tracker.db.engine import transaction
@@ -84,10 +85,13 @@ class VendorError(Exception):
     summary="AceData's task API (retrieve, retrieve_batch), answered by the tracker",
     responses={
         200: {"description": "A task record, `{}` for an unknown id, or `{items, count}`."},
-        400: {"description": "Not a retrieve or retrieve_batch body (`bad_request`)."},
-        401: {"description": "No or an unknown tracker API key (`invalid_token`)."},
-        429: {"description": "The upstream budget has no slot for a fetch now."},
-        500: {"description": "The upstream could not be asked (`api_error`)."},
+        400: {"model": AceDataError, "description": "Not a retrieve body (`bad_request`)."},
+        401: {"model": AceDataError, "description": "No or an unknown tracker API key."},
+        404: {"model": AceDataError, "description": "Not a service name (`not_found`)."},
+        # Never sent: malformed input answers 400 in the vendor's shape.
+        422: {"model": AceDataError, "description": "Not used (malformed input answers 400)."},
+        429: {"model": AceDataError, "description": "No upstream slot for a fetch now."},
+        500: {"model": AceDataError, "description": "AceData could not be asked (`api_error`)."},
     },
 )
 async def acedata_tasks(service: str, request: Request) -> JSONResponse:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from tracker.api.errors import ApiError
+from tracker.api.resources import ErrorBody
 from tracker.clock import utcnow
 from tracker.db.engine import transaction
 from tracker.polling.doorbell import ring_doorbell
@@ -52,11 +53,23 @@ class RateLimit:
     summary="The upstream's callback: poll that task now",
     responses={
         204: {"description": "Rung (or not: an unknown token answers the same)."},
-        429: {"description": "Too many doorbells at once; polling covers what is refused."},
+        429: {
+            "model": ErrorBody,
+            "description": "Too many doorbells at once; polling covers what is refused.",
+        },
+        # Never sent: any token, any body answers 204.
+        422: {"model": ErrorBody, "description": "Not used: every token answers 204."},
     },
 )
 async def doorbell(
-    token: Annotated[str, Path(description="The token of the doorbell URL.")],
+    token: Annotated[
+        str,
+        Path(
+            description="The token of the doorbell URL; any other answers the same.",
+            # Documented, not enforced: a token of any shape answers 204.
+            json_schema_extra={"pattern": "^[A-Za-z0-9_-]{1,128}$"},
+        ),
+    ],
     request: Request,
 ) -> Response:
     """Make the task this token belongs to due for a poll now; the body is ignored."""

@@ -158,6 +158,19 @@ class UpstreamErrorBody(Resource):
     trace_id: str
 
 
+class AceDataErrorDetail(Resource):
+    code: str = Field(description="The vendor's code, e.g. `bad_request`, `invalid_token`.")
+    message: str
+
+
+class AceDataError(Resource):
+    """An error of the AceData-compatible route, in the vendor's own body."""
+
+    success: Literal[False]
+    error: AceDataErrorDetail
+    trace_id: str
+
+
 class Health(Resource):
     status: Literal["ok"]
 

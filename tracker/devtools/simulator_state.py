@@ -102,6 +102,9 @@ class TaskSeed(BaseModel):
     duration: Seconds | None = Field(None, description="Seconds to settle; 0: settled already.")
     prompt: str | None = None
     age: Seconds = Field(0.0, description="Seconds since the task was created, e.g. 10: running.")
+    callback_url: str | None = Field(
+        None, description="Called back when the task settles, as a generation request's."
+    )
 
 
 class SimulatorState:
@@ -147,7 +150,18 @@ class SimulatorState:
     def seed(self, seeds: list[TaskSeed]) -> list[str]:
         """Create tasks as the seeds say; their ids."""
         with self.lock:
-            return [self._create(seed.service, _seed_request(seed), seed).id for seed in seeds]
+            tasks = [self._create(seed.service, _seed_request(seed), seed) for seed in seeds]
+            for task, seed in zip(tasks, seeds, strict=True):
+                task.callback_url = seed.callback_url
+            calling_back = [
+                (task.id, task.settled_at)
+                for task in tasks
+                if task.callback_url is not None and task.settled_at is not None
+            ]
+        for task_id, settled_at in calling_back:
+            assert settled_at is not None
+            self.callbacks.schedule(task_id, settled_at)
+        return [task.id for task in tasks]
 
     def generate(self, service: str, request: dict[str, Any]) -> SimulatedTask:
         """A task created by a generation call with body `request`; one with a `callback_url`
