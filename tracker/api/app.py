@@ -66,6 +66,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.collect()
     gc.freeze()
     yield
+    app.state.doorbells.flush()  # tokens rung a moment ago: due before the process goes
 
 
 def create_app(
@@ -92,7 +93,9 @@ def create_app(
     app.state.submitters = submit.Submitters()
     app.state.facade_pollers = acedata.FacadePollers()
     app.state.doorbell_limit = doorbell.RateLimit(settings.doorbell_rps)
-    app.state.poll_doorbell = poll_doorbell or ring_poll_doorbell
+    app.state.doorbells = doorbell.doorbell_gatherer(
+        app.state.sessions, poll_doorbell or ring_poll_doorbell
+    )
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=MAX_BODY_BYTES)
     app.include_router(tasks.router)

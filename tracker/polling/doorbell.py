@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Collection
 from datetime import datetime
 
 from sqlalchemy import select, update
@@ -38,27 +39,29 @@ def doorbell_url(public_url: str, token: str) -> str:
     return f"{public_url.rstrip('/')}/v1/doorbell/{token}"
 
 
-def ring_doorbell(session: Session, token: str, *, now: datetime) -> int | None:
-    """Make the task of this doorbell token due for a poll now; its row id if it became due.
+def ring_doorbells(session: Session, tokens: Collection[str], *, now: datetime) -> list[int]:
+    """Make the tasks of these doorbell tokens due for a poll now; the row ids that became due.
 
-    Only a task still polled (`next_poll_at` set) and not due yet is moved. Its lease
-    ends too: a claim's lease outlives its poll when the answer changed nothing (nothing
-    is written then, docs/decisions/0001-write-nothing-polling.md), and a poll still in
-    flight has asked before the callback came; its answer is then not written, as for
-    any registration another claim has taken since.
+    Only a task still polled (`next_poll_at` set) and not due yet is moved, so unknown
+    tokens, finished tasks and repeated rings change nothing. Its lease ends too: a
+    claim's lease outlives its poll when the answer changed nothing (nothing is written
+    then, docs/decisions/0001-write-nothing-polling.md), and a poll still in flight has
+    asked before the callback came; its answer is then not written, as for any
+    registration another claim has taken since.
     """
-    if not token or len(token) > MAX_DOORBELL_TOKEN:
-        return None
+    hashes = [doorbell_hash(t) for t in set(tokens) if t and len(t) <= MAX_DOORBELL_TOKEN]
+    if not hashes:
+        return []
     schedule = task_schedule_table.c
-    task = select(tasks_table.c.id).where(tasks_table.c.doorbell_hash == doorbell_hash(token))
-    rung: int | None = session.execute(
+    tasks = select(tasks_table.c.id).where(tasks_table.c.doorbell_hash.in_(hashes))
+    rung = session.execute(
         update(task_schedule_table)
         .where(
-            schedule.task_row_id == task.scalar_subquery(),
+            schedule.task_row_id.in_(tasks.scalar_subquery()),
             schedule.next_poll_at.is_not(None),
             schedule.next_poll_at > now,
         )
         .values(next_poll_at=now, claimed_until=None)
         .returning(schedule.task_row_id)
-    ).scalar()
-    return rung
+    )
+    return list(rung.scalars())

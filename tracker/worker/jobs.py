@@ -71,8 +71,6 @@ SWEEP_DELIVERY_LIMIT = 1000
 SHORT_RETRY = 60.0
 # Most batches one poll job carries (see `poll_jobs`).
 POLL_JOB_BATCHES = 8
-# Doorbells rung within this window share one `poll_now` job.
-POLL_DOORBELL_WINDOW = 0.02
 # A `poll_now` job older than this is dropped: the regular ticks have polled by then.
 POLL_NOW_EXPIRES = 5.0
 
@@ -378,13 +376,10 @@ def _enqueue_poll_now(row_ids: list[str]) -> None:
         log.warning("could not enqueue a poll for %d rung tasks; the next tick will", len(row_ids))
 
 
-_poll_doorbell = Doorbell(_enqueue_poll_now, window=POLL_DOORBELL_WINDOW)
-
-
 def ring_poll_doorbell(task_row_ids: Iterable[int]) -> None:
-    """Ask a worker to poll now: the upstream's callback made these registrations due
-    (`tracker.polling.doorbell`). Rings within POLL_DOORBELL_WINDOW share one job."""
-    _poll_doorbell.ring(str(row_id) for row_id in task_row_ids)
+    """Ask a worker to poll now: the upstream's callbacks made these registrations due
+    (`tracker.polling.doorbell`; the API gathers them, so one job serves many)."""
+    _enqueue_poll_now([str(row_id) for row_id in task_row_ids])
 
 
 @celery_app.task(name="tracker.poll_now")  # type: ignore[untyped-decorator]
