@@ -8,9 +8,10 @@ simulator is seeded with the same ids, running, settling at their own moments
 spread evenly (in random order) over a window; the doorbell tasks carry their
 doorbell URL as `callback_url`, so the simulator POSTs it when they settle, as
 AceData does. A real `tracker api` (with TRACKER_PUBLIC_URL), `tracker worker` and
-`tracker beat` poll, ring and deliver. A task's latency is the first arrival of
-its webhook minus the simulator's `settled_at`; the polling-alone tasks are the
-baseline, measured in the same run on the same processes.
+`tracker beat` poll, ring and deliver (`workers=2` adds a worker process: at this
+size one worker is near its CPU limit, with or without the doorbell). A task's
+latency is the first arrival of its webhook minus the simulator's `settled_at`; the
+polling-alone tasks are the baseline, measured in the same run on the same processes.
 
 Submitting 10,000 tasks one by one would only add minutes before the measurement:
 the bench registers in batches and writes the doorbell hashes itself, which is what
@@ -111,9 +112,10 @@ def doorbell(
     sim_url: str,
     *,
     tasks: int = 10_000,
-    polled: int = 2_000,
+    polled: int = 1_000,
     window: float = 40.0,
     lead: float = 20.0,
+    workers: int = 1,
     **settings: object,
 ) -> list[Figure]:
     """One run: p50 / p99 completion-to-webhook latency, doorbell against polling alone."""
@@ -141,7 +143,9 @@ def doorbell(
             vacuum_and_checkpoint(db_url)
             callbacks = {i: doorbell_url(public_url, token) for i, token in tokens.items()}
             seed(sim_url, ids, callbacks, lead=lead, window=window)
-            with worker_and_beat(env, logs):
+            with worker_and_beat(env, logs) as roles:
+                for n in range(2, workers + 1):  # one worker process per core
+                    roles.start(f"worker-{n}", ["worker"])
                 done = len(ids)
                 wait_for(lambda: delivered(db_url) >= done, timeout=lead + window + DRAIN)
         stats = requests.get(f"{sim_url}/_sim/stats", timeout=30).json()
@@ -156,6 +160,7 @@ def doorbell(
     with_bell, without = latency(rung), latency(alone)
     bell_p99, poll_p99 = percentile(with_bell, 0.99), percentile(without, 0.99)
     name = f"doorbell {tasks:,} + {polled:,} polled-only tasks settling over {window:.0f} s"
+    name += f", {workers} workers"
     name += "".join(f", {key} {value}" for key, value in settings.items())
     base = {"baseline": poll_p99, "baseline_name": "polling alone p99"}
     return [
@@ -194,7 +199,7 @@ def main() -> None:
 
     args = dict(arg.split("=", 1) for arg in sys.argv[1:])
     shape = {k: float(args.pop(k)) for k in ("window", "lead") if k in args}
-    counts = {k: int(args.pop(k)) for k in ("tasks", "polled") if k in args}
+    counts = {k: int(args.pop(k)) for k in ("tasks", "polled", "workers") if k in args}
     started = time.perf_counter()
     with private_database() as db_url, simulator_process() as sim_url:
         for figure in doorbell(db_url, sim_url, **counts, **shape, **args):  # type: ignore[arg-type]
