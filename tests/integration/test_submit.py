@@ -259,3 +259,29 @@ def test_a_flood_of_doorbells_is_rate_limited(submit_settings: Settings, rung: l
     statuses = [limited.post("/v1/doorbell/unknown").status_code for _ in range(6)]
     assert statuses[:3] == [204, 204, 204]
     assert 429 in statuses[3:]
+
+
+def test_a_retry_while_the_first_is_in_flight_is_told_to_wait(
+    api: TestClient,
+    auth: dict[str, str],
+    client: NewClient,
+    simulator: SimulatorHandle,
+    session: Session,
+) -> None:
+    from tracker.tracking.submissions import (
+        SubmitRequest,
+        claim_idempotency_key,
+        submission_hash,
+    )
+
+    body = {"endpoint": "videos", "request": VIDEO}
+    fingerprint = submission_hash("luma", SubmitRequest.model_validate(body))
+    claim_idempotency_key(session, client.client, "in-flight", fingerprint, now=utcnow())
+    session.commit()
+    answer = api.post(
+        "/v1/luma/submit", json=body, headers={**auth, "Idempotency-Key": "in-flight"}
+    )
+    assert answer.status_code == 409
+    assert answer.json()["error"]["code"] == "submission_in_progress"
+    assert answer.headers["Retry-After"] == "2"
+    assert generated(simulator) == 0

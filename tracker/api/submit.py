@@ -14,6 +14,7 @@ answered it again, without a second submission.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from typing import Annotated, Any
@@ -42,6 +43,8 @@ from tracker.tracking.submissions import (
 )
 from tracker.upstream.client import SubmitAnswer, UpstreamClient
 from tracker.upstream.credentials import Credential, client_credential
+
+log = logging.getLogger("tracker.api")
 
 router = APIRouter(tags=["submit"], responses=error_responses(401, 500))
 
@@ -108,7 +111,9 @@ def submit(
     try:
         status, body = _submit(request, client, settings, service, submission)
     except BaseException:
-        if key_id is not None:  # nothing reached the vendor's answer: the key is free again
+        # Only what fails before the vendor answers escapes `_submit`: nothing was sent,
+        # so the key is free again.
+        if key_id is not None:
             _release_key(request, key_id)
         raise
     if key_id is not None:
@@ -217,6 +222,13 @@ def _submit(
             "reached to register it: register it with POST /v1/tasks once /readyz is ready"
         )
         return 503, _error("database_unavailable", message, answer.body, trace_id)
+    except Exception:  # the vendor has started the task: say which, never lose the answer
+        log.exception("registering submitted task %r failed (trace_id=%s)", task_id, trace_id)
+        message = (
+            f"the upstream started task {task_id!r}, but the tracker failed to register it "
+            f"(logged under trace id {trace_id}): register it with POST /v1/tasks"
+        )
+        return 500, _error("internal_error", message, answer.body, trace_id)
     return 201, {"upstream": answer.body, "task": task}
 
 
