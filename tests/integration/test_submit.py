@@ -285,3 +285,26 @@ def test_a_retry_while_the_first_is_in_flight_is_told_to_wait(
     assert answer.json()["error"]["code"] == "submission_in_progress"
     assert answer.headers["Retry-After"] == "2"
     assert generated(simulator) == 0
+
+
+def test_a_rung_registration_is_claimed_alone(
+    session: Session, settings: Settings, client: NewClient
+) -> None:
+    """`poll_now` claims what the doorbell made due, not the ticks' share of due tasks."""
+    from tracker.polling import claim_due_tasks
+    from tracker.tracking.registration import register_task
+    from tracker.tracking.schemas import TaskRegistration
+
+    tasks = [
+        register_task(
+            session, client.client, TaskRegistration(task_id=f"t{n}"), settings=settings
+        ).task
+        for n in range(3)
+    ]
+    session.commit()
+    now = utcnow() + timedelta(seconds=1)  # all three are due
+    rung = claim_due_tasks(session, now=now, limit=3, settings=settings, row_ids=[tasks[1].id])
+    assert [claim.task_id for claim in rung] == ["t1"]
+    session.commit()
+    rest = claim_due_tasks(session, now=now, limit=10, settings=settings)
+    assert sorted(claim.task_id for claim in rest) == ["t0", "t2"]  # t1 is leased

@@ -33,11 +33,18 @@ log = logging.getLogger("tracker.polling")
 
 
 def claim_due_tasks(
-    session: Session, *, now: datetime, limit: int, settings: Settings, lookahead: float = 0.0
+    session: Session,
+    *,
+    now: datetime,
+    limit: int,
+    settings: Settings,
+    lookahead: float = 0.0,
+    row_ids: Sequence[int] | None = None,
 ) -> list[ClaimedTask]:
     """Lease up to `limit` registrations due by `now` (plus `lookahead` s), count the poll
     each is about to get and set its next one (`next_poll_at`, counted from `now`). Each
-    claim names the token its client polls with (`ClaimedTask.credential`).
+    claim names the token its client polls with (`ClaimedTask.credential`). With `row_ids`,
+    only those registrations are claimed, if due (the ones a doorbell made due).
 
     The poll's answer then writes only what it changes: a task keeps its place in the
     ticks' rhythm however long the job waits, and a poll whose job is lost happens again
@@ -48,20 +55,22 @@ def claim_due_tasks(
     horizon = now + timedelta(seconds=lookahead)
     rows: Iterable[Sequence[Any]]
     if is_postgresql(session):
+        parameters: dict[str, Any] = {
+            "now": now,
+            "horizon": horizon,
+            "limit": limit,
+            "lease_until": lease_until,
+            "poll_interval": settings.poll_interval,
+            "max_poll_interval": settings.max_poll_interval,
+            "share": BACKOFF_SHARE_OF_AGE,
+        }
+        if row_ids is not None:
+            parameters["row_ids"] = list(row_ids)
         rows = session.connection().exec_driver_sql(
-            _CLAIM_POSTGRESQL,
-            {
-                "now": now,
-                "horizon": horizon,
-                "limit": limit,
-                "lease_until": lease_until,
-                "poll_interval": settings.poll_interval,
-                "max_poll_interval": settings.max_poll_interval,
-                "share": BACKOFF_SHARE_OF_AGE,
-            },
+            _CLAIM_POSTGRESQL if row_ids is None else _CLAIM_ROWS_POSTGRESQL, parameters
         )
     else:
-        rows = _claim_sqlite(session, now, horizon, limit, lease_until, settings)
+        rows = _claim_sqlite(session, now, horizon, limit, lease_until, settings, row_ids)
     # Most registrations look alike to a claim (running, same upstream word, no miss):
     # they share one `Seen`, which also keeps the poll jobs' messages short.
     views: dict[tuple[str, str | None, int], Seen] = {}
@@ -107,6 +116,12 @@ _CLAIM_POSTGRESQL = """
     RETURNING tasks.service, tasks.task_id, due.due_at,
         tasks.state, tasks.upstream_state, task_schedule.misses, tasks.client_id
 """
+# The same, for given registrations only.
+_CLAIM_ROWS_POSTGRESQL = _CLAIM_POSTGRESQL.replace(
+    "AND (claimed_until IS NULL OR claimed_until <= %(now)s)",
+    "AND (claimed_until IS NULL OR claimed_until <= %(now)s)\n"
+    "          AND task_row_id = ANY(%(row_ids)s)",
+)
 
 
 def _claim_sqlite(
@@ -116,6 +131,7 @@ def _claim_sqlite(
     limit: int,
     lease_until: datetime,
     settings: Settings,
+    row_ids: Sequence[int] | None,
 ) -> list[tuple[str, str, datetime | None, str, str | None, int, int]]:
     """SQLite has no row locks: the lease is taken in one statement, whose write takes the
     database at once; then each row's poll is counted and its next one set."""
@@ -131,6 +147,8 @@ def _claim_sqlite(
         .order_by(task_schedule_table.c.next_poll_at)
         .limit(limit)
     )
+    if row_ids is not None:
+        due = due.where(task_schedule_table.c.task_row_id.in_(list(row_ids)))
     connection = session.connection()
     leased = connection.execute(
         update(task_schedule_table)

@@ -219,8 +219,11 @@ def dispatch_polls() -> int:
     return len(batches)
 
 
-def claim_and_plan(ctx: WorkerContext, now: datetime) -> list[PollBatch]:
-    """Claim due registrations and plan their batches, per service and token.
+def claim_and_plan(
+    ctx: WorkerContext, now: datetime, *, row_ids: Sequence[int] | None = None
+) -> list[PollBatch]:
+    """Claim due registrations (with `row_ids`: of those only) and plan their batches, per
+    service and token.
 
     A token the upstream rejected is probed only once per max poll interval: its
     registrations are given back until then (when the tracker's token is the only one,
@@ -236,9 +239,10 @@ def claim_and_plan(ctx: WorkerContext, now: datetime) -> list[PollBatch]:
         claimed = claim_due_tasks(
             session,
             now=now,
-            limit=claim_limit(settings),
+            limit=claim_limit(settings) if row_ids is None else len(row_ids),
             settings=settings,
-            lookahead=claim_lookahead(settings),
+            lookahead=claim_lookahead(settings) if row_ids is None else 0.0,
+            row_ids=row_ids,
         )
         batches = plan_batches(claimed, settings.batch_size, probing=set(rejected), paused=paused)
         held = [batch for batch in batches if batch.credential in paused]
@@ -368,34 +372,29 @@ def _poller_for(
     return poller
 
 
-def _enqueue_poll_now(row_ids: list[str]) -> None:
-    """One `poll_now` job for the tasks doorbells made due; the next tick covers a lost one."""
+def _enqueue_poll_now(row_ids: list[int]) -> None:
+    """One `poll_now` job for the registrations doorbells made due; the next tick covers a
+    lost one."""
     try:
-        poll_now.apply_async(expires=POLL_NOW_EXPIRES)
+        poll_now.apply_async((row_ids,), expires=POLL_NOW_EXPIRES)
     except Exception:  # the broker is down: the tasks are due, the next tick finds them
         log.warning("could not enqueue a poll for %d rung tasks; the next tick will", len(row_ids))
 
 
 def ring_poll_doorbell(task_row_ids: Iterable[int]) -> None:
-    """Ask a worker to poll now: the upstream's callbacks made these registrations due
+    """Ask a worker to poll these registrations now: the upstream's callbacks made them due
     (`tracker.polling.doorbell`; the API gathers them, so one job serves many)."""
-    _enqueue_poll_now([str(row_id) for row_id in task_row_ids])
+    _enqueue_poll_now(list(task_row_ids))
 
 
 @celery_app.task(name="tracker.poll_now")  # type: ignore[untyped-decorator]
-def poll_now() -> int:
-    """A tick out of turn, for registrations a doorbell made due: claim what is due and
-    poll it in this job when it is little (one broker hop less: completion reaches its
-    webhook in about one round trip), else enqueue the batches as a tick does. Within the
-    same request budgets; claims nothing while poll jobs back up, as a tick."""
+def poll_now(task_row_ids: list[int]) -> int:
+    """Poll, in this job, the registrations a doorbell made due: a claim of those rows alone
+    (if still due and not leased: leases keep it safe beside the ticks), then their
+    batches, within their tokens' request budgets. One broker hop, so completion reaches
+    its webhook in about one round trip; the ticks' own claims are left as they are."""
     ctx = worker_context()
-    if polls_waiting(celery_app) > max_waiting_jobs(ctx.settings):
-        return 0
-    batches = claim_and_plan(ctx, utcnow())
-    if len(batches) > POLL_JOB_BATCHES:
-        for job in poll_jobs(batches):
-            enqueue_poll_job(job)
-        return len(batches)
+    batches = claim_and_plan(ctx, utcnow(), row_ids=task_row_ids)
     for outcome in poll_with_tokens(ctx, batches):
         ring_delivery_doorbells(outcome.applied.delivery_ids)
     return len(batches)
