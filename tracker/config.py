@@ -108,6 +108,21 @@ class Settings(BaseSettings):
     )
     api_host: str = Field("127.0.0.1", description="Where the API listens.")
     api_port: int = Field(8000, ge=0, le=65535, description="Port of the API.")
+    secret_key: SecretStr | None = Field(
+        None,
+        description=(
+            "Fernet key(s) that encrypt the clients' own upstream tokens, comma-separated: "
+            "the first encrypts, every one decrypts (key rotation). Required once a client "
+            "has a token of its own."
+        ),
+    )
+    public_url: str | None = Field(
+        None,
+        description=(
+            "The tracker's own public base URL; submissions give AceData "
+            "`{public_url}/v1/doorbell/{token}` as `callback_url`. Unset: no doorbell."
+        ),
+    )
 
     # Beyond the contract: operational knobs with safe defaults.
     secret_rotation_grace: int = Field(
@@ -126,6 +141,14 @@ class Settings(BaseSettings):
     )
     upstream_timeout: float = Field(
         30.0, gt=0, description="Read timeout of one upstream request, in seconds."
+    )
+    doorbell_rps: float = Field(
+        1000.0,
+        gt=0,
+        description=(
+            "Doorbell requests per second one API process accepts (bursts of as many); "
+            "more answer 429."
+        ),
     )
     metrics_port: int = Field(
         9101, ge=0, le=65535, description="Port of the worker's Prometheus endpoint; 0 disables."
@@ -201,6 +224,20 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with http:// or https:// (got {value!r})")
         return value.rstrip("/")
 
+    @field_validator("secret_key", "public_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {value!r})")
+        return value.rstrip("/")
+
     @field_validator("log_format")
     @classmethod
     def _check_log_format(cls, value: str) -> str:
@@ -212,6 +249,13 @@ class Settings(BaseSettings):
     def upstream_bearer(self) -> str | None:
         """The upstream token in clear, for the Authorization header; None when unset."""
         return self.upstream_token.get_secret_value() if self.upstream_token else None
+
+    @property
+    def secret_keys(self) -> list[str]:
+        """TRACKER_SECRET_KEY's keys, newest first; empty when unset."""
+        if self.secret_key is None:
+            return []
+        return [key.strip() for key in self.secret_key.get_secret_value().split(",") if key.strip()]
 
     @property
     def webhook_lease(self) -> float:

@@ -2,6 +2,8 @@
 
     TrackerError
     ├── ConfigError                        a setting the service cannot run with
+    │   └── TokenUnavailable               a client's stored upstream token cannot be
+    │                                      decrypted (TRACKER_SECRET_KEY unset or wrong)
     ├── NotFound                           404
     │   ├── ClientNotFound, TaskNotFound, DeliveryNotFound
     ├── Conflict                           409
@@ -138,6 +140,13 @@ class BudgetUnavailable(TrackerError):
     def __init__(self, message: str, *, retry_at: datetime) -> None:
         super().__init__(message)
         self.retry_at = retry_at
+
+
+class TokenUnavailable(ConfigError):
+    """A client's stored upstream token cannot be used: no TRACKER_SECRET_KEY, or none of its
+    keys decrypts it."""
+
+    code = "upstream_token_unavailable"
 
 
 class UpstreamError(TrackerError):

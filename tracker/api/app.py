@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 
 from tracker import __version__
-from tracker.api import deliveries, health, services, tasks, ui
+from tracker.api import acedata, deliveries, doorbell, health, services, submit, tasks, ui
 from tracker.api.deps import known_query_parameters
 from tracker.api.docs import install_docs
 from tracker.api.errors import install_error_handlers
@@ -21,6 +21,7 @@ from tracker.api.middleware import RequestContextMiddleware
 from tracker.config import Settings, get_settings
 from tracker.db.engine import get_engine, session_factory
 from tracker.tracking.clients import KeyCache
+from tracker.worker.jobs import ring_poll_doorbell
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -56,10 +57,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 held.enter_context(engine.connect()).execute(sa.text("SELECT 1"))
     except sa.exc.SQLAlchemyError as exc:  # the API still starts; /readyz reports the database
         log.warning("database not reachable at start-up: %s", exc.__class__.__name__)
+    settings: Settings = app.state.settings
+    if not settings.public_url:
+        log.warning(
+            "TRACKER_PUBLIC_URL is not set: submissions (POST /v1/{service}/submit) work, "
+            "without the doorbell: their tasks are seen done at the next poll rather than "
+            "when AceData calls back"
+        )
     anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
     gc.collect()
     gc.freeze()
     yield
+    app.state.doorbells.flush()  # tokens rung a moment ago: due before the process goes
 
 
 def create_served_app() -> FastAPI:
@@ -72,8 +81,16 @@ def create_served_app() -> FastAPI:
     return create_app(settings)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The API on `settings.database_url` (default: the configured settings)."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    poll_doorbell: Callable[[Iterable[int]], None] | None = None,
+) -> FastAPI:
+    """The API on `settings.database_url` (default: the configured settings).
+
+    `poll_doorbell` asks workers to poll registrations a doorbell made due (default: a
+    `poll_now` job on the configured broker; tests pass their own).
+    """
     settings = settings or get_settings()
     app = FastAPI(
         title="tracker",
@@ -87,12 +104,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessions = session_factory(get_engine(settings.database_url))
     app.state.key_cache = KeyCache()
+    app.state.submitters = submit.Submitters()
+    app.state.facade_pollers = acedata.FacadePollers()
+    app.state.doorbell_limit = doorbell.RateLimit(settings.doorbell_rps)
+    app.state.doorbells = doorbell.doorbell_gatherer(
+        app.state.sessions, poll_doorbell or ring_poll_doorbell
+    )
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=MAX_BODY_BYTES)
     strict_query = [Depends(known_query_parameters)]
     app.include_router(tasks.router, dependencies=strict_query)
     app.include_router(deliveries.router, dependencies=strict_query)
     app.include_router(services.router, dependencies=strict_query)
+    app.include_router(submit.router, dependencies=strict_query)
+    app.include_router(doorbell.router)
+    app.include_router(acedata.router)
     app.include_router(health.router)
     install_docs(app)
     ui.install(app)

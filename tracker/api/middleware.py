@@ -23,6 +23,7 @@ from tracker.observability.metrics import observe_api_request
 logger = logging.getLogger("tracker.api")
 
 TRACE_HEADER = "x-trace-id"
+DOORBELL_PREFIX = "/v1/doorbell/"
 
 
 def _too_large(limit: int) -> ApiError:
@@ -106,17 +107,20 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path_format", None)
             observe_api_request(scope["method"], template, status, seconds)
+            path = scope["path"]
+            if path.startswith(DOORBELL_PREFIX):  # its token rings the task: not for logs
+                path = DOORBELL_PREFIX + "[redacted]"
             logger.info(
                 "%s %s -> %d in %.1f ms (trace_id=%s)",
                 scope["method"],
-                scope["path"],
+                path,
                 status,
                 duration_ms,
                 trace_id,
                 extra={
                     "trace_id": trace_id,
                     "method": scope["method"],
-                    "path": scope["path"],
+                    "path": path,
                     "status": status,
                     "duration_ms": round(duration_ms, 1),
                 },

@@ -173,6 +173,37 @@ class DeliveryDetail(Resource):
     attempts: list[Attempt] = Field(description="Every attempt, first first.")
 
 
+class SubmitResult(Resource):
+    """A submission the vendor accepted, and the task registered for it."""
+
+    upstream: dict[str, Any] = Field(description="The vendor's answer, as it came.")
+    task: TaskResource
+
+
+class UpstreamErrorDetail(ErrorDetail):
+    upstream: Any = Field(None, description="The vendor's answer, as it came, if there was one.")
+
+
+class UpstreamErrorBody(Resource):
+    """An error of a submission, with the vendor's answer when there was one."""
+
+    error: UpstreamErrorDetail
+    trace_id: str
+
+
+class AceDataErrorDetail(Resource):
+    code: str = Field(description="The vendor's code, e.g. `bad_request`, `invalid_token`.")
+    message: str
+
+
+class AceDataError(Resource):
+    """An error of the AceData-compatible route, in the vendor's own body."""
+
+    success: Literal[False]
+    error: AceDataErrorDetail
+    trace_id: str
+
+
 class Health(Resource):
     status: Literal["ok"]
 
@@ -181,6 +212,13 @@ class Readiness(Resource):
     status: Literal["ready", "unready"]
     checks: dict[str, str] = Field(
         description="Per dependency (database, broker, upstream_credentials): `ok` or the reason."
+    )
+    detail: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Problems that do not make the tracker unready, e.g. `client NAME`: that client's "
+            "own upstream token is rejected (only its polling pauses)."
+        ),
     )
 
 

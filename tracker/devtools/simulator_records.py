@@ -80,6 +80,8 @@ class SimulatedTask:
     duration: float
     outcome: Outcome
     request: dict[str, Any]
+    callback_url: str | None = None
+    callback_sent: bool = False
 
     @property
     def trace_id(self) -> str:
@@ -174,6 +176,19 @@ def _response(task: SimulatedTask, phase: Phase) -> dict[str, Any]:
         "thumbnail_width": VIDEO_WIDTH,
         "thumbnail_height": VIDEO_HEIGHT,
     }
+
+
+def callback_body(task: SimulatedTask, phase: Phase) -> dict[str, Any]:
+    """What AceData POSTs to a settled task's `callback_url`: the generation's result with
+    `success`, `task_id` and `trace_id`, or its error."""
+    if phase == "failed":
+        return {
+            "success": False,
+            "task_id": task.id,
+            "trace_id": task.trace_id,
+            "error": dict(FAILURE),
+        }
+    return {**_response(task, phase), "trace_id": task.trace_id}
 
 
 def error_body(code: str, message: str, trace_id: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tracker.devtools.simulator_callbacks import CallbackSender
 from tracker.devtools.simulator_records import (
     PHASES,
     Account,
@@ -24,6 +25,7 @@ from tracker.devtools.simulator_records import (
     Settled,
     SimulatedTask,
     build_record,
+    callback_body,
     random_uuid,
 )
 
@@ -71,6 +73,9 @@ class SimulatorConfig(BaseModel):
     timing_fields: bool = Field(
         False, description="Add started_at and elapsed to records (docs/simulator.md)."
     )
+    callback_drop_share: Share = Field(
+        0.0, description="Share of `callback_url` POSTs not sent (a callback that never comes)."
+    )
     seed: int | None = Field(None, description="Seed of every random choice, to repeat a run.")
 
     @field_validator("retry_after")
@@ -116,6 +121,9 @@ class TaskSeed(BaseModel):
     duration: Seconds | None = Field(None, description="Seconds to settle; 0: settled already.")
     prompt: str | None = None
     age: Seconds = Field(0.0, description="Seconds since the task was created, e.g. 10: running.")
+    callback_url: str | None = Field(
+        None, description="Called back when the task settles, as a generation request's."
+    )
 
 
 class SimulatorState:
@@ -125,13 +133,16 @@ class SimulatorState:
         self.lock = threading.Lock()
         self.initial_config = config
         self.epoch = 0
+        self.callbacks = CallbackSender(self._callback_due, self._count_callback)
         self.clear(config)
 
     def clear(self, config: SimulatorConfig) -> None:
         """Forget every task and counter; run with `config` from now on."""
+        self.callbacks.forget()
         with self.lock:
             # Requests still in flight across a reset must not count in the new epoch.
             self.epoch += 1
+            self.callback_counts: Counter[str] = Counter()
             self.config = config
             self.rng = random.Random(config.seed)
             self.account = Account.draw(self.rng)
@@ -158,12 +169,53 @@ class SimulatorState:
     def seed(self, seeds: list[TaskSeed]) -> list[str]:
         """Create tasks as the seeds say; their ids."""
         with self.lock:
-            return [self._create(seed.service, _seed_request(seed), seed).id for seed in seeds]
+            tasks = [self._create(seed.service, _seed_request(seed), seed) for seed in seeds]
+            for task, seed in zip(tasks, seeds, strict=True):
+                task.callback_url = seed.callback_url
+            calling_back = [
+                (task.id, task.settled_at)
+                for task in tasks
+                if task.callback_url is not None and task.settled_at is not None
+            ]
+        for task_id, settled_at in calling_back:
+            assert settled_at is not None
+            self.callbacks.schedule(task_id, settled_at)
+        return [task.id for task in tasks]
 
     def generate(self, service: str, request: dict[str, Any]) -> SimulatedTask:
-        """A task created by a generation call with body `request`."""
+        """A task created by a generation call with body `request`; one with a `callback_url`
+        calls it back when it settles."""
         with self.lock:
-            return self._create(service, request, TaskSeed(service=service))
+            task = self._create(service, request, TaskSeed(service=service))
+            callback_url = request.get("callback_url")
+            if isinstance(callback_url, str) and callback_url.startswith(("http://", "https://")):
+                task.callback_url = callback_url
+            settled_at = task.settled_at
+        if task.callback_url is not None and settled_at is not None:
+            self.callbacks.schedule(task.id, settled_at)
+        return task
+
+    def _callback_due(self, task_id: str) -> tuple[float, dict[str, Any], str] | None:
+        """(when it settles, the callback's body, its URL) of a task to call back, once."""
+        with self.lock:
+            task = self.tasks.get(task_id)
+            if task is None or task.callback_url is None or task.callback_sent:
+                return None
+            settled_at = task.settled_at
+            if settled_at is None:
+                return None
+            now = time.time()
+            if settled_at > now:
+                return settled_at, {}, task.callback_url
+            task.callback_sent = True
+            if self.rng.random() < self.config.callback_drop_share:
+                self.callback_counts["callbacks_dropped"] += 1
+                return None
+            return settled_at, callback_body(task, task.phase(now)), task.callback_url
+
+    def _count_callback(self, outcome: str) -> None:
+        with self.lock:
+            self.callback_counts[outcome] += 1
 
     def _create(self, service: str, request: dict[str, Any], seed: TaskSeed) -> SimulatedTask:
         config, rng = self.config, self.rng
@@ -283,6 +335,9 @@ class SimulatorState:
                 "over_budget": self.over_budget,
                 "max_rate_per_second": self.max_rate,
                 "tasks": len(self.tasks),
+                "callbacks_sent": self.callback_counts["callbacks_sent"],
+                "callbacks_failed": self.callback_counts["callbacks_failed"],
+                "callbacks_dropped": self.callback_counts["callbacks_dropped"],
                 "tasks_by_phase": {phase: phases[phase] for phase in PHASES},
             }
 
@@ -310,7 +365,11 @@ class SimulatorState:
                 return None
             now = time.time()
             task.finish(outcome, now)
-            return _view(task, now)
+            view = _view(task, now)
+            calls_back = task.callback_url is not None and not task.callback_sent
+        if calls_back:
+            self.callbacks.schedule(task_id, now)
+        return view
 
 
 def _seed_request(seed: TaskSeed) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from tracker.profiles import Profile, profile_for
 from tracker.states import ACTIVE_STATES, FAILED, TIMED_OUT, can_transition
 from tracker.tracking.normalise import Failure, Observation, normalise_with
 from tracker.tracking.transitions import record_transition
+from tracker.upstream.budget import credential_key, rejected_credentials
+from tracker.upstream.credentials import client_credentials
 
 log = logging.getLogger("tracker.polling")
 
@@ -334,8 +336,15 @@ def fail_not_found(
     return delivery_ids
 
 
-def time_out_overdue_tasks(session: Session, *, now: datetime, limit: int = 500) -> list[str]:
-    """Tasks past their deadline become `timed_out`; returns the new delivery ids."""
+def time_out_overdue_tasks(
+    session: Session, *, now: datetime, limit: int = 500, settings: Settings | None = None
+) -> list[str]:
+    """Tasks past their deadline become `timed_out`; returns the new delivery ids.
+
+    A task whose client's token the upstream rejects (with `settings`: also the
+    tracker's own) could not be polled: its failure says so (`upstream_token_rejected`),
+    so that client sees why, and other clients' tasks are unaffected.
+    """
     query = (
         select(Task)
         .where(Task.deadline_at <= now, Task.state.in_(ACTIVE_STATES))
@@ -344,11 +353,28 @@ def time_out_overdue_tasks(session: Session, *, now: datetime, limit: int = 500)
     )
     if is_postgresql(session):
         query = query.with_for_update(skip_locked=True)
+    overdue = list(session.scalars(query))
+    if not overdue:
+        return []
+    rejected = rejected_credentials(session)
+    own_tokens = client_credentials(session) if rejected else {}
+    tracker_token = credential_key(settings.upstream_bearer) if settings is not None else None
     delivery_ids: list[str] = []
-    for task in session.scalars(query):
-        failure = Failure(
-            "timed_out", f"no terminal state within {task.timeout_seconds} s of registration"
-        )
+    for task in overdue:
+        token = own_tokens.get(task.client_id, tracker_token)
+        rejected_at = rejected.get(token) if token is not None else None
+        if rejected_at is not None:
+            failure = Failure(
+                "upstream_token_rejected",
+                f"no terminal state within {task.timeout_seconds} s of registration: the "
+                f"upstream has rejected the token this task is polled with since "
+                f"{rejected_at.isoformat()}, so it could not be polled; set a valid one "
+                "(`tracker clients set-upstream-token`, or TRACKER_UPSTREAM_TOKEN)",
+            )
+        else:
+            failure = Failure(
+                "timed_out", f"no terminal state within {task.timeout_seconds} s of registration"
+            )
         delivery_ids += [
             d.id
             for d in record_transition(session, task, TIMED_OUT, observed_at=now, failure=failure)

@@ -186,8 +186,9 @@ def _handle_upstream_trouble(
             session, credential, str(exc), now=now
         ):
             log.error(
-                "the upstream rejected TRACKER_UPSTREAM_TOKEN (%s); polling is paused and "
-                "/readyz answers 503 until a request with the token succeeds again",
+                "the upstream rejected the token %s (%s); polling with it is paused until a "
+                "request with it succeeds again (/readyz names it)",
+                credential,
                 exc,
             )
         release_batch(session, batch, retry_at=retry_at)

@@ -109,6 +109,36 @@ def parse_callback_url(url: str) -> SplitResult:
     return parts
 
 
+def check_callback_url(value: Any) -> Any:
+    """A callback URL, or ValueError saying plainly why it is refused. Anything but a string
+    is left to the field's type and pattern (validators run before them)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parse_callback_url(value)
+    except CallbackRefused as exc:
+        raise ValueError(exc.message) from None
+    return value
+
+
+def check_json_object(value: Any, *, max_bytes: int) -> Any:
+    """A JSON object the database and every webhook body can hold: strict JSON, valid UTF-8,
+    no NUL character (PostgreSQL's JSONB refuses it), at most `max_bytes`; else ValueError.
+    Anything but an object is left to the field's type check."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        size = len(text.encode())
+    except ValueError as exc:  # NaN or Infinity, or a lone surrogate (not UTF-8)
+        raise ValueError(f"must be strict JSON in UTF-8: {exc}") from None
+    if _contains_nul(value):
+        raise ValueError("must not contain the NUL character (\\u0000)")
+    if size > max_bytes:
+        raise ValueError(f"must be at most {max_bytes} bytes of JSON (got {size})")
+    return value
+
+
 class TaskRegistration(BaseModel):
     """What a client asks the tracker to watch."""
 
@@ -152,31 +182,12 @@ class TaskRegistration(BaseModel):
     @classmethod
     def _check_callback_url(cls, value: object) -> object:
         """The URL's own problems first, said plainly; then the pattern applies."""
-        if not isinstance(value, str):
-            return value
-        try:
-            parse_callback_url(value)
-        except CallbackRefused as exc:
-            raise ValueError(exc.message) from None
-        return value
+        return check_callback_url(value)
 
     @field_validator("metadata", mode="before")
     @classmethod
     def _check_metadata_size(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value  # the type check says so
-        # What the database and every webhook body can hold: strict JSON, valid UTF-8,
-        # no NUL character (PostgreSQL's JSONB refuses it).
-        try:
-            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-            size = len(text.encode())
-        except ValueError as exc:  # NaN or Infinity, or a lone surrogate (not UTF-8)
-            raise ValueError(f"must be strict JSON in UTF-8: {exc}") from None
-        if _contains_nul(value):
-            raise ValueError("must not contain the NUL character (\\u0000)")
-        if size > MAX_METADATA_BYTES:
-            raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes of JSON (got {size})")
-        return value
+        return check_json_object(value, max_bytes=MAX_METADATA_BYTES)
 
     @field_validator("events")
     @classmethod

@@ -380,3 +380,12 @@ def clear_rejected(session: Session, key: str) -> bool:
 def rejected_since(session: Session, key: str) -> datetime | None:
     row = session.get(UpstreamCredential, key)
     return None if row is None else row.rejected_at
+
+
+def rejected_credentials(session: Session) -> dict[str, datetime]:
+    """Fingerprint -> when the upstream last rejected it, for every token it rejects now."""
+    credential = _CREDENTIALS.c
+    rows = session.connection().execute(
+        select(credential.key, credential.rejected_at).where(credential.rejected_at.is_not(None))
+    )
+    return {key: rejected_at for key, rejected_at in rows if rejected_at is not None}

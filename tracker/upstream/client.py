@@ -25,6 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -52,6 +53,19 @@ NOT_FOUND_CODES = frozenset({"not_found", "task_not_found"})
 EXCERPT_CHARS = 200
 
 Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SubmitAnswer:
+    """What a generation endpoint answered: its status and its body (JSON, or the text)."""
+
+    status: int
+    body: Any
+
+    @property
+    def accepted(self) -> bool:
+        """A 2xx that is not the vendor's error body."""
+        return 200 <= self.status < 300 and not _is_error_body(self.body)
 
 
 class UpstreamClient:
@@ -175,6 +189,27 @@ class UpstreamClient:
                 records[item["id"]] = item
         return len(items)
 
+    def submit(self, service: str, endpoint: str, body: dict[str, Any]) -> SubmitAnswer:
+        """POST a generation request to `{base}/{service}/{endpoint}`, once: a submission
+        spends credits, so it is never retried. Any answer comes back as it is; only a
+        timeout or a connection error raises (UpstreamServerError: whether the vendor
+        started the task is then unknown)."""
+        url = f"{self.base_url}/{service}/{endpoint}"
+        started = time.perf_counter()
+        try:
+            response = self._raw_post(url, body)
+        finally:
+            metrics.UPSTREAM_LATENCY.labels(action="submit").observe(time.perf_counter() - started)
+        with response:
+            try:
+                answer: Any = response.json()
+            except ValueError:
+                answer = response.text[:EXCERPT_CHARS]
+            result = SubmitAnswer(response.status_code, answer)
+        outcome = "ok" if result.accepted else f"http_{result.status}"
+        metrics.UPSTREAM_REQUESTS.labels(action="submit", outcome=outcome).inc()
+        return result
+
     def _post(self, service: str, body: dict[str, Any]) -> Any:
         url = f"{self.base_url}/{service}/tasks"
         retries = 0
@@ -210,8 +245,14 @@ class UpstreamClient:
         return answer
 
     def _send(self, url: str, body: dict[str, Any]) -> Any:
+        response = self._raw_post(url, body)
+        with response:
+            return _parse_answer(url, response, max_retry_after=self.max_retry_after)
+
+    def _raw_post(self, url: str, body: dict[str, Any]) -> requests.Response:
+        """One POST, no redirect followed; transport failures as UpstreamServerError."""
         try:
-            response = self.session.post(
+            return self.session.post(
                 url, json=body, headers=self.headers, timeout=self.timeout, allow_redirects=False
             )
         except requests.Timeout as exc:
@@ -225,8 +266,6 @@ class UpstreamClient:
                 f"could not reach {url} ({exc}); check TRACKER_UPSTREAM_URL and the network",
                 code="connection_error",
             ) from exc
-        with response:
-            return _parse_answer(url, response, max_retry_after=self.max_retry_after)
 
     def _off_shape(self, service: str, expected: str, answer: Any) -> UpstreamBadAnswer:
         return UpstreamBadAnswer(
