@@ -1,7 +1,8 @@
 """Run the benchmark suite: upstream economy, poll throughput, webhook throughput.
 
     .venv/bin/python -m bench [--poll-tasks 100000] [--deliveries 10000] [--runs 3]
-                              [--webhook-runs 3] [--only economy|poll|webhooks]
+                              [--webhook-runs 3]
+                              [--only economy|poll|webhooks|freshness|doorbell|scale]
 
 Needs PostgreSQL (TRACKER_BENCH_POSTGRES_URL, default the tests' server); the
 simulator and a webhook receiver are started on loopback. Prints one line per
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.common import Figure, private_database, receiver_process, simulator_process
+from bench.doorbell import doorbell
 from bench.freshness import freshness
 from bench.polling import poll_throughput, upstream_economy
 from bench.scale import memory, registration_api
@@ -32,7 +34,7 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 # The defaults' budget (20 requests/s of 50 ids) polls 10k tasks every 10 s, not every 5:
 # freshness runs with a budget that covers them, so it measures the tracker, not the budget.
 FRESHNESS_RPS = 50
-PARTS = ["economy", "poll", "webhooks", "freshness", "scale"]
+PARTS = ["economy", "poll", "webhooks", "freshness", "doorbell", "scale"]
 
 
 def machine() -> str:
@@ -102,7 +104,7 @@ def main() -> int:
 
     print(f"machine: {machine()}", flush=True)
     with private_database() as db_url:
-        if only & {"economy", "poll", "freshness", "scale"}:
+        if only & {"economy", "poll", "freshness", "doorbell", "scale"}:
             with simulator_process() as sim_url:
                 if "economy" in only:
                     for distinct in args.economy:
@@ -122,6 +124,8 @@ def main() -> int:
                         upstream_rps=FRESHNESS_RPS,
                     )
                     show(new)
+                if "doorbell" in only:
+                    show(doorbell(db_url, sim_url, tasks=args.fresh_tasks))
                 if "scale" in only:
                     show(memory(db_url, sim_url, tasks=args.scale_tasks, cycles=args.scale_cycles))
                     new, profiles["tracker api under 200 registrations/s"] = registration_api(

@@ -5,6 +5,7 @@ Names and defaults of the `TRACKER_*` variables are part of the contract (docs/c
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -15,11 +16,20 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from tracker.errors import ConfigError
 
 ENV_PREFIX = "TRACKER_"
+# A service's name, as registrations and the upstream's paths spell it.
+SERVICE_NAME = re.compile(r"[a-z0-9-]{1,32}")
 
 DEFAULT_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 SEVEN_DAYS = 7 * 24 * 3600
+DEFAULT_MAX_POLL_INTERVAL = 60.0
+# The longest receiver Retry-After honoured, in seconds.
+DEFAULT_MAX_RETRY_AFTER = 300.0
 # Webhook secrets are `whsec_` and the base64 key, as Standard Webhooks libraries expect.
 WEBHOOK_SECRET_PREFIX = "whsec_"
+# The dashboard (/ui): how long a sign-in lasts, and how long a one-time sign-in link
+# (`tracker demo`, `tracker clients sign-in-link`) may wait to be opened.
+DASHBOARD_SESSION_SECONDS = 12 * 3600
+DASHBOARD_SIGN_IN_LINK_SECONDS = 600
 
 
 class Settings(BaseSettings):
@@ -31,6 +41,9 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         frozen=True,
+        # `TRACKER_UPSTREAM_TOKEN=` (in the environment or `.env`) is no token, not an
+        # empty one: an empty value counts as unset, for every variable.
+        env_ignore_empty=True,
     )
 
     database_url: str = Field(
@@ -49,7 +62,20 @@ class Settings(BaseSettings):
     upstream_token: SecretStr | None = Field(None, description="Bearer token for the upstream.")
     poll_interval: float = Field(5.0, gt=0, description="Seconds between polls of a fresh task.")
     max_poll_interval: float = Field(
-        60.0, gt=0, description="Polls of long-running tasks back off up to this many seconds."
+        DEFAULT_MAX_POLL_INTERVAL,
+        gt=0,
+        description=(
+            "Polls of long-running tasks back off up to this many seconds; also the longest "
+            "an upstream `Retry-After` pauses the token."
+        ),
+    )
+    service_poll_intervals: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            "Seconds between polls of a fresh task, per service, as `suno=10,kling=15`; "
+            "overrides the pace a service's vendor advises (`tracker services`). Never "
+            "below `TRACKER_POLL_INTERVAL`; older tasks back off as any other."
+        ),
     )
     batch_size: int = Field(50, ge=1, le=500, description="Ids per `retrieve_batch` call.")
     upstream_rps: float = Field(
@@ -72,8 +98,31 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(
         False, description="Allow callbacks to non-public addresses (development, tests)."
     )
+    max_retry_after: float = Field(
+        DEFAULT_MAX_RETRY_AFTER,
+        ge=0,
+        description=(
+            "The longest receiver `Retry-After` honoured, in seconds; a larger, infinite or "
+            "malformed one is clamped and logged."
+        ),
+    )
     api_host: str = Field("127.0.0.1", description="Where the API listens.")
     api_port: int = Field(8000, ge=0, le=65535, description="Port of the API.")
+    secret_key: SecretStr | None = Field(
+        None,
+        description=(
+            "Fernet key(s) that encrypt the clients' own upstream tokens, comma-separated: "
+            "the first encrypts, every one decrypts (key rotation). Required once a client "
+            "has a token of its own."
+        ),
+    )
+    public_url: str | None = Field(
+        None,
+        description=(
+            "The tracker's own public base URL; submissions give AceData "
+            "`{public_url}/v1/doorbell/{token}` as `callback_url`. Unset: no doorbell."
+        ),
+    )
 
     # Beyond the contract: operational knobs with safe defaults.
     secret_rotation_grace: int = Field(
@@ -93,6 +142,14 @@ class Settings(BaseSettings):
     upstream_timeout: float = Field(
         30.0, gt=0, description="Read timeout of one upstream request, in seconds."
     )
+    doorbell_rps: float = Field(
+        1000.0,
+        gt=0,
+        description=(
+            "Doorbell requests per second one API process accepts (bursts of as many); "
+            "more answer 429."
+        ),
+    )
     metrics_port: int = Field(
         9101, ge=0, le=65535, description="Port of the worker's Prometheus endpoint; 0 disables."
     )
@@ -100,6 +157,34 @@ class Settings(BaseSettings):
     log_format: str = Field(
         "auto", description="`json`, `console`, or `auto` (console on a terminal, else json)."
     )
+
+    @field_validator("service_poll_intervals", mode="before")
+    @classmethod
+    def _parse_service_paces(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        paces: dict[str, float] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            service, equals, seconds = part.partition("=")
+            try:
+                paces[service.strip()] = float(seconds)
+            except ValueError:
+                paces[service.strip()] = float("nan")
+            if not equals or paces[service.strip()] != paces[service.strip()]:
+                raise ValueError(f"expects service=seconds pairs, e.g. suno=10 (got {part!r})")
+        return paces
+
+    @field_validator("service_poll_intervals")
+    @classmethod
+    def _check_service_paces(cls, value: dict[str, float]) -> dict[str, float]:
+        for service, seconds in value.items():
+            if not SERVICE_NAME.fullmatch(service):
+                raise ValueError(f"a service is 1-32 of a-z, 0-9 and - (got {service!r})")
+            if not seconds > 0 or seconds == float("inf"):
+                raise ValueError(f"{service}: seconds must be a positive number (got {seconds!r})")
+        return value
 
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod
@@ -139,6 +224,20 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with http:// or https:// (got {value!r})")
         return value.rstrip("/")
 
+    @field_validator("secret_key", "public_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {value!r})")
+        return value.rstrip("/")
+
     @field_validator("log_format")
     @classmethod
     def _check_log_format(cls, value: str) -> str:
@@ -150,6 +249,13 @@ class Settings(BaseSettings):
     def upstream_bearer(self) -> str | None:
         """The upstream token in clear, for the Authorization header; None when unset."""
         return self.upstream_token.get_secret_value() if self.upstream_token else None
+
+    @property
+    def secret_keys(self) -> list[str]:
+        """TRACKER_SECRET_KEY's keys, newest first; empty when unset."""
+        if self.secret_key is None:
+            return []
+        return [key.strip() for key in self.secret_key.get_secret_value().split(",") if key.strip()]
 
     @property
     def webhook_lease(self) -> float:

@@ -2,12 +2,16 @@
 
     TrackerError
     ├── ConfigError                        a setting the service cannot run with
+    │   └── TokenUnavailable               a client's stored upstream token cannot be
+    │                                      decrypted (TRACKER_SECRET_KEY unset or wrong)
     ├── NotFound                           404
     │   ├── ClientNotFound, TaskNotFound, DeliveryNotFound
     ├── Conflict                           409
     │   ├── ClientExists, RegistrationConflict
     ├── InvalidQuery                       422: a listing parameter
     │   └── InvalidCursor
+    ├── SignInRequired                     the dashboard needs a (new) sign-in
+    ├── CsrfRefused                        a dashboard form without its CSRF token
     ├── InvalidTransition                  a move the state machine forbids
     ├── SignatureError                     a webhook that does not verify
     ├── CallbackRefused                    a callback URL that cannot be sent to
@@ -85,6 +89,19 @@ class InvalidCursor(InvalidQuery):
     code = "invalid_cursor"
 
 
+class SignInRequired(TrackerError):
+    """A dashboard request without a valid session: no cookie, or one that expired or
+    was signed out. The dashboard answers with its sign-in page."""
+
+    code = "sign_in_required"
+
+
+class CsrfRefused(TrackerError):
+    """A dashboard form that does not carry its session's CSRF token: nothing is done."""
+
+    code = "csrf_refused"
+
+
 class InvalidTransition(TrackerError):
     """A state change the state machine does not allow (terminal states are final)."""
 
@@ -123,6 +140,13 @@ class BudgetUnavailable(TrackerError):
     def __init__(self, message: str, *, retry_at: datetime) -> None:
         super().__init__(message)
         self.retry_at = retry_at
+
+
+class TokenUnavailable(ConfigError):
+    """A client's stored upstream token cannot be used: no TRACKER_SECRET_KEY, or none of its
+    keys decrypts it."""
+
+    code = "upstream_token_unavailable"
 
 
 class UpstreamError(TrackerError):

@@ -22,6 +22,7 @@ from tracker.upstream.budget import (
     clear_rejected,
     credential_key,
     mark_rejected,
+    read_budget_state,
     rejected_since,
     slots_ahead,
     wait_for_slot,
@@ -105,6 +106,9 @@ def test_slots_reserved_ahead_are_handed_out_in_order_then_asked_for_again(
     budget: Budget,
 ) -> None:
     """A job's 3 slots: one round trip, waits one interval apart; a 4th request reserves."""
+    # Slots half a second apart: a loaded machine's round trips (tens of ms) cannot blur
+    # the rounding below. Nothing sleeps: the waits are only recorded.
+    budget.interval = 0.5
     counting = CountingBudget(budget)
     waits: list[float] = []
     with slots_ahead(counting, 3, max_wait=10) as ahead:
@@ -174,3 +178,25 @@ def test_the_database_budget_reserves_after_the_server_dropped_its_connections(
         assert wait == pytest.approx(2 * SCHEDULE_MARGIN / 20, abs=0.1)
     finally:
         engine.dispose()
+
+
+def test_the_budget_state_shows_slots_taken_ahead_and_a_pause(
+    budget: Budget, request: pytest.FixtureRequest
+) -> None:
+    """What the dashboard's overview shows: how far ahead slots are taken, a 429 pause."""
+    key = credential_key("token-under-test")
+    redis_url = request.getfixturevalue("redis_url") if isinstance(budget, RedisBudget) else None
+    if isinstance(budget, DatabaseBudget):
+        sessions = budget._sessions
+    else:  # the Redis budget keeps nothing in the database; any database will do
+        sessions = sessionmaker(make_engine(request.getfixturevalue("sqlite_database_url")))
+    with sessions() as session:
+        idle = read_budget_state(session, key, rps=20, redis_url=redis_url, now=utcnow())
+    assert (idle.queued_seconds, idle.paused_until) == (0.0, None)
+    budget.reserve(max_wait=10, count=40)  # two seconds of slots at 20/s
+    budget.pause(30)
+    with sessions() as session:
+        busy = read_budget_state(session, key, rps=20, redis_url=redis_url, now=utcnow())
+    assert 1.5 < busy.queued_seconds <= 2.2
+    assert busy.paused_until is not None
+    assert 25 < (busy.paused_until - utcnow()).total_seconds() <= 30

@@ -182,3 +182,43 @@ def test_tracker_api_serves_the_app_on_the_configured_address(
     assert printed.exit_code == 0
     assert (served["host"], served["port"]) == expected
     assert TestClient(served["app"]).get("/healthz").json() == {"status": "ok"}
+
+
+def test_services_json_is_what_the_api_answers(
+    shell: CliRunner, api: TestClient, auth: dict[str, str]
+) -> None:
+    printed = run(shell, "services", "--json")
+    assert printed.exit_code == 0
+    answered = api.get("/v1/services", headers=auth)
+    assert answered.status_code == 200
+    assert json.loads(printed.stdout) == answered.json()
+    items = {item["service"]: item for item in answered.json()["items"]}
+    assert items["suno"] == {
+        "service": "suno",
+        "endpoint": "/suno/tasks",
+        "progress": True,
+        "outputs": ["video", "audio", "file"],
+    }
+    assert (items["midjourney"]["progress"], items["midjourney"]["outputs"]) == (True, ["image"])
+    assert items["luma"]["progress"] is False
+    assert len(items) == 26
+
+
+def test_services_table_shows_where_each_keeps_its_word_and_its_pace(
+    shell: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRACKER_SERVICE_POLL_INTERVALS", "kling=30")
+    get_settings.cache_clear()
+    printed = run(shell, "services")
+    assert printed.exit_code == 0
+    lines = {
+        line.split("│")[1].strip(): line for line in printed.stdout.splitlines() if "│" in line
+    }
+    assert "response.data[].state" in lines["veo"]
+    assert "10 s" in lines["suno"]
+    assert "30 s" in lines["kling"]
+    assert "5 s" in lines["luma"]
+
+
+def test_services_need_an_api_key(api: TestClient) -> None:
+    assert api.get("/v1/services").status_code == 401

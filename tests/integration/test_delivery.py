@@ -6,6 +6,7 @@ Deliveries are created the way production creates them: `register_task`, then
 
 from __future__ import annotations
 
+import logging
 import ssl
 import subprocess
 import threading
@@ -250,14 +251,59 @@ def test_retry_after_is_honoured(
     assert 7 <= wait <= 14
 
 
-def test_retry_after_is_clamped_between_the_scheduled_delay_and_twice_it() -> None:
+def test_retry_after_is_honoured_up_to_the_max_retry_after() -> None:
+    """No sooner than the receiver asks, up to TRACKER_MAX_RETRY_AFTER (the sender clamps
+    a larger one), whatever the scheduled delay."""
     schedule = (0.0, 5.0, 300.0)
     for _ in range(50):
         assert next_retry_delay(schedule, 1, retry_after=7) == 7
-        assert next_retry_delay(schedule, 1, retry_after=3600) == 10  # at most twice 5 s
+        assert next_retry_delay(schedule, 1, retry_after=120) == 120  # not twice 5 s
         assert 4 <= (next_retry_delay(schedule, 1, retry_after=1) or 0) <= 6
         assert 240 <= (next_retry_delay(schedule, 2) or 0) <= 360  # +-20 % jitter
     assert next_retry_delay(schedule, 3) is None  # the schedule is done
+
+
+@pytest.mark.parametrize(
+    ("header", "wait", "note"),
+    [
+        ("120", 120, None),
+        ("31536000", 300, "clamped to 300 s (TRACKER_MAX_RETRY_AFTER)"),
+        ("inf", 300, "clamped to 300 s (TRACKER_MAX_RETRY_AFTER)"),
+        ("1e400", 300, "clamped to 300 s (TRACKER_MAX_RETRY_AFTER)"),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 300, "clamped to 300 s (TRACKER_MAX_RETRY_AFTER)"),
+        ("nan", None, "ignored: the retry schedule decides"),
+        ("-5", None, "ignored: the retry schedule decides"),
+    ],
+)
+def test_a_receivers_retry_after_is_honoured_up_to_the_max_and_a_clamp_is_logged(
+    engine: Engine,
+    session: Session,
+    settings: Settings,
+    client: NewClient,
+    receiver: Receiver,
+    header: str,
+    wait: float | None,
+    note: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    receiver.script("/hook", Reply(429, headers={"Retry-After": header}))
+    delivery_id = completed_delivery(session, client, settings, receiver.url())
+
+    with caplog.at_level(logging.WARNING, logger="tracker.delivery"):
+        outcome = attempt_delivery(engine, delivery_id, settings=settings)
+
+    _, (attempt,) = load(engine, delivery_id)
+    assert outcome.next_attempt_at is not None
+    waited = (outcome.next_attempt_at - attempt.started_at).total_seconds()
+    if wait is None:
+        assert 4 <= waited <= 6.1  # the schedule's 5 s, +-20 %
+    else:
+        assert wait <= waited <= wait + 1
+    if note is None:
+        assert "Retry-After" not in (attempt.error or "")
+    else:
+        assert note in (attempt.error or "")
+        assert any(note in r.getMessage() for r in caplog.records)
 
 
 def test_a_receiver_that_never_answers_times_out_without_blocking_another_delivery(

@@ -97,3 +97,13 @@ def test_dispatch_tolerates_the_jobs_of_a_lease_worth_of_full_ticks_waiting(
     full_tick = batches(math.ceil(claim_limit(settings) / settings.batch_size))
     assert jobs_per_tick(settings) == len(poll_jobs(full_tick)) == jobs
     assert max_waiting_jobs(settings) == waiting
+
+
+def test_a_views_progress_travels_only_when_there_is_one() -> None:
+    from tracker.worker.messages import poll_batch_from_message, poll_batch_message
+
+    seen = {"a": (Seen("running", None, 0, 35),), "b": (Seen("running", "processing", 0),)}
+    batch = PollBatch("midjourney", ("a", "b"), seen=seen)
+    message = poll_batch_message(batch)
+    assert message[5] == [["running", None, 0, 35], ["running", "processing", 0]]
+    assert poll_batch_from_message(message) == batch

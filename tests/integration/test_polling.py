@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -374,15 +375,20 @@ def test_a_claim_counts_the_poll_sets_the_next_and_leases_no_further_than_the_ne
         assert (task.polls, task.claimed_until) == (1, lease_until)
     assert young.next_poll_at == tick + timedelta(seconds=settings.poll_interval)
     assert old.next_poll_at == tick + timedelta(seconds=settings.max_poll_interval)
-    # PostgreSQL computes the next poll in the claim's statement: as `next_poll_at` does.
-    for age in (0.0, 123.456789, 600.0):
-        middle = register(session, settings, client, f"aged-{age}")
+    # PostgreSQL computes the next poll in the claim's statement: as `next_poll_at` does,
+    # for services with a pace of their own (suno: advised; kling: set) and without.
+    paced = settings.model_copy(update={"service_poll_intervals": {"kling": 7.5}})
+    for age, service in itertools.product((0.0, 123.456789, 600.0), ("luma", "suno", "kling")):
+        middle = register(session, settings, client, f"aged-{age}", service=service)
         middle.created_at = tick - timedelta(seconds=age)
         session.commit()
-        claim_due_tasks(session, now=tick, limit=10, settings=settings)
+        claim_due_tasks(session, now=tick, limit=10, settings=paced)
         session.commit()
         session.refresh(middle)
-        assert middle.next_poll_at == next_poll_at(middle.created_at, tick, settings), age
+        expected = next_poll_at(middle.created_at, tick, paced, service=service)
+        assert middle.next_poll_at == expected, (age, service)
+        if age == 0.0 and service != "luma":
+            assert expected - tick > timedelta(seconds=settings.poll_interval), service
     # The next tick, a little early, takes the young one again: its lease has ended.
     next_tick = tick + timedelta(seconds=settings.poll_interval - lookahead / 2)
     again = claim_due_tasks(

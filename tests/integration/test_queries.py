@@ -8,14 +8,18 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
 from tests.support.history_factory import T0, add_delivery, add_task
 from tracker.db.models import WebhookDelivery
 from tracker.db.queries import (
+    DELIVERIES_CURSOR_PATTERN,
     DELIVERIES_LISTING,
+    TASKS_CURSOR_PATTERN,
     TASKS_LISTING,
     Page,
     Position,
@@ -80,11 +84,32 @@ def test_cursor_round_trip() -> None:
         _b64({"l": "tasks", "t": "2026-01-01T00:00:00Z", "i": -1}),
         _b64({"l": "tasks", "t": "2026-01-01T00:00:00Z", "i": "msg_1"}),
         "A" * 600,
+        "d~1725077566241000~msg_1",  # a deliveries cursor
+        "t~1725077566241000~msg_1",
+        "t~12345678901234567~1",  # beyond the year 2286
+        "t~1~1234567890123456789",  # beyond BIGINT's reach
+        "t~-1~1",
+        "t~1~1\n",
+        "T~1~1",
     ],
 )
 def test_a_cursor_not_made_by_the_listing_is_refused_naming_the_parameter(cursor: str) -> None:
     with pytest.raises(InvalidCursor, match=r"^cursor: "):
         decode_cursor(TASKS_LISTING, cursor)
+
+
+@hypothesis.settings(max_examples=200, deadline=None, database=None)
+@hypothesis.given(
+    tasks=st.from_regex(TASKS_CURSOR_PATTERN, fullmatch=True),
+    deliveries=st.from_regex(DELIVERIES_CURSOR_PATTERN, fullmatch=True),
+)
+def test_every_string_of_the_documented_cursor_form_is_a_position(
+    tasks: str, deliveries: str
+) -> None:
+    """The API states these patterns in its OpenAPI document: a client keeping to them is
+    never refused."""
+    assert decode_cursor(TASKS_LISTING, tasks).created_at.tzinfo is not None
+    assert isinstance(decode_cursor(DELIVERIES_LISTING, deliveries).row_id, str)
 
 
 def test_a_delivery_cursor_carries_a_string_id() -> None:

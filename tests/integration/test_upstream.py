@@ -5,10 +5,10 @@ Retries sleep through an injected `sleep` that records the delays instead of wai
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from email.utils import formatdate
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from tracker.errors import (
     UpstreamRateLimited,
     UpstreamServerError,
 )
-from tracker.upstream.client import UpstreamClient, parse_retry_after
+from tracker.upstream.client import UpstreamClient
 
 
 class Recorder:
@@ -93,11 +93,14 @@ def test_retrieve_batch_keys_records_by_id_not_position(
 def test_ids_missing_from_the_answer_are_absent(
     simulator: SimulatorHandle, make_client: MakeClient
 ) -> None:
+    """An upstream answering at most 4 items: the ids it left out are asked again until an
+    answer brings none of them (4 + 4 + 2 + 0); the unknown id is absent, not an error."""
     ids = simulator.seed([{"duration": 0}] * 10)
     simulator.configure(batch_cap=4)
+    calls = simulator.stats()["retrieve_batch_calls"]
     records = make_client().retrieve_batch("luma", [*ids, "no-such-task"])
-    assert len(records) == 4
-    assert set(records) <= set(ids)
+    assert set(records) == set(ids)
+    assert simulator.stats()["retrieve_batch_calls"] - calls == 4
 
 
 def test_more_ids_than_max_batch_are_split_and_merged(
@@ -221,6 +224,59 @@ def test_retries_of_429_wait_at_least_retry_after(
     assert 3.2 <= recorder.delays[2] <= 4.8
 
 
+@pytest.mark.parametrize(
+    "retry_after", ["31536000", "inf", "1e400", "Fri, 31 Dec 9999 23:59:59 GMT"]
+)
+def test_an_absurd_retry_after_is_clamped_to_the_max_poll_interval_and_logged(
+    simulator: SimulatorHandle,
+    make_client: MakeClient,
+    recorder: Recorder,
+    retry_after: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A year, infinity, a float overflow or a date in 9999: at most max_retry_after (the
+    client's from TRACKER_MAX_POLL_INTERVAL), for the raised error and the client's sleeps."""
+    simulator.configure(error_429_share=1.0, retry_after=retry_after)
+    client = make_client(max_retries=2, max_retry_after=2.0)
+    with (
+        caplog.at_level(logging.WARNING, logger="tracker.upstream"),
+        pytest.raises(UpstreamRateLimited) as caught,
+    ):
+        client.retrieve_batch("luma", ["x"])
+    assert caught.value.retry_after == 2.0
+    # The Retry-After (bounded: 2 s) or the vendor's backoff (1 s, 2 s, +-20 %), the longer.
+    assert len(recorder.delays) == 2
+    assert all(2.0 <= delay <= 2.4 for delay in recorder.delays)
+    clamps = [r.getMessage() for r in caplog.records if "Retry-After" in r.getMessage()]
+    assert len(clamps) == 3
+    assert f"Retry-After {retry_after!r}" in clamps[0]
+    assert "clamped to 2 s (TRACKER_MAX_POLL_INTERVAL)" in clamps[0]
+
+
+@pytest.mark.parametrize("retry_after", ["nan", "-5", "soon"])
+def test_an_unreadable_retry_after_is_ignored_and_logged(
+    simulator: SimulatorHandle,
+    make_client: MakeClient,
+    retry_after: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator.configure(error_429_share=1.0, retry_after=retry_after)
+    with (
+        caplog.at_level(logging.WARNING, logger="tracker.upstream"),
+        pytest.raises(UpstreamRateLimited) as caught,
+    ):
+        make_client(max_retries=0).retrieve_batch("luma", ["x"])
+    assert caught.value.retry_after is None
+    assert any("ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_from_settings_bounds_retry_after_by_the_max_poll_interval() -> None:
+    tuned = load_settings(max_poll_interval=7.0, _env_file=None)
+    client = UpstreamClient.from_settings(tuned)
+    assert client.max_retry_after == 7.0
+    client.close()
+
+
 def test_max_retries_zero_makes_one_attempt(
     simulator: SimulatorHandle, make_client: MakeClient, recorder: Recorder
 ) -> None:
@@ -267,20 +323,6 @@ def test_from_settings_uses_the_upstream_settings(simulator: SimulatorHandle) ->
     assert simulator.stats()["retrieve_batch_calls"] == 2
 
 
-@pytest.mark.parametrize(
-    ("header", "seconds"),
-    [("7", 7.0), ("0.5", 0.5), ("-3", 0.0), (None, None), ("soon", None)],
-)
-def test_parse_retry_after_reads_delta_seconds(header: str | None, seconds: float | None) -> None:
-    assert parse_retry_after(header) == seconds
-
-
-def test_parse_retry_after_reads_an_http_date() -> None:
-    in_a_minute = formatdate(time.time() + 60, usegmt=True)
-    assert parse_retry_after(in_a_minute) == pytest.approx(60, abs=2)
-    assert parse_retry_after(formatdate(time.time() - 60, usegmt=True)) == 0.0
-
-
 def test_proxy_and_ca_bundle_variables_are_read_once_when_the_client_is_made(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -297,3 +339,13 @@ def test_proxy_and_ca_bundle_variables_are_read_once_when_the_client_is_made(
     assert client.session.verify == "/etc/ssl/certs/example.pem"
     assert client.session.trust_env is False
     client.close()
+
+
+def test_a_single_retrieve_knows_each_services_answer_from_no_such_task() -> None:
+    from tracker.upstream.client import names_a_task
+
+    assert names_a_task({"id": "t", "response": {}})
+    assert names_a_task({"task_id": "t", "status": "processing"})  # captcha's flat answer
+    assert names_a_task({"task": {"id": "t", "status": "running"}})  # minimax
+    assert not names_a_task({})
+    assert not names_a_task({"task": None})

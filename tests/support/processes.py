@@ -89,3 +89,38 @@ def wait_until(
                 f"timed out after {timeout} s waiting for {what} (last: {value!r})"
             )
         time.sleep(interval)
+
+
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """Every live process on this machine (Linux `/proc`): pid -> (parent pid, process
+    group, state letter); zombies (state Z) are left out, they run nothing."""
+    table: dict[int, tuple[int, int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (command) state ppid pgrp ...": the command may hold spaces and parentheses.
+        state, ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
+        if state != "Z":
+            table[int(entry.name)] = (int(ppid), int(pgrp), state)
+    return table
+
+
+def descendants(pid: int) -> set[int]:
+    """The live processes below `pid`: its children, theirs, and so on."""
+    table = process_table()
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, (ppid, _, _) in table.items() if ppid in frontier}
+        frontier -= found
+        found |= frontier
+    return found
+
+
+def survivors(pids: set[int], groups: set[int]) -> set[int]:
+    """Those of `pids` still alive, and any live process in one of the process `groups`."""
+    return {pid for pid, (_, pgrp, _) in process_table().items() if pid in pids or pgrp in groups}

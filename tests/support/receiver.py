@@ -11,7 +11,8 @@ Each path answers its scripted replies in order, then `default_reply` (200) for 
 each recorded request keeps the reply it got. `Receiver(port=N)` listens on a
 given port, so a receiver closed and opened again is "the same" to a sender.
 A reply can wait before answering (`delay`, give or take `jitter`) or drip its
-status line one byte at a time (`drip`), to play slow and hostile receivers. `Receiver(tls=context)`
+status line one byte at a time (`drip`), or write more than its Content-Length
+(`trailing`), to play slow and hostile receivers. `Receiver(tls=context)`
 serves https with the context's certificate.
 """
 
@@ -47,6 +48,7 @@ class Reply:
     delay: float = 0.0  # seconds to wait before answering (ended early by close())
     jitter: float = 0.0  # the delay varies by up to this much either way, request by request
     drip: float = 0.0  # seconds between bytes of the status line, if > 0
+    trailing: bytes = b""  # written after the body, beyond its Content-Length
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class Received:
     body: bytes
     at: float  # time.monotonic() when the request was read
     reply: Reply | None = None  # the answer chosen for it
+    # The sender's (address, port): requests on one kept-alive connection share it.
+    peer: tuple[str, int] | None = None
     # When that answer was written in full (time.monotonic()); empty if it never was.
     answered: list[float] = field(default_factory=list, compare=False)
     # When the sender's end reset the connection with that answer unread (its process
@@ -149,6 +153,7 @@ class Receiver:
                     body,
                     time.monotonic(),
                     reply,
+                    (str(self.client_address[0]), int(self.client_address[1])),
                 )
                 receiver._record(request)
                 if self._answer(reply):
@@ -195,7 +200,7 @@ class Receiver:
                         self.send_header(name, value)
                     self.send_header("Content-Length", str(len(reply.body)))
                     self.end_headers()
-                    self.wfile.write(reply.body)
+                    self.wfile.write(reply.body + reply.trailing)
                     self.wfile.flush()
                 except OSError:  # the sender gave up and closed the connection
                     self.close_connection = True

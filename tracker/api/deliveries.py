@@ -15,6 +15,7 @@ from tracker.api.resources import DeliveryDetail, DeliveryPage, DeliveryStatus
 from tracker.clock import utcnow
 from tracker.db.queries import (
     DEFAULT_PAGE_SIZE,
+    DELIVERIES_CURSOR_PATTERN,
     MAX_PAGE_SIZE,
     delivery_detail,
     delivery_resource,
@@ -57,7 +58,12 @@ def list_(
         DEFAULT_PAGE_SIZE
     ),
     cursor: Annotated[
-        str | None, Query(max_length=512, description="`next_cursor` of the previous page.")
+        str | None,
+        Query(
+            pattern=DELIVERIES_CURSOR_PATTERN,
+            max_length=128,
+            description="`next_cursor` of the previous page, unchanged.",
+        ),
     ] = None,
 ) -> dict[str, Any]:
     """The client's webhook deliveries, newest first, a page at a time."""

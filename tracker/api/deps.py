@@ -7,11 +7,13 @@ from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from tracker.api.errors import ApiError
+from tracker.api.errors import VALIDATION_ERROR, ApiError
 from tracker.config import Settings
 from tracker.db.engine import transaction
 from tracker.db.models import Client
@@ -89,3 +91,38 @@ def _look_up_client(sessions: sessionmaker[Session], api_key: str) -> Client | N
 
 
 CurrentClient = Annotated[Client, Depends(current_client)]
+
+_declared_queries: dict[int, frozenset[str]] = {}
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def _declared_query_names(route: APIRoute) -> frozenset[str]:
+    names = _declared_queries.get(id(route))
+    if names is None:
+        names = frozenset(_query_names(route.dependant))
+        _declared_queries[id(route)] = names
+    return names
+
+
+async def known_query_parameters(request: Request, _client: CurrentClient) -> None:
+    """422 for a query parameter the route does not take: a mistyped filter
+    (`?stauts=failed`) would otherwise be ignored and list everything. Checked after the
+    API key, so a caller without one learns nothing more."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    declared = _declared_query_names(route)
+    unknown = sorted(set(request.query_params) - declared)
+    if unknown:
+        allowed = ", ".join(sorted(declared)) or "none"
+        raise ApiError(
+            422,
+            VALIDATION_ERROR,
+            f"{unknown[0][:80]}: is not a query parameter of this route (it takes: {allowed})",
+        )

@@ -14,7 +14,7 @@ the middleware, which sees every exception no handler took.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,12 +23,13 @@ from fastapi.responses import JSONResponse
 from pydantic_core import ErrorDetails
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
-from starlette.routing import compile_path
+from starlette.routing import BaseRoute, Route
 
 from tracker.api.resources import ErrorBody
 from tracker.errors import Conflict, InvalidQuery, NotFound, TrackerError
 
 VALIDATION_ERROR = "validation_error"
+INVALID_CURSOR = "invalid_cursor"
 _MAX_PROBLEMS = 10
 _MAX_SHOWN_INPUT = 80
 
@@ -107,7 +108,12 @@ def describe_problem(error: ErrorDetails | Mapping[str, Any], *, prefix: str = "
         return f"{field}: is not a known field; see the request schema at /docs"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{field}: must be a JSON object (got {_shown(error.get('input'))})"
-    if kind == "string_pattern_mismatch":
+    if kind == "string_pattern_mismatch" and field == "cursor":
+        message = (
+            "is not a cursor of this listing; pass the `next_cursor` of the previous page "
+            "unchanged, or leave it out for the first page"
+        )
+    elif kind == "string_pattern_mismatch":
         pattern = (error.get("ctx") or {}).get("pattern", "")
         message = f"must match the pattern {pattern}"
     elif kind == "value_error":
@@ -159,17 +165,34 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             "send a JSON object with content-type application/json"
         )
         return error_response(400, "invalid_json", message, trace_id_of(request))
-    return error_response(422, VALIDATION_ERROR, validation_message(errors), trace_id_of(request))
+    # The cursor's form is stated in the OpenAPI document and checked by FastAPI; a bad one
+    # keeps its own code, as when the listing refuses it.
+    code = INVALID_CURSOR if any(e.get("loc") == ("query", "cursor") for e in errors) else None
+    return error_response(
+        422, code or VALIDATION_ERROR, validation_message(errors), trace_id_of(request)
+    )
 
 
 def allowed_methods(request: Request) -> str:
-    """Every method the API documents on this path (Starlette names only one route's)."""
+    """Every method of the routes whose path matches this one, as the router matches paths
+    (with their convertors: `/v1/tasks/batch` is not a task id), so `Allow` lists exactly
+    what the OpenAPI document gives this path (Starlette names only one route's)."""
+    path = request.scope.get("path", request.url.path)
     methods: set[str] = set()
-    for template, operations in request.app.openapi()["paths"].items():
-        pattern, _, _ = compile_path(template)
-        if pattern.match(request.url.path):
-            methods |= {method.upper() for method in operations}
+    for route in _routes(request.app.router.routes):
+        if route.methods and route.path_regex.match(path):
+            methods |= route.methods
     return ", ".join(sorted(methods))
+
+
+def _routes(routes: Iterable[BaseRoute]) -> Iterator[Route]:
+    """Every route, those of included routers too (they carry their full paths)."""
+    for route in routes:
+        if isinstance(route, Route):
+            yield route
+        included = getattr(route, "original_router", None)  # FastAPI's include_router
+        if included is not None:
+            yield from _routes(included.routes)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -229,6 +252,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "No or an unknown API key (`invalid_api_key`).",
         404: "No such resource for this client.",
         409: "A conflict with the current state; the message says which.",
+        405: "The path exists with other methods, listed in `Allow` (`method_not_allowed`).",
         413: "The body is larger than 1 MiB (`payload_too_large`).",
         422: "A parameter or field is invalid; the message names it (`validation_error`).",
         503: "The database cannot be reached; nothing was saved, retry (`database_unavailable`).",

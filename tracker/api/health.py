@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tracker.api.resources import Health, Readiness
 from tracker.clock import isoformat_z, utcnow
 from tracker.config import Settings
-from tracker.db.models import UpstreamCredential
+from tracker.db.models import Client, UpstreamCredential
 from tracker.db.queries import database_levels
 from tracker.observability import metrics
 from tracker.upstream.budget import credential_key
@@ -26,8 +26,13 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", response_model=Health, summary="The process is alive")
-def healthz() -> dict[str, Any]:
-    """Always 200 while the process serves requests."""
+async def healthz() -> dict[str, Any]:
+    """Always 200 while the process serves requests.
+
+    Answered on the event loop (async, no I/O): a sync route would wait for one of the
+    few request threads, and a liveness probe must not fail because they are all busy
+    with slow work.
+    """
     return {"status": OK}
 
 
@@ -80,6 +85,34 @@ def check_upstream_credentials(sessions: sessionmaker[Session], settings: Settin
     )
 
 
+def client_token_problems(sessions: sessionmaker[Session]) -> dict[str, str]:
+    """Per client whose own upstream token the upstream rejects: since when and why.
+
+    Detail only: such a client's polling pauses and its tasks say why, while every
+    other client is served, so the tracker stays ready.
+    """
+    try:
+        with sessions() as session:
+            rows = session.execute(
+                select(
+                    Client.name, UpstreamCredential.rejected_at, UpstreamCredential.rejected_reason
+                )
+                .join(UpstreamCredential, UpstreamCredential.key == Client.upstream_credential)
+                .where(UpstreamCredential.rejected_at.is_not(None))
+                .order_by(Client.name)
+            ).all()
+    except Exception as exc:
+        return {"clients": f"unknown: {type(exc).__name__}"}
+    return {
+        f"client {row.name}": (
+            f"upstream token rejected at {isoformat_z(row.rejected_at)} ({row.rejected_reason}); "
+            f"its tasks are not polled until `tracker clients set-upstream-token {row.name}` "
+            "sets a valid one"
+        )
+        for row in rows
+    }
+
+
 @router.get(
     "/readyz",
     response_model=Readiness,
@@ -96,7 +129,11 @@ def readyz(request: Request) -> JSONResponse:
         "upstream_credentials": check_upstream_credentials(sessions, settings),
     }
     ready = all(result == OK for result in checks.values())
-    body = {"status": "ready" if ready else "unready", "checks": checks}
+    body = {
+        "status": "ready" if ready else "unready",
+        "checks": checks,
+        "detail": client_token_problems(sessions),
+    }
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -1,8 +1,11 @@
-"""What every request gets: a trace id, a body-size limit, a log line, and a last-resort 500.
+"""What every request gets: a trace id, a body-size limit, a log line, request metrics, and a
+last-resort 500.
 
 A pure ASGI middleware (no `BaseHTTPMiddleware`): it wraps `receive` to count
 body bytes as they stream in, so a body without Content-Length (chunked)
-is limited too, and `send` to add the `x-trace-id` header to every answer.
+is limited too, and `send` to add the `x-trace-id` header to every answer. Metrics
+are labelled by the template of the route the router matched (`/v1/tasks/{task_id}`),
+never by the raw path, so that ids and unknown paths make no new series.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tracker.api.errors import ApiError, error_response
+from tracker.observability.metrics import observe_api_request
 
 logger = logging.getLogger("tracker.api")
 
 TRACE_HEADER = "x-trace-id"
+DOORBELL_PREFIX = "/v1/doorbell/"
 
 
 def _too_large(limit: int) -> ApiError:
@@ -95,18 +100,27 @@ class RequestContextMiddleware:
             )
             await response(scope, receive, send_traced)
         finally:
-            duration_ms = (time.perf_counter() - started) * 1000
+            seconds = time.perf_counter() - started
+            duration_ms = seconds * 1000
+            # The router sets the route on a (full or partial) match; its template without
+            # convertors (`/v1/tasks/{task_id}`) is the label.
+            route = scope.get("route")
+            template = getattr(route, "path_format", None)
+            observe_api_request(scope["method"], template, status, seconds)
+            path = scope["path"]
+            if path.startswith(DOORBELL_PREFIX):  # its token rings the task: not for logs
+                path = DOORBELL_PREFIX + "[redacted]"
             logger.info(
                 "%s %s -> %d in %.1f ms (trace_id=%s)",
                 scope["method"],
-                scope["path"],
+                path,
                 status,
                 duration_ms,
                 trace_id,
                 extra={
                     "trace_id": trace_id,
                     "method": scope["method"],
-                    "path": scope["path"],
+                    "path": path,
                     "status": status,
                     "duration_ms": round(duration_ms, 1),
                 },

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 TaskState = Literal["pending", "running", "completed", "failed", "timed_out", "cancelled"]
 DeliveryStatus = Literal["pending", "succeeded", "failed", "superseded"]
@@ -37,6 +43,24 @@ class ErrorBody(Resource):
     trace_id: str = Field(description="Also in the `x-trace-id` header and the server's log.")
 
 
+class Output(Resource):
+    """One artifact of a finished task, whatever the service."""
+
+    type: Literal["video", "audio", "image", "file"]
+    url: str
+    thumbnail_url: str | None = None
+    width: int | None = None
+    height: int | None = None
+    duration: float | None = None
+    title: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _what_the_service_gives(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The same shape as in webhooks: details the service does not give are left out.
+        fields: dict[str, Any] = handler(self)
+        return {key: value for key, value in fields.items() if value is not None}
+
+
 class TaskResource(Resource):
     task_id: str
     service: str
@@ -51,6 +75,15 @@ class TaskResource(Resource):
     deadline_at: str
     polls: int
     failure: FailureResource | None
+    progress: int | None = Field(
+        description="How far the upstream says the task is, 0-100, where the service reports it."
+    )
+    outputs: list[Output] = Field(
+        description="The artifacts, in one shape for every service; `[]` until completed."
+    )
+    profile: str = Field(
+        description="The rules the task's records are read by: its service, or `generic`."
+    )
     record: dict[str, Any] | None = Field(description="The last upstream task record.")
 
 
@@ -140,6 +173,37 @@ class DeliveryDetail(Resource):
     attempts: list[Attempt] = Field(description="Every attempt, first first.")
 
 
+class SubmitResult(Resource):
+    """A submission the vendor accepted, and the task registered for it."""
+
+    upstream: dict[str, Any] = Field(description="The vendor's answer, as it came.")
+    task: TaskResource
+
+
+class UpstreamErrorDetail(ErrorDetail):
+    upstream: Any = Field(None, description="The vendor's answer, as it came, if there was one.")
+
+
+class UpstreamErrorBody(Resource):
+    """An error of a submission, with the vendor's answer when there was one."""
+
+    error: UpstreamErrorDetail
+    trace_id: str
+
+
+class AceDataErrorDetail(Resource):
+    code: str = Field(description="The vendor's code, e.g. `bad_request`, `invalid_token`.")
+    message: str
+
+
+class AceDataError(Resource):
+    """An error of the AceData-compatible route, in the vendor's own body."""
+
+    success: Literal[False]
+    error: AceDataErrorDetail
+    trace_id: str
+
+
 class Health(Resource):
     status: Literal["ok"]
 
@@ -149,3 +213,25 @@ class Readiness(Resource):
     checks: dict[str, str] = Field(
         description="Per dependency (database, broker, upstream_credentials): `ok` or the reason."
     )
+    detail: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Problems that do not make the tracker unready, e.g. `client NAME`: that client's "
+            "own upstream token is rejected (only its polling pauses)."
+        ),
+    )
+
+
+class ServiceResource(Resource):
+    """A task service the tracker knows: how its records are read."""
+
+    service: str
+    endpoint: str = Field(description="The upstream task endpoint polled, e.g. `/suno/tasks`.")
+    progress: bool = Field(description="Whether its tasks report `progress`.")
+    outputs: list[Literal["video", "audio", "image", "file"]] = Field(
+        description="The kinds of artifact its tasks' `outputs` hold."
+    )
+
+
+class ServicePage(Resource):
+    items: list[ServiceResource]

@@ -6,11 +6,13 @@ beat's next tick finds it (the database is the truth; nothing runs inline).
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from starlette.convertors import Convertor, register_url_convertor
 
 from tracker.api.deps import CurrentClient, SettingsDep, request_transaction
 from tracker.api.errors import VALIDATION_ERROR, error_responses, validation_message
@@ -19,6 +21,7 @@ from tracker.clock import utcnow
 from tracker.db.queries import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
+    TASKS_CURSOR_PATTERN,
     get_task,
     list_tasks,
     task_detail,
@@ -29,11 +32,55 @@ from tracker.tracking.registration import cancel_task, register_task
 from tracker.tracking.schemas import SERVICE_PATTERN, TASK_ID_PATTERN, TaskRegistration
 
 MAX_BATCH = 1000
+# RFC 3339's date-time, as the OpenAPI document's `date-time` format says: a zone is
+# required (a bare time would mean UTC to one client and local time to another).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def _rfc3339(value: object) -> object:
+    if isinstance(value, str):
+        if not _RFC3339.fullmatch(value):
+            raise ValueError(
+                "must be an RFC 3339 date-time with its zone, e.g. 2024-08-31T04:12:46Z "
+                f"(got {value[:80]!r})"
+            )
+        return value.upper()
+    return value
+
+
+DateTimeWithZone = Annotated[datetime, BeforeValidator(_rfc3339)]
+BATCH_SEGMENT = "batch"
+
+
+class TaskIdConvertor(Convertor[str]):
+    """A `/v1/tasks/{task_id}` path segment: any segment but the batch route's."""
+
+    regex = f"(?!{BATCH_SEGMENT}$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("task_id", TaskIdConvertor())
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=error_responses(401, 500))
 
+# `/v1/tasks/batch` is the batch route, whatever the method: a literal path segment wins
+# over a parameter (the `task_id` path convertor never matches it), so the schema and the
+# routing agree on what that path allows.
 TaskIdPath = Annotated[
-    str, Path(pattern=TASK_ID_PATTERN, description="The upstream task id.", max_length=128)
+    str,
+    Path(
+        pattern=TASK_ID_PATTERN,
+        description="The upstream task id (`batch` names the batch route).",
+        max_length=128,
+        json_schema_extra={"not": {"const": BATCH_SEGMENT}},
+    ),
 ]
 ServiceQuery = Annotated[
     str, Query(pattern=SERVICE_PATTERN, max_length=32, description="The upstream service.")
@@ -120,16 +167,23 @@ def list_(
         str | None, Query(pattern=SERVICE_PATTERN, max_length=32, description="Only this service.")
     ] = None,
     created_after: Annotated[
-        datetime | None, Query(description="Only tasks created after this time (ISO 8601).")
+        DateTimeWithZone | None,
+        Query(description="Only tasks created after this time (RFC 3339, with its zone)."),
     ] = None,
     created_before: Annotated[
-        datetime | None, Query(description="Only tasks created before this time (ISO 8601).")
+        DateTimeWithZone | None,
+        Query(description="Only tasks created before this time (RFC 3339, with its zone)."),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Tasks per page.")] = (
         DEFAULT_PAGE_SIZE
     ),
     cursor: Annotated[
-        str | None, Query(max_length=512, description="`next_cursor` of the previous page.")
+        str | None,
+        Query(
+            pattern=TASKS_CURSOR_PATTERN,
+            max_length=128,
+            description="`next_cursor` of the previous page, unchanged.",
+        ),
     ] = None,
 ) -> dict[str, Any]:
     """The client's tasks, newest first, a page at a time."""
@@ -148,10 +202,10 @@ def list_(
 
 
 @router.get(
-    "/{task_id}",
+    "/{task_id:task_id}",
     response_model=TaskDetail,
     summary="Show a task with its history",
-    responses=error_responses(404, 422),
+    responses=error_responses(404, 405, 422),
 )
 def show(
     task_id: TaskIdPath, request: Request, client: CurrentClient, service: ServiceQuery = "luma"
@@ -162,10 +216,10 @@ def show(
 
 
 @router.delete(
-    "/{task_id}",
+    "/{task_id:task_id}",
     response_model=TaskResource,
     summary="Stop tracking a task",
-    responses=error_responses(404, 422),
+    responses=error_responses(404, 405, 422),
 )
 def cancel(
     task_id: TaskIdPath, request: Request, client: CurrentClient, service: ServiceQuery = "luma"

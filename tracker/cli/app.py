@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from tracker.cli.clients import clients_app
-from tracker.cli.common import console, err_console, load_cli_settings
+from tracker.cli.common import console, err_console, load_cli_settings, print_json
 from tracker.cli.deliveries import deliveries_app
 from tracker.cli.tasks import tasks_app
 
@@ -40,23 +40,67 @@ def migrate() -> None:
 def api(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Serving processes (uvicorn workers) sharing the port; each has its own "
+            "database connections and request threads.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP API on TRACKER_API_HOST:TRACKER_API_PORT (docs at /docs)."""
     import uvicorn
 
     from tracker.api import create_app
     from tracker.observability.logs import configure_logging
+    from tracker.observability.metrics import share_between_processes
 
     settings = load_cli_settings()
     configure_logging(settings)
     # Every request is logged once, with its trace id, by the API itself.
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.api_host,
-        port=settings.api_port if port is None else port,
-        log_config=None,
-        access_log=False,
-    )
+    serving: dict[str, Any] = {
+        "host": host or settings.api_host,
+        "port": settings.api_port if port is None else port,
+        "log_config": None,
+        "access_log": False,
+    }
+    if workers == 1:
+        uvicorn.run(create_app(settings), **serving)
+        return
+    # Each process counts its own requests; /metrics, whichever answers, shows them all.
+    share_between_processes()
+    uvicorn.run("tracker.api.app:create_served_app", factory=True, workers=workers, **serving)
+
+
+@app.command()
+def services(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print what GET /v1/services answers.")
+    ] = False,
+) -> None:
+    """The AceData task services this tracker knows and their profiles: where each keeps
+    its state word, its progress and artifacts, and the pace its fresh tasks are polled at.
+    A service not listed is tracked by the generic rules."""
+    from tracker.cli.views import services_table
+    from tracker.polling.schedule import fresh_interval
+    from tracker.profiles import PROFILES, service_listing
+
+    listing = service_listing()
+    if as_json:
+        print_json({"items": listing})
+        return
+    settings = load_cli_settings()
+    by_name = {profile.service: profile for profile in PROFILES}
+    rows = [
+        {
+            **item,
+            "state_at": by_name[item["service"]].state_at,
+            "poll_interval": fresh_interval(item["service"], settings),
+        }
+        for item in listing
+    ]
+    console.print(services_table(rows))
 
 
 @app.command()
@@ -106,7 +150,8 @@ def up(
         ),
     ] = False,
 ) -> None:
-    """Run the whole service: migrate, then API, worker and beat together (Ctrl-C stops all)."""
+    """Run the whole service: migrate, then API, worker and beat together (Ctrl-C or
+    SIGTERM stops all)."""
     import os
 
     from tracker.db import migrate as migrations
@@ -116,7 +161,8 @@ def up(
     env = dict(os.environ)
     if with_simulator:
         env["TRACKER_UPSTREAM_URL"] = "http://127.0.0.1:8099"
-        env.setdefault("TRACKER_UPSTREAM_TOKEN", "simulator")
+        if settings.upstream_token is None:  # unset or empty
+            env["TRACKER_UPSTREAM_TOKEN"] = "simulator"
     elif settings.upstream_token is None:
         err_console.print(
             "[yellow]TRACKER_UPSTREAM_TOKEN is not set:[/yellow] the upstream will reject "
@@ -125,25 +171,29 @@ def up(
         )
     migrations.upgrade(settings.database_url)
     supervisor = Supervisor(env=env)
-    if with_simulator:
-        supervisor.start("simulator", ["simulator", "--port", "8099"])
-    supervisor.start("api", ["api"])
-    supervisor.start("worker", ["worker"])
-    supervisor.start("beat", ["beat"])
-    console.print(f"API       http://{settings.api_host}:{settings.api_port}  (docs at /docs)")
-    if settings.metrics_port:
-        console.print(f"metrics   worker at http://127.0.0.1:{settings.metrics_port}/metrics")
-    console.print(f"database  {settings.database_url}")
-    broker = "embedded (" + settings.effective_broker_url + ")"
-    console.print(f"broker    {settings.broker_url or broker}")
-    if with_simulator:
-        console.print("upstream  simulator at http://127.0.0.1:8099")
-    console.print("Ctrl-C stops everything.")
+    # SIGTERM (a service manager, `timeout`, `docker stop`) and SIGHUP stop the whole
+    # tree as Ctrl-C does.
+    supervisor.handle_signals()
     try:
+        if with_simulator:
+            supervisor.start("simulator", ["simulator", "--port", "8099"])
+        supervisor.start("api", ["api"])
+        supervisor.start("worker", ["worker"])
+        supervisor.start("beat", ["beat"])
+        console.print(f"API       http://{settings.api_host}:{settings.api_port}  (docs at /docs)")
+        if settings.metrics_port:
+            console.print(f"metrics   worker at http://127.0.0.1:{settings.metrics_port}/metrics")
+        console.print(f"database  {settings.database_url}")
+        broker = "embedded (" + settings.effective_broker_url + ")"
+        console.print(f"broker    {settings.broker_url or broker}")
+        if with_simulator:
+            console.print("upstream  simulator at http://127.0.0.1:8099")
+        console.print("Ctrl-C (or SIGTERM) stops everything.")
         exited = supervisor.wait()
         err_console.print(f"[red]{exited} exited; stopping the others[/red]")
         code = 1
     except KeyboardInterrupt:
+        err_console.print("stopping API, worker and beat")
         code = 0
     finally:
         supervisor.stop()
@@ -160,8 +210,13 @@ def demo(
         int, typer.Option(help="Deadline of the task that stalls, in seconds.")
     ] = 20,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 180.0,
+    linger: Annotated[
+        float,
+        typer.Option(help="Keep everything running this many seconds after the end, to browse."),
+    ] = 0.0,
 ) -> None:
-    """The whole loop on this machine: simulator, tracker and a webhook receiver, live."""
+    """The whole loop on this machine: simulator, tracker and a webhook receiver, live; the
+    dashboard's sign-in link is printed at the start."""
     from tracker.devtools.demo import run_demo
 
     raise typer.Exit(
@@ -171,6 +226,7 @@ def demo(
             max_duration=max_duration,
             stall_timeout=stall_timeout,
             timeout=timeout,
+            linger=linger,
         )
     )
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import getpass
+import sys
 from typing import Annotated
 
 import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from tracker.cli.common import cli_transaction, console, load_cli_settings, print_json
+from tracker.cli.common import cli_transaction, console, err_console, load_cli_settings, print_json
 
 clients_app = typer.Typer(help="Applications that register tasks: API keys and webhook secrets.")
 
@@ -39,12 +41,13 @@ def clients_list() -> None:
 
     with cli_transaction() as session:
         clients = session.scalars(select(Client).order_by(Client.name)).all()
-        table = Table("name", "API key", "secrets in force", "created")
+        table = Table("name", "API key", "secrets in force", "upstream token", "created")
         for client in clients:
             table.add_row(
                 client.name,
                 client.api_key_prefix + "…",
                 str(len(active_secrets(client))),
+                "own" if client.upstream_credential else "tracker's",
                 client.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             )
     console.print(table)
@@ -65,4 +68,89 @@ def clients_rotate_secret(
     console.print(
         f"the old secret stays valid for {settings.secret_rotation_grace} s; during that "
         "time every webhook carries both signatures."
+    )
+
+
+@clients_app.command("sign-in-link")
+def clients_sign_in_link(
+    name: Annotated[str, typer.Argument(help="The client to sign in to the dashboard.")],
+    base_url: Annotated[
+        str | None,
+        typer.Option(help="The dashboard's address; default http://TRACKER_API_HOST:PORT."),
+    ] = None,
+) -> None:
+    """Print a one-time link that signs a browser in to the client's dashboard (`/ui`).
+
+    The link works once, within 10 minutes; it carries a random token, not the API key.
+    """
+    from tracker.api.ui.sessions import create_sign_in_link_token
+    from tracker.clock import utcnow
+    from tracker.config import DASHBOARD_SIGN_IN_LINK_SECONDS
+    from tracker.tracking.clients import get_client
+
+    settings = load_cli_settings()
+    base = (base_url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
+    with cli_transaction() as session:
+        token = create_sign_in_link_token(session, get_client(session, name), now=utcnow())
+    console.print(f"{base}/ui/login?token={token}", soft_wrap=True)
+    console.print(
+        f"opens the dashboard as [bold]{name}[/bold]; works once, within "
+        f"{DASHBOARD_SIGN_IN_LINK_SECONDS // 60} minutes",
+        style="dim",
+    )
+
+
+@clients_app.command("set-upstream-token")
+def clients_set_upstream_token(
+    name: Annotated[str, typer.Argument(help="The client whose own AceData token to set.")],
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Remove it: the tracker's token is used again.")
+    ] = False,
+) -> None:
+    """Read the client's own AceData token from standard input and store it encrypted with
+    TRACKER_SECRET_KEY; its tasks are then polled (and submitted) with it, within a request
+    budget of its own. The token is never shown again."""
+    from tracker.tracking.clients import get_client
+    from tracker.upstream.credentials import check_token, clear_client_token, set_client_token
+
+    settings = load_cli_settings()
+    if clear:
+        with cli_transaction() as session:
+            had = clear_client_token(session, get_client(session, name))
+        console.print(
+            f"client [bold]{name}[/bold]: "
+            + ("own upstream token removed" if had else "had no upstream token of its own")
+            + "; its tasks are polled with TRACKER_UPSTREAM_TOKEN"
+        )
+        return
+    if sys.stdin.isatty():
+        err_console.print("paste the AceData token, then press Enter (it is not echoed):")
+        raw = getpass.getpass(prompt="")
+    else:
+        raw = sys.stdin.read()
+    try:
+        token = check_token(raw)
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}; nothing was stored")
+        raise typer.Exit(2) from None
+    with cli_transaction() as session:
+        set_client_token(session, get_client(session, name), token, settings=settings)
+    console.print(
+        f"client [bold]{name}[/bold]: upstream token stored, encrypted; its tasks are polled "
+        "and submitted with it from the next tick"
+    )
+
+
+@clients_app.command("reencrypt-upstream-tokens")
+def clients_reencrypt_upstream_tokens() -> None:
+    """After adding a new first key to TRACKER_SECRET_KEY: encrypt every stored upstream token
+    with it, so the old key can be removed."""
+    from tracker.upstream.credentials import reencrypt_client_tokens
+
+    settings = load_cli_settings()
+    with cli_transaction() as session:
+        count = reencrypt_client_tokens(session, settings=settings)
+    console.print(
+        f"{count} upstream tokens encrypted with the first key of TRACKER_SECRET_KEY; "
+        "the other keys can now be removed"
     )

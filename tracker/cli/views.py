@@ -122,3 +122,22 @@ def deliveries_table(deliveries: list[dict[str, Any]], *, title: str | None = No
         ]
         table.add_row(*row)
     return table
+
+
+def services_table(services: list[dict[str, Any]]) -> Table:
+    """The services and their profiles, one row each."""
+    table = Table(title="services (others: the generic rules)")
+    for column in ("service", "endpoint", "state word at", "progress", "outputs", "fresh poll"):
+        table.add_column(column)
+    for item in services:
+        state_at = item["state_at"]
+        where = ", ".join(state_at) if state_at else "none: finished_at / success"
+        table.add_row(
+            item["service"],
+            item["endpoint"],
+            where,
+            "yes" if item["progress"] else "",
+            ", ".join(item["outputs"]) or "(the record)",
+            f"{item['poll_interval']:g} s",
+        )
+    return table

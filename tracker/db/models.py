@@ -1,4 +1,5 @@
-"""The history database: clients, tracked tasks, their transitions, webhook deliveries.
+"""The history database: clients, tracked tasks, their transitions, webhook deliveries,
+and the dashboard's sign-ins.
 
 These tables are an interface too (users query them with SQL), so names are
 stable and change only through Alembic migrations. Every column: docs/database.md.
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -88,6 +90,10 @@ class Client(Base):
     api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     api_key_prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]
+    # The client's own AceData token, encrypted with TRACKER_SECRET_KEY (Fernet), and its
+    # fingerprint (`upstream_credentials.key`); both null: the tracker's token is used.
+    upstream_token_ciphertext: Mapped[str | None] = mapped_column(Text)
+    upstream_credential: Mapped[str | None] = mapped_column(String(64))
 
     secrets: Mapped[list[WebhookSecret]] = relationship(
         back_populates="client", order_by="WebhookSecret.id", cascade="all, delete-orphan"
@@ -128,7 +134,11 @@ tasks_table = Table(
     Column("failure_code", String(64)),
     Column("failure_message", Text),
     Column("record", JSONValue),
+    Column("progress", SmallInteger),
+    # SHA-256 of the doorbell token a submission gave AceData as its callback_url.
+    Column("doorbell_hash", String(64)),
     UniqueConstraint("service", "task_id", "client_id"),
+    Index("ix_tasks_doorbell_hash", "doorbell_hash", unique=True),
     CheckConstraint(f"state IN ({_in(TASK_STATES)})", name="state"),
     Index(
         "ix_tasks_deadline",
@@ -191,6 +201,8 @@ class Task(Base):
     failure_code: Mapped[str | None]
     failure_message: Mapped[str | None]
     record: Mapped[dict[str, Any] | None]
+    progress: Mapped[int | None]
+    doorbell_hash: Mapped[str | None]
     # Poll scheduling (`task_schedule`): next_poll_at is NULL once terminal.
     polls: Mapped[int]
     next_poll_at: Mapped[datetime | None]
@@ -314,3 +326,47 @@ class UpstreamCredential(Base):
     paused_until: Mapped[datetime | None]
     rejected_at: Mapped[datetime | None]
     rejected_reason: Mapped[str | None] = mapped_column(Text)
+
+
+DASHBOARD_SESSION = "session"
+DASHBOARD_SIGN_IN_LINK = "sign_in_link"
+DASHBOARD_SESSION_KINDS = (DASHBOARD_SESSION, DASHBOARD_SIGN_IN_LINK)
+
+
+class DashboardSession(Base):
+    """A dashboard sign-in, or a one-time link that makes one; found by its token's hash.
+
+    Kept in the database, not in one API process, so that every API process knows every
+    session; the token itself (the browser's cookie, the link) is never stored.
+    """
+
+    __tablename__ = "dashboard_sessions"
+    __table_args__ = (CheckConstraint(f"kind IN ({_in(DASHBOARD_SESSION_KINDS)})", name="kind"),)
+
+    # SHA-256 (hex) of the token the browser holds or the link carries.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"), index=True)
+    # The client's API key hash when it signed in: a key that changes ends its sessions.
+    api_key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class IdempotencyKey(Base):
+    """A submission sent with an `Idempotency-Key` header, and the answer it got: a retry
+    with the same key is answered this, and nothing is sent to the upstream again."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("client_id", "key"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    # SHA-256 of the submission (route and body): the same key with another body is refused.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    # Null while the submission is in flight.
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    answer: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
+    completed_at: Mapped[datetime | None]

@@ -3,8 +3,11 @@
 Listings are newest first and paged by keyset on `(created_at, id)`: a page is
 one index range scan (`ix_tasks_client_*`, `ix_webhook_deliveries_client_*`),
 however deep the page, never an OFFSET (docs/decisions/0013-keyset-paging.md). The
-cursor is opaque to clients: base64url of a small JSON object naming the listing and the
-last row seen.
+cursor is opaque to clients: the listing's letter, the last row's creation time in
+microseconds since 1970 and its id, `~`-separated. Its form is a pattern
+(`TASKS_CURSOR_PATTERN`, `DELIVERIES_CURSOR_PATTERN`) that the API states in its OpenAPI
+document: every string of that form is a valid position, so a client or fuzzer that keeps
+to the document is never refused, and any other string is.
 
 `client_id=None` reads across every client (the CLI); the API always passes the
 calling client, so nobody sees another client's rows. The serialisers turn rows
@@ -13,11 +16,10 @@ into the resource dicts of docs/api.md, the same for API and CLI `--json`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
+import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, func, select, tuple_
@@ -27,16 +29,23 @@ from tracker.clock import isoformat_z
 from tracker.db.models import Task, TaskTransition, WebhookAttempt, WebhookDelivery
 from tracker.errors import DeliveryNotFound, InvalidCursor, InvalidQuery, TaskNotFound
 from tracker.observability.metrics import DatabaseLevels
-from tracker.states import DELIVERY_PENDING
+from tracker.profiles import outputs_of, profile_name
+from tracker.states import COMPLETED, DELIVERY_PENDING
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-# Row ids are BIGINT on PostgreSQL: a cursor may not name an id beyond that.
-_MAX_ROW_ID = 2**63 - 1
-_MAX_CURSOR_LENGTH = 512
-
 TASKS_LISTING = "tasks"
 DELIVERIES_LISTING = "deliveries"
+# Up to 16 digits of microseconds (until the year 2286) and, for tasks, 18 digits of row
+# id (below PostgreSQL's BIGINT limit): every string of the form is a valid position.
+TASKS_CURSOR_PATTERN = r"^t~[0-9]{1,16}~[0-9]{1,18}$"
+DELIVERIES_CURSOR_PATTERN = r"^d~[0-9]{1,16}~[A-Za-z0-9._:-]{1,64}$"
+_CURSORS = {
+    TASKS_LISTING: ("t", re.compile(TASKS_CURSOR_PATTERN)),
+    DELIVERIES_LISTING: ("d", re.compile(DELIVERIES_CURSOR_PATTERN)),
+}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 RowT = TypeVar("RowT", Task, WebhookDelivery)
 
@@ -59,45 +68,25 @@ class Position:
 
 def encode_cursor(listing: str, position: Position) -> str:
     """The opaque cursor that continues `listing` after `position`."""
-    raw = json.dumps(
-        {"l": listing, "t": isoformat_z(position.created_at), "i": position.row_id},
-        separators=(",", ":"),
-    )
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    letter, _ = _CURSORS[listing]
+    moment = position.created_at
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    micros = (moment - _EPOCH) // _MICROSECOND
+    return f"{letter}~{micros}~{position.row_id}"
 
 
 def decode_cursor(listing: str, cursor: str) -> Position:
     """The position a cursor of `listing` names; InvalidCursor if it is not one of ours."""
-    problem = InvalidCursor(
-        "cursor: is not a cursor of this listing; pass the `next_cursor` of the previous "
-        f"page unchanged, or leave it out for the first page (got {cursor[:80]!r})"
-    )
-    if not cursor or len(cursor) > _MAX_CURSOR_LENGTH:
-        raise problem
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        value = json.loads(raw)
-    except (binascii.Error, ValueError, RecursionError):
-        raise problem from None
-    if not isinstance(value, dict) or set(value) != {"l", "t", "i"} or value["l"] != listing:
-        raise problem
-    moment, row_id = value["t"], value["i"]
-    if not isinstance(moment, str):
-        raise problem
-    try:
-        created_at = datetime.fromisoformat(moment)
-    except ValueError:
-        raise problem from None
-    if created_at.tzinfo is None:
-        raise problem
-    valid_id = (
-        isinstance(row_id, int) and not isinstance(row_id, bool) and 0 <= row_id <= _MAX_ROW_ID
-        if listing == TASKS_LISTING
-        else isinstance(row_id, str) and 0 < len(row_id) <= 64
-    )
-    if not valid_id:
-        raise problem
-    return Position(created_at.astimezone(UTC), row_id)
+    _, pattern = _CURSORS[listing]
+    if not pattern.fullmatch(cursor):
+        raise InvalidCursor(
+            "cursor: is not a cursor of this listing; pass the `next_cursor` of the previous "
+            f"page unchanged, or leave it out for the first page (got {cursor[:80]!r})"
+        )
+    _, micros, row_id = cursor.split("~", 2)
+    created_at = _EPOCH + int(micros) * _MICROSECOND
+    return Position(created_at, int(row_id) if listing == TASKS_LISTING else row_id)
 
 
 def as_utc(moment: datetime, *, name: str) -> datetime:
@@ -106,10 +95,8 @@ def as_utc(moment: datetime, *, name: str) -> datetime:
         return moment.replace(tzinfo=UTC)
     try:
         return moment.astimezone(UTC)
-    except OverflowError:
-        raise InvalidQuery(
-            f"{name}: is outside the range of representable times (got {moment.isoformat()!r})"
-        ) from None
+    except OverflowError:  # within a day of year 1 or 9999: as early or late as can be
+        return (datetime.min if moment.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 def _check_limit(limit: int) -> int:
@@ -241,6 +228,12 @@ def get_delivery(session: Session, delivery_id: str, *, client_id: int | None) -
 # Serialisers: rows to the resources of docs/api.md.
 
 
+def task_outputs(task: Task) -> list[dict[str, Any]]:
+    """A task's artifacts in one shape for every service, read from its last record by the
+    service's profile: `[]` until it completed."""
+    return outputs_of(task.service, task.record) if task.state == COMPLETED else []
+
+
 def task_resource(task: Task) -> dict[str, Any]:
     """A task as the API shows it."""
     return {
@@ -257,6 +250,9 @@ def task_resource(task: Task) -> dict[str, Any]:
         "deadline_at": isoformat_z(task.deadline_at),
         "polls": task.polls,
         "failure": task.failure,
+        "progress": task.progress,
+        "outputs": task_outputs(task),
+        "profile": profile_name(task.service),
         "record": task.record,
     }
 
@@ -327,6 +323,47 @@ def delivery_detail(delivery: WebhookDelivery) -> dict[str, Any]:
     resource["payload"] = json.loads(delivery.payload)
     resource["attempts"] = [attempt_resource(a) for a in delivery.attempt_log]
     return resource
+
+
+def attempts_by_delivery(
+    session: Session, delivery_ids: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every attempt of these deliveries, first first, by delivery id, in one query."""
+    if not delivery_ids:
+        return {}
+    rows = session.scalars(
+        select(WebhookAttempt)
+        .where(WebhookAttempt.delivery_id.in_(delivery_ids))
+        .order_by(WebhookAttempt.delivery_id, WebhookAttempt.attempt)
+    )
+    attempts: dict[str, list[dict[str, Any]]] = {}
+    for attempt in rows:
+        attempts.setdefault(attempt.delivery_id, []).append(attempt_resource(attempt))
+    return attempts
+
+
+def task_counts(session: Session, *, client_id: int) -> dict[str, dict[str, int]]:
+    """A client's tasks counted by service, then state (one index scan of its tasks)."""
+    rows = session.execute(
+        select(Task.service, Task.state, func.count())
+        .where(Task.client_id == client_id)
+        .group_by(Task.service, Task.state)
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for service, state, count in rows:
+        counts.setdefault(service, {})[state] = count
+    return counts
+
+
+def delivery_counts(session: Session, *, client_id: int) -> dict[str, int]:
+    """A client's webhook deliveries counted by status."""
+    rows = session.execute(
+        select(WebhookDelivery.status, func.count())
+        .where(WebhookDelivery.client_id == client_id)
+        .group_by(WebhookDelivery.status)
+    )
+    # .all(): a Result has .keys() and would be taken for a mapping by dict().
+    return dict(rows.all())
 
 
 def database_levels(session: Session, *, now: datetime) -> DatabaseLevels:

@@ -109,6 +109,7 @@ def attempt_deliveries(
         settler=settler,
         timeout=settings.webhook_timeout,
         allow_private=settings.webhook_allow_private,
+        max_retry_after=settings.max_retry_after,
         http=http,
         resolver=resolver,
         clock=clock,

@@ -20,13 +20,14 @@ def next_retry_delay(
     """Seconds before the next attempt once `attempts_made` failed; None: the schedule is done.
 
     `schedule[k]` is the delay before attempt k+1, jittered by +-20 %. A
-    receiver's `Retry-After` is honoured, clamped between the scheduled delay
-    and twice it, so no receiver can push a delivery out for days.
+    receiver's `Retry-After` is honoured: the attempt goes no sooner. It comes
+    bounded by TRACKER_MAX_RETRY_AFTER (`tracker.clock.parse_retry_after`), so no
+    receiver can push a delivery out for days.
     """
     if attempts_made >= len(schedule):
         return None
     nominal = schedule[attempts_made]
     delay = nominal * (rng or random).uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
     if retry_after is not None:
-        delay = min(max(delay, retry_after), 2 * nominal)
+        delay = max(delay, retry_after)
     return delay

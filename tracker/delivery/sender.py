@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -14,11 +15,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import parsedate_to_datetime
+from http.cookiejar import Cookie, CookiePolicy
 
 import requests
 import urllib3
 
+from tracker.clock import parse_retry_after
 from tracker.delivery.netguard import (
     AttemptDeadline,
     PinnedAddressAdapter,
@@ -28,6 +30,8 @@ from tracker.delivery.netguard import (
 )
 from tracker.delivery.signing import webhook_headers
 from tracker.errors import CallbackRefused, UnresolvableHost
+
+log = logging.getLogger("tracker.delivery")
 
 # The attempt log keeps this much of each answer.
 EXCERPT_BYTES = 2048
@@ -47,7 +51,8 @@ class WebhookAnswer:
     status_code: int | None = None
     excerpt: str | None = None
     error: str | None = None
-    retry_after: float | None = None  # seconds, from a 429 or 503 answer
+    # Seconds, from a 429 or 503 answer, at most TRACKER_MAX_RETRY_AFTER.
+    retry_after: float | None = None
     refused: CallbackRefused | None = None
 
     @property
@@ -55,20 +60,28 @@ class WebhookAnswer:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
-    """`Retry-After` in seconds (delta-seconds or an HTTP date); None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        return None
-    return max(0.0, (moment - now).total_seconds())
+class RefuseAllCookies(CookiePolicy):
+    """A cookie policy that keeps no cookie and sends none.
+
+    Each attempt stands alone (docs/webhooks.md): a `Set-Cookie` from one receiver's
+    answer must never ride along on a later webhook, of this client or another.
+    """
+
+    netscape = True
+    rfc2965 = False
+    hide_cookie2 = True
+
+    def set_ok(self, cookie: Cookie, request: object) -> bool:
+        return False
+
+    def return_ok(self, cookie: Cookie, request: object) -> bool:
+        return False
+
+    def domain_return_ok(self, domain: str, request: object) -> bool:
+        return False
+
+    def path_return_ok(self, path: str, request: object) -> bool:
+        return False
 
 
 _http_lock = threading.Lock()
@@ -76,8 +89,17 @@ _http: requests.Session | None = None
 
 
 def new_http_session() -> requests.Session:
-    """An HTTP session that connects only to vetted addresses (`PinnedAddressAdapter`)."""
+    """An HTTP session that connects only to vetted addresses (`PinnedAddressAdapter`).
+
+    It keeps nothing a receiver sets: no cookie (`RefuseAllCookies`), no credential
+    from the environment. Its connections are pooled per vetted address (IP, port, TLS
+    host name), which carries nothing a receiver sets at the HTTP level: a kept-alive
+    connection goes back only to the address that answered on it, and one with
+    anything left unread is dropped, not reused (docs/webhooks.md, "Each attempt stands
+    alone").
+    """
     session = requests.Session()
+    session.cookies.set_policy(RefuseAllCookies())
     # Proxy variables and .netrc must not reroute or alter a vetted request.
     session.trust_env = False
     adapter = PinnedAddressAdapter(
@@ -125,6 +147,7 @@ def send_webhook(
     *,
     timeout: float,
     allow_private: bool,
+    max_retry_after: float,
     http: requests.Session | None = None,
     resolver: Resolver | None = None,
     clock: Callable[[], datetime],
@@ -132,7 +155,8 @@ def send_webhook(
     """POST `payload` to the vetted address of `callback_url`, signed, within `timeout` seconds.
 
     `http` must mount `PinnedAddressAdapter` (see `new_http_session`); default: the
-    process's pooled session.
+    process's pooled session. A 429's or 503's `Retry-After` is kept, at most
+    `max_retry_after` seconds.
     """
     started_at = clock()
     start = time.perf_counter()
@@ -207,8 +231,29 @@ def send_webhook(
         error = f"the receiver answered {code}; it must answer 2xx to acknowledge the webhook"
     retry_after = None
     if code in RETRY_AFTER_STATUSES:
-        retry_after = parse_retry_after(response.headers.get("retry-after"), now=started_at)
+        retry_after, note = _bounded_retry_after(response, callback_url, max_retry_after, clock())
+        if note is not None and error is not None:
+            error = f"{error}; {note}"
     return WebhookAnswer(started_at, elapsed_ms(), code, excerpt, error, retry_after)
+
+
+def _bounded_retry_after(
+    response: requests.Response, callback_url: str, limit: float, now: datetime
+) -> tuple[float | None, str | None]:
+    """A receiver's Retry-After in seconds, at most `limit`, and what was done to it."""
+    retry_after = parse_retry_after(response.headers.get("retry-after"), now=now, limit=limit)
+    if retry_after is None:
+        return None, None
+    if retry_after.note is None:
+        return retry_after.seconds, None
+    taken = (
+        f"clamped to {retry_after.seconds:g} s (TRACKER_MAX_RETRY_AFTER)"
+        if retry_after.seconds is not None
+        else "ignored: the retry schedule decides"
+    )
+    note = f"its Retry-After {retry_after.header!r} {retry_after.note}, {taken}"
+    log.warning("the receiver at %s answered %d: %s", callback_url, response.status_code, note)
+    return retry_after.seconds, note
 
 
 def _timeout_message(timeout: float) -> str:

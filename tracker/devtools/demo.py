@@ -2,13 +2,16 @@
 
 Starts the simulator (as the upstream), the tracker's API, worker and beat on
 the embedded defaults (SQLite, embedded broker) and a small webhook receiver
-that verifies every signature; creates a demo client, seeds a handful of video
-tasks (some fail, one stalls past its deadline), registers them through the
-API, and shows states and webhooks as they arrive until every task is final.
+that verifies every signature; creates a demo client, seeds a handful of tasks
+(a Luma video, a Suno song and a Midjourney image side by side, then videos of
+which some fail and one stalls past its deadline), registers them through the
+API, and shows states, progress, outputs and webhooks as they arrive until every
+task is final.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -25,6 +28,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from tracker.api.ui.sessions import create_sign_in_link_token
+from tracker.clock import utcnow
 from tracker.db import migrate
 from tracker.db.engine import make_engine, transaction
 from tracker.delivery.signing import verify
@@ -43,6 +48,12 @@ PROMPTS = (
     "A steam train crosses a stone bridge",
 )
 TOKEN = "demo-token"
+# The first tasks: one of each family, side by side, each with its artifacts.
+SHOWCASE = (
+    ("luma", "A fox runs through fresh snow"),
+    ("suno", "A song for a winter morning"),
+    ("midjourney", "A lighthouse in a storm, oil on canvas"),
+)
 
 
 def free_port() -> int:
@@ -110,24 +121,31 @@ def progress_table(
     tasks: list[dict[str, Any]], received: Received, prompts: dict[str, str]
 ) -> Table:
     table = Table(title="tracker demo: tasks and webhooks", expand=False)
-    for column in ("task", "prompt", "state", "upstream", "polls", "webhooks"):
+    for column in ("task", "service", "prompt", "state", "progress", "outputs", "webhooks"):
         table.add_column(column)
     colours = {"completed": "green", "failed": "red", "timed_out": "yellow", "running": "cyan"}
     for task in tasks:
         events = received.events.get(task["task_id"], [])
         hooks = ", ".join(f"{event}{'' if ok else ' (BAD SIGNATURE)'}" for event, ok in events)
         colour = colours.get(task["state"], "white")
+        progress = task.get("progress")
+        outputs = ", ".join(output["type"] for output in task.get("outputs", []))
         table.add_row(
             task["task_id"][:8],
-            prompts.get(task["task_id"], "")[:34],
-            f"[{colour}]{task['state']}[/{colour}]",
-            task.get("upstream_state") or "-",
-            str(task["polls"]),
+            task["service"],
+            prompts.get(task["task_id"], "")[:28],
+            f"[{colour}]{task['state']}[/{colour}]" + _word(task.get("upstream_state")),
+            "-" if progress is None else f"{progress} %",
+            outputs or "-",
             hooks or "-",
         )
     total, verified = received.count()
     table.caption = f"webhooks received: {total}, verified: {verified}"
     return table
+
+
+def _word(upstream_state: str | None) -> str:
+    return f" ({upstream_state})" if upstream_state else ""
 
 
 def run_demo(
@@ -138,8 +156,13 @@ def run_demo(
     stall_timeout: int = 20,
     timeout: float = 180.0,
     workdir: Path | None = None,
+    linger: float = 0.0,
 ) -> int:
-    """Run the demo; returns the exit code (0: every task final, every webhook verified)."""
+    """Run the demo; returns the exit code (0: every task final, every webhook verified).
+
+    The dashboard's one-time sign-in link is printed once the API is up; `linger` keeps
+    everything running that many seconds after the end, to look around in it.
+    """
     workdir = workdir or Path(tempfile.mkdtemp(prefix="tracker-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "metrics").mkdir(exist_ok=True)
@@ -151,6 +174,8 @@ def run_demo(
     engine = make_engine(database_url)
     with transaction(engine) as session:
         demo = create_client(session, f"demo-{os.getpid()}")
+        # Redeemed at most once, within DASHBOARD_SIGN_IN_LINK_SECONDS; never the API key.
+        sign_in_token = create_sign_in_link_token(session, demo.client, now=utcnow())
     engine.dispose()
     received = Received(demo.webhook_secret)
     receiver = start_receiver(received)
@@ -162,6 +187,8 @@ def run_demo(
         "TRACKER_UPSTREAM_TOKEN": TOKEN,
         "TRACKER_POLL_INTERVAL": "1",
         "TRACKER_MAX_POLL_INTERVAL": "2",
+        # Songs are polled every 10 s by default (the vendor's advice); a demo is short.
+        "TRACKER_SERVICE_POLL_INTERVALS": "suno=1",
         "TRACKER_SWEEP_INTERVAL": "1",
         "TRACKER_WEBHOOK_ALLOW_PRIVATE": "true",
         "TRACKER_API_PORT": str(api_port),
@@ -171,6 +198,7 @@ def run_demo(
     }
     supervisor = Supervisor(env=env, log_dir=workdir)
     console.print(f"[bold]tracker demo[/bold]: working in {workdir}")
+    supervisor.handle_signals()  # SIGTERM and SIGHUP stop every child too, as Ctrl-C does
     try:
         supervisor.start("simulator", ["simulator", "--port", str(sim_port), "--token", TOKEN])
         supervisor.start("api", ["api"])
@@ -179,16 +207,31 @@ def run_demo(
         wait_for(f"{sim_url}/_sim/stats")
         wait_for(f"{api_url}/healthz")
         console.print(f"simulator {sim_url}   API {api_url}/docs   receiver {callback}")
+        console.print(
+            f"dashboard: [link]{api_url}/ui/login?token={sign_in_token}[/link]  "
+            "(signs you in as the demo client; the link works once)",
+            soft_wrap=True,
+        )
 
-        outcomes = ["completed", "failed"] * tasks
+        showcase = SHOWCASE[: max(0, tasks - 1)]
         plan = [
+            {
+                "service": service,
+                "outcome": "completed",
+                "duration": 3 + max_duration * (n + 1) / tasks,
+                "prompt": prompt,
+            }
+            for n, (service, prompt) in enumerate(showcase)
+        ]
+        outcomes = ["failed", "completed"] * tasks
+        plan += [
             {
                 "service": "luma",
                 "outcome": outcome,
                 "duration": 3 + max_duration * n / tasks,
                 "prompt": PROMPTS[n % len(PROMPTS)],
             }
-            for n, outcome in enumerate(outcomes[: tasks - 1])
+            for n, outcome in enumerate(outcomes[: tasks - 1 - len(showcase)])
         ]
         plan.append(
             {
@@ -204,9 +247,11 @@ def run_demo(
         prompts = {task_id: str(step["prompt"]) for task_id, step in zip(ids, plan, strict=True)}
 
         auth = {"authorization": f"Bearer {demo.api_key}"}
+        services = {task_id: str(step["service"]) for task_id, step in zip(ids, plan, strict=True)}
         registrations = [
             {
                 "task_id": task_id,
+                "service": services[task_id],
                 "callback_url": callback,
                 "metadata": {"prompt": prompts[task_id]},
                 "events": ["task.running", "task.completed", "task.failed", "task.timed_out"],
@@ -232,9 +277,24 @@ def run_demo(
             console.print("[red]the demo did not finish in time; logs are in[/red] " + str(workdir))
             return 1
 
+        console.print("\n[bold]outputs[/bold], one shape for every service:")
+        for task in listed:
+            for output in task["outputs"]:
+                details = ", ".join(
+                    f"{key} {output[key]}"
+                    for key in ("width", "height", "duration", "title")
+                    if key in output
+                )
+                console.print(
+                    f"  {task['service']:<10} {output['type']:<5} {output['url']}"
+                    + (f"  ({details})" if details else "")
+                )
         shown = next(t for t in listed if t["state"] == "completed")
         detail = requests.get(
-            f"{api_url}/v1/tasks/{shown['task_id']}", headers=auth, timeout=10
+            f"{api_url}/v1/tasks/{shown['task_id']}",
+            params={"service": shown["service"]},
+            headers=auth,
+            timeout=10,
         ).json()
         console.print(f"\nhistory of {shown['task_id']} ({prompts[shown['task_id']]}):")
         for step in detail["transitions"]:
@@ -250,6 +310,12 @@ def run_demo(
             + f"; {total} webhooks received, {verified} verified"
         )
         console.print(f"history database: {workdir / 'tracker.db'}  (logs beside it)")
+        if linger > 0:
+            console.print(
+                f"the dashboard stays up for {linger:.0f} s at {api_url}/ui/ (Ctrl-C ends)"
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(linger)
         return 0 if verified == total else 1
     finally:
         supervisor.stop()

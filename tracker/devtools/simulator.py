@@ -155,7 +155,9 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
             return JSONResponse({})
         ids = body.get("ids")
         if action == "retrieve_batch" and isinstance(ids, list):
-            items = state.records(service, [i for i in ids if isinstance(i, str)])
+            limit = body.get("limit")
+            limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+            items = state.records(service, [i for i in ids if isinstance(i, str)], limit=limit)
             return JSONResponse({"items": items, "count": len(items)})
         return vendor_error(
             400,
@@ -167,7 +169,7 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
 
 
 def vendor_error(
-    status: int, code: str, message: str, *, retry_after: int | None = None
+    status: int, code: str, message: str, *, retry_after: int | str | None = None
 ) -> JSONResponse:
     """An error answered with AceData's body, and a Retry-After header when given."""
     headers = {"retry-after": str(retry_after)} if retry_after is not None else None

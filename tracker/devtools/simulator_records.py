@@ -26,6 +26,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tracker.devtools.simulator_families import FAMILIES, FLAT
+
 Outcome = Literal["completed", "failed", "stall"]
 Settled = Literal["completed", "failed"]
 Phase = Literal["no_response", "pending", "processing", "completed", "failed"]
@@ -78,6 +80,8 @@ class SimulatedTask:
     duration: float
     outcome: Outcome
     request: dict[str, Any]
+    callback_url: str | None = None
+    callback_sent: bool = False
 
     @property
     def trace_id(self) -> str:
@@ -130,17 +134,25 @@ def build_record(
         "user_id": account.user_id,
     }
     phase = task.phase(now)
+    shape = FAMILIES.get(task.service)
     if phase == "no_response":
+        if shape is not None and task.service in FLAT:
+            return shape(record, task, "pending", 0.0)
         return record
     started_at = task.created_at + task.started_after
     if timing_fields:
         record["started_at"] = round(started_at, 3)
-    record["response"] = _response(task, phase)
     settled_at = task.settled_at
     if phase in ("completed", "failed") and settled_at is not None:
         record["finished_at"] = round(settled_at, 3)
         if timing_fields:
             record["elapsed"] = round(settled_at - started_at, 3)
+    if shape is not None:
+        share = (now - task.created_at) / task.duration if task.duration else 1.0
+        return shape(record, task, phase, max(0.0, min(1.0, share)))
+    record["response"] = _response(task, phase)
+    if "finished_at" in record:  # keep the documented key order: response, then finished_at
+        record["finished_at"] = record.pop("finished_at")
     return record
 
 
@@ -164,6 +176,19 @@ def _response(task: SimulatedTask, phase: Phase) -> dict[str, Any]:
         "thumbnail_width": VIDEO_WIDTH,
         "thumbnail_height": VIDEO_HEIGHT,
     }
+
+
+def callback_body(task: SimulatedTask, phase: Phase) -> dict[str, Any]:
+    """What AceData POSTs to a settled task's `callback_url`: the generation's result with
+    `success`, `task_id` and `trace_id`, or its error."""
+    if phase == "failed":
+        return {
+            "success": False,
+            "task_id": task.id,
+            "trace_id": task.trace_id,
+            "error": dict(FAILURE),
+        }
+    return {**_response(task, phase), "trace_id": task.trace_id}
 
 
 def error_body(code: str, message: str, trace_id: str) -> dict[str, Any]:

@@ -15,8 +15,9 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tracker.devtools.simulator_callbacks import CallbackSender
 from tracker.devtools.simulator_records import (
     PHASES,
     Account,
@@ -24,6 +25,7 @@ from tracker.devtools.simulator_records import (
     Settled,
     SimulatedTask,
     build_record,
+    callback_body,
     random_uuid,
 )
 
@@ -43,11 +45,23 @@ class SimulatorConfig(BaseModel):
     stall_share: Share = Field(0.0, description="Share of new tasks that never finish.")
     latency: Seconds = Field(0.0, description="Seconds added before every upstream answer.")
     error_429_share: Share = Field(0.0, description="Share of requests answered 429.")
-    retry_after: int = Field(1, ge=0, description="Retry-After seconds of injected 429s.")
+    retry_after: Annotated[int, Field(ge=0)] | str = Field(
+        1,
+        description=(
+            "Retry-After of injected 429s: seconds, or a string sent as it is, to play a "
+            'misbehaving upstream ("inf", "1e400", "-5", an HTTP date years away, "soon").'
+        ),
+    )
     error_500_share: Share = Field(0.0, description="Share of requests answered 500.")
     malformed_share: Share = Field(0.0, description="Share answered 200 with a non-JSON body.")
     redirect_to: str | None = Field(None, description="Answer every request 307 to this URL.")
     batch_cap: int | None = Field(None, ge=0, description="Most items in one batch answer.")
+    default_limit: int | None = Field(
+        None,
+        ge=0,
+        description="Items a batch answer holds when its request names no `limit` (the vendor "
+        "pages some task endpoints, e.g. 12); a request's `limit` is honoured always.",
+    )
     drop_share: Share = Field(0.0, description="Share of batch items left out at random.")
     shuffle_batch: bool = Field(False, description="Answer batch items in random order.")
     rate_limit_rps: int | None = Field(
@@ -59,7 +73,17 @@ class SimulatorConfig(BaseModel):
     timing_fields: bool = Field(
         False, description="Add started_at and elapsed to records (docs/simulator.md)."
     )
+    callback_drop_share: Share = Field(
+        0.0, description="Share of `callback_url` POSTs not sent (a callback that never comes)."
+    )
     seed: int | None = Field(None, description="Seed of every random choice, to repeat a run.")
+
+    @field_validator("retry_after")
+    @classmethod
+    def _check_retry_after(cls, value: int | str) -> int | str:
+        if isinstance(value, str) and not (value.isprintable() and value.isascii() and value):
+            raise ValueError(f"must be printable ASCII to fit in a header (got {value!r})")
+        return value
 
     @model_validator(mode="after")
     def _check_ranges(self) -> SimulatorConfig:
@@ -82,7 +106,7 @@ class Fault:
     status: int
     code: str = ""
     message: str = ""
-    retry_after: int | None = None
+    retry_after: int | str | None = None
     location: str | None = None
 
 
@@ -97,6 +121,9 @@ class TaskSeed(BaseModel):
     duration: Seconds | None = Field(None, description="Seconds to settle; 0: settled already.")
     prompt: str | None = None
     age: Seconds = Field(0.0, description="Seconds since the task was created, e.g. 10: running.")
+    callback_url: str | None = Field(
+        None, description="Called back when the task settles, as a generation request's."
+    )
 
 
 class SimulatorState:
@@ -106,13 +133,16 @@ class SimulatorState:
         self.lock = threading.Lock()
         self.initial_config = config
         self.epoch = 0
+        self.callbacks = CallbackSender(self._callback_due, self._count_callback)
         self.clear(config)
 
     def clear(self, config: SimulatorConfig) -> None:
         """Forget every task and counter; run with `config` from now on."""
+        self.callbacks.forget()
         with self.lock:
             # Requests still in flight across a reset must not count in the new epoch.
             self.epoch += 1
+            self.callback_counts: Counter[str] = Counter()
             self.config = config
             self.rng = random.Random(config.seed)
             self.account = Account.draw(self.rng)
@@ -139,12 +169,53 @@ class SimulatorState:
     def seed(self, seeds: list[TaskSeed]) -> list[str]:
         """Create tasks as the seeds say; their ids."""
         with self.lock:
-            return [self._create(seed.service, _seed_request(seed), seed).id for seed in seeds]
+            tasks = [self._create(seed.service, _seed_request(seed), seed) for seed in seeds]
+            for task, seed in zip(tasks, seeds, strict=True):
+                task.callback_url = seed.callback_url
+            calling_back = [
+                (task.id, task.settled_at)
+                for task in tasks
+                if task.callback_url is not None and task.settled_at is not None
+            ]
+        for task_id, settled_at in calling_back:
+            assert settled_at is not None
+            self.callbacks.schedule(task_id, settled_at)
+        return [task.id for task in tasks]
 
     def generate(self, service: str, request: dict[str, Any]) -> SimulatedTask:
-        """A task created by a generation call with body `request`."""
+        """A task created by a generation call with body `request`; one with a `callback_url`
+        calls it back when it settles."""
         with self.lock:
-            return self._create(service, request, TaskSeed(service=service))
+            task = self._create(service, request, TaskSeed(service=service))
+            callback_url = request.get("callback_url")
+            if isinstance(callback_url, str) and callback_url.startswith(("http://", "https://")):
+                task.callback_url = callback_url
+            settled_at = task.settled_at
+        if task.callback_url is not None and settled_at is not None:
+            self.callbacks.schedule(task.id, settled_at)
+        return task
+
+    def _callback_due(self, task_id: str) -> tuple[float, dict[str, Any], str] | None:
+        """(when it settles, the callback's body, its URL) of a task to call back, once."""
+        with self.lock:
+            task = self.tasks.get(task_id)
+            if task is None or task.callback_url is None or task.callback_sent:
+                return None
+            settled_at = task.settled_at
+            if settled_at is None:
+                return None
+            now = time.time()
+            if settled_at > now:
+                return settled_at, {}, task.callback_url
+            task.callback_sent = True
+            if self.rng.random() < self.config.callback_drop_share:
+                self.callback_counts["callbacks_dropped"] += 1
+                return None
+            return settled_at, callback_body(task, task.phase(now)), task.callback_url
+
+    def _count_callback(self, outcome: str) -> None:
+        with self.lock:
+            self.callback_counts[outcome] += 1
 
     def _create(self, service: str, request: dict[str, Any], seed: TaskSeed) -> SimulatedTask:
         config, rng = self.config, self.rng
@@ -212,8 +283,11 @@ class SimulatorState:
             if epoch == self.epoch:
                 self.by_status[status] += 1
 
-    def records(self, service: str, ids: list[str]) -> list[dict[str, Any]]:
-        """The batch answer's items: known ids of this service, after drops, shuffle and cap."""
+    def records(
+        self, service: str, ids: list[str], *, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The batch answer's items: known ids of this service, after drops, shuffle, the
+        request's `limit` (or the default one) and the cap."""
         with self.lock:
             config, now = self.config, time.time()
             found = [self.tasks.get(task_id) for task_id in dict.fromkeys(ids)]
@@ -221,6 +295,9 @@ class SimulatorState:
             tasks = [t for t in tasks if self.rng.random() >= config.drop_share]
             if config.shuffle_batch:
                 self.rng.shuffle(tasks)
+            page = limit if limit is not None else config.default_limit
+            if page is not None:
+                tasks = tasks[:page]
             if config.batch_cap is not None:
                 tasks = tasks[: config.batch_cap]
             self.batch_calls += 1
@@ -258,6 +335,9 @@ class SimulatorState:
                 "over_budget": self.over_budget,
                 "max_rate_per_second": self.max_rate,
                 "tasks": len(self.tasks),
+                "callbacks_sent": self.callback_counts["callbacks_sent"],
+                "callbacks_failed": self.callback_counts["callbacks_failed"],
+                "callbacks_dropped": self.callback_counts["callbacks_dropped"],
                 "tasks_by_phase": {phase: phases[phase] for phase in PHASES},
             }
 
@@ -285,7 +365,11 @@ class SimulatorState:
                 return None
             now = time.time()
             task.finish(outcome, now)
-            return _view(task, now)
+            view = _view(task, now)
+            calls_back = task.callback_url is not None and not task.callback_sent
+        if calls_back:
+            self.callbacks.schedule(task_id, now)
+        return view
 
 
 def _seed_request(seed: TaskSeed) -> dict[str, Any]:

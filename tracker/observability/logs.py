@@ -2,8 +2,9 @@
 
 Context travels as `extra={...}` fields on a record (`trace_id`, `task_id`,
 `delivery_id`, `service`, ...) and becomes keys of the JSON line. A filter masks
-anything shaped like an API key, a webhook secret or a bearer token, and the
-configured upstream token itself, so no secret reaches a log by accident.
+anything shaped like an API key, a webhook secret or a bearer token, the
+configured upstream token itself and every client's token a process decrypts
+(`register_secret`), so no secret reaches a log by accident.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import re
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +29,18 @@ _SECRET_PATTERNS = re.compile(
     r"(trk_[A-Za-z0-9_\-]{8,}|whsec_[A-Za-z0-9+/=]{8,}|(?i:bearer)\s+[A-Za-z0-9._\-+/=]{6,})"
 )
 MASK = "[redacted]"
+SHORTEST_MASKED = 6
+
+# Secrets known only at run time (clients' upstream tokens, once decrypted): masked too.
+_registered: set[str] = set()
+_registered_lock = threading.Lock()
+
+
+def register_secret(secret: str) -> None:
+    """Mask `secret` in every log line of this process from now on."""
+    if len(secret) >= SHORTEST_MASKED:
+        with _registered_lock:
+            _registered.add(secret)
 
 
 class SecretMask(logging.Filter):
@@ -34,10 +48,12 @@ class SecretMask(logging.Filter):
 
     def __init__(self, literals: list[str] | None = None) -> None:
         super().__init__()
-        self._literals = [s for s in (literals or []) if len(s) >= 6]
+        self._literals = [s for s in (literals or []) if len(s) >= SHORTEST_MASKED]
 
     def mask(self, text: str) -> str:
-        for literal in self._literals:
+        with _registered_lock:
+            registered = list(_registered)
+        for literal in [*self._literals, *registered]:
             text = text.replace(literal, MASK)
         return _SECRET_PATTERNS.sub(MASK, text)
 

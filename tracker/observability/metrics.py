@@ -10,9 +10,13 @@ right whichever process answers.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,6 +35,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LAG_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
 TRANSITIONS = Counter("tracker_transitions_total", "Task state changes observed.", ["to_state"])
+UPSTREAM_SHORT_ANSWERS = Counter(
+    "tracker_upstream_short_answers_total",
+    "retrieve_batch answers with fewer items than ids asked, whose missing ids were asked again.",
+)
 UPSTREAM_REQUESTS = Counter(
     "tracker_upstream_requests_total",
     "Requests to the upstream task API by action and outcome.",
@@ -75,6 +83,35 @@ COMPLETION_TO_DELIVERY = Histogram(
     "From the observed transition to the webhook's successful delivery.",
     buckets=LAG_BUCKETS,
 )
+
+
+API_REQUESTS = Counter(
+    "tracker_api_requests_total",
+    "API requests by method, route template (never the raw path) and status.",
+    ["method", "route", "status"],
+)
+API_LATENCY = Histogram(
+    "tracker_api_request_seconds",
+    "Duration of API requests by method, route template and status.",
+    ["method", "route", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+# Label values of a request that matched no route, and of a method outside HTTP's usual
+# ones: a client must not be able to make new series (paths, methods) at will.
+UNMATCHED_ROUTE = "unmatched"
+OTHER_METHOD = "other"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def observe_api_request(method: str, route: str | None, status: int, seconds: float) -> None:
+    """Count and time one API request; `route` is the matched route's template, if any."""
+    labels = (
+        method if method in _KNOWN_METHODS else OTHER_METHOD,
+        route or UNMATCHED_ROUTE,
+        str(status),
+    )
+    API_REQUESTS.labels(*labels).inc()
+    API_LATENCY.labels(*labels).observe(seconds)
 
 
 @dataclass(frozen=True)
@@ -125,6 +162,37 @@ def render(read_levels: Callable[[], DatabaseLevels] | None) -> bytes:
         levels.register(_LevelsCollector(read_levels))
         output += generate_latest(levels)
     return output
+
+
+def upstream_requests_by_outcome() -> dict[str, float]:
+    """Upstream requests since the processes started, by outcome (`ok`, `too_many_requests`,
+    ...): every process on this host with PROMETHEUS_MULTIPROC_DIR, else this one's."""
+    registry: CollectorRegistry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    counts: dict[str, float] = {}
+    for family in registry.collect():
+        if family.name != "tracker_upstream_requests":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                outcome = sample.labels.get("outcome", "")
+                counts[outcome] = counts.get(outcome, 0.0) + sample.value
+    return counts
+
+
+def share_between_processes() -> Path:
+    """Make this process and those it starts from now on keep their counters in one
+    directory, merged by every `/metrics` (PROMETHEUS_MULTIPROC_DIR): the one set, else a
+    fresh temporary one, removed when this process ends."""
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        return Path(configured)
+    directory = tempfile.mkdtemp(prefix="tracker-metrics-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return Path(directory)
 
 
 def serve_worker_metrics(port: int) -> bool:

@@ -23,9 +23,12 @@ from tracker.db.engine import is_postgresql
 from tracker.db.models import Task, task_schedule_table
 from tracker.polling.batches import BatchApplied, PollBatch, Seen
 from tracker.polling.schedule import next_poll_at
+from tracker.profiles import Profile, profile_for
 from tracker.states import ACTIVE_STATES, FAILED, TIMED_OUT, can_transition
-from tracker.tracking.normalise import Failure, Observation, normalise
+from tracker.tracking.normalise import Failure, Observation, normalise_with
 from tracker.tracking.transitions import record_transition
+from tracker.upstream.budget import credential_key, rejected_credentials
+from tracker.upstream.credentials import client_credentials
 
 log = logging.getLogger("tracker.polling")
 
@@ -37,6 +40,7 @@ class _Polled(NamedTuple):
     task_id: str
     state: str
     upstream_state: str | None
+    progress: int | None
     polls: int
     misses: int
     created_at: datetime
@@ -62,6 +66,7 @@ _POLLED = select(
     Task.task_id,
     Task.state,
     Task.upstream_state,
+    Task.progress,
     Task.polls,
     Task.misses,
     Task.created_at,
@@ -87,7 +92,7 @@ def _lock_active_registrations(
     query = _LOCK_POSTGRESQL if is_postgresql(session) else _LOCK_SQLITE
     session.flush()  # what Session.execute would do; plain rows need no ORM loading
     rows = session.connection().execute(query, {"service": service, "task_ids": list(task_ids)})
-    return [_Polled(*row) for row in rows]
+    return [_Polled._make(row) for row in rows]
 
 
 def _leased_by_another(row: _Polled, lease_until: datetime | None, now: datetime) -> bool:
@@ -122,11 +127,12 @@ def apply_batch_answer(
     counted = batch.seen is not None  # the claim counted this poll and set the next one
     scheduled_from = batch.claimed_at or now
     task_ids: Sequence[str] = batch.task_ids
+    profile = profile_for(batch.service)
     if batch.seen is not None:
         task_ids = []
         for task_id in batch.task_ids:
             seen = batch.seen.get(task_id, ())
-            if _answer_changes(seen, records.get(task_id)):
+            if _answer_changes(seen, records.get(task_id), profile):
                 task_ids.append(task_id)
             else:
                 applied.observed += len(seen)
@@ -137,9 +143,8 @@ def apply_batch_answer(
         if counted and row.next_poll_at is not None:
             return _Rescheduled(row.id, row.polls, misses, row.next_poll_at)
         polls = row.polls + 1 if polled and not counted else row.polls
-        return _Rescheduled(
-            row.id, polls, misses, next_poll_at(row.created_at, scheduled_from, settings)
-        )
+        next_at = next_poll_at(row.created_at, scheduled_from, settings, service=batch.service)
+        return _Rescheduled(row.id, polls, misses, next_at)
 
     unchanged: list[_Rescheduled] = []
     changed: dict[int, tuple[dict[str, Any], Observation]] = {}
@@ -154,8 +159,8 @@ def apply_batch_answer(
                 applied.missing.append(row.task_id)
             unchanged.append(rescheduled(row, polled=False, misses=misses))
             continue
-        observation = normalise(record)
-        if _changes(row.state, row.upstream_state, observation):
+        observation = normalise_with(record, profile)
+        if _changes(row.state, row.upstream_state, row.progress, observation):
             changed[row.id] = (record, observation)
         else:
             unchanged.append(rescheduled(row, polled=True, misses=0))
@@ -173,21 +178,27 @@ def apply_batch_answer(
     return applied
 
 
-def _changes(state: str, upstream_state: str | None, observation: Observation) -> bool:
-    """The observation moves the registration to a new state or brings a new upstream word."""
+def _changes(
+    state: str, upstream_state: str | None, progress: int | None, observation: Observation
+) -> bool:
+    """The observation moves the registration to a new state, or brings a new upstream word
+    or a new progress."""
     return (
-        observation.state is not None and can_transition(state, observation.state)
-    ) or observation.upstream_state not in (None, upstream_state)
+        (observation.state is not None and can_transition(state, observation.state))
+        or observation.upstream_state not in (None, upstream_state)
+        or observation.progress not in (None, progress)
+    )
 
 
-def _answer_changes(seen: Sequence[Seen], record: dict[str, Any] | None) -> bool:
+def _answer_changes(seen: Sequence[Seen], record: dict[str, Any] | None, profile: Profile) -> bool:
     """An id's answer must be written: it is missing (a miss to count), or it changes a
     registration the claim saw, or ends a run of misses."""
     if record is None or not seen:
         return True
-    observation = normalise(record)
+    observation = normalise_with(record, profile)
     return any(
-        seen_one.misses or _changes(seen_one.state, seen_one.upstream_state, observation)
+        seen_one.misses
+        or _changes(seen_one.state, seen_one.upstream_state, seen_one.progress, observation)
         for seen_one in seen
     )
 
@@ -226,7 +237,9 @@ def _apply_changes(
         record, observation = changed[task.id]
         if scheduled_from is not None:
             task.polls += 1
-            task.next_poll_at = next_poll_at(task.created_at, scheduled_from, settings)
+            task.next_poll_at = next_poll_at(
+                task.created_at, scheduled_from, settings, service=task.service
+            )
         task.misses = 0
         task.claimed_until = None
         if observation.state is not None and can_transition(task.state, observation.state):
@@ -240,16 +253,18 @@ def _apply_changes(
                     upstream_state=observation.upstream_state,
                     record=record,
                     failure=observation.failure,
+                    progress=observation.progress,
                 )
             ]
             applied.transitions += 1
         else:
-            # A new upstream word, same state (queued -> pending): keep it, no history row.
-            task.upstream_state, task.record, task.updated_at = (
-                observation.upstream_state,
-                record,
-                now,
-            )
+            # A new upstream word or progress, same state (queued -> pending, 40 % -> 60 %):
+            # keep it, no history row.
+            if observation.upstream_state is not None:
+                task.upstream_state = observation.upstream_state
+            if observation.progress is not None:
+                task.progress = observation.progress
+            task.record, task.updated_at = record, now
 
 
 # One statement for every registration of a batch the answer did not change. The
@@ -321,8 +336,15 @@ def fail_not_found(
     return delivery_ids
 
 
-def time_out_overdue_tasks(session: Session, *, now: datetime, limit: int = 500) -> list[str]:
-    """Tasks past their deadline become `timed_out`; returns the new delivery ids."""
+def time_out_overdue_tasks(
+    session: Session, *, now: datetime, limit: int = 500, settings: Settings | None = None
+) -> list[str]:
+    """Tasks past their deadline become `timed_out`; returns the new delivery ids.
+
+    A task whose client's token the upstream rejects (with `settings`: also the
+    tracker's own) could not be polled: its failure says so (`upstream_token_rejected`),
+    so that client sees why, and other clients' tasks are unaffected.
+    """
     query = (
         select(Task)
         .where(Task.deadline_at <= now, Task.state.in_(ACTIVE_STATES))
@@ -331,11 +353,28 @@ def time_out_overdue_tasks(session: Session, *, now: datetime, limit: int = 500)
     )
     if is_postgresql(session):
         query = query.with_for_update(skip_locked=True)
+    overdue = list(session.scalars(query))
+    if not overdue:
+        return []
+    rejected = rejected_credentials(session)
+    own_tokens = client_credentials(session) if rejected else {}
+    tracker_token = credential_key(settings.upstream_bearer) if settings is not None else None
     delivery_ids: list[str] = []
-    for task in session.scalars(query):
-        failure = Failure(
-            "timed_out", f"no terminal state within {task.timeout_seconds} s of registration"
-        )
+    for task in overdue:
+        token = own_tokens.get(task.client_id, tracker_token)
+        rejected_at = rejected.get(token) if token is not None else None
+        if rejected_at is not None:
+            failure = Failure(
+                "upstream_token_rejected",
+                f"no terminal state within {task.timeout_seconds} s of registration: the "
+                f"upstream has rejected the token this task is polled with since "
+                f"{rejected_at.isoformat()}, so it could not be polled; set a valid one "
+                "(`tracker clients set-upstream-token`, or TRACKER_UPSTREAM_TOKEN)",
+            )
+        else:
+            failure = Failure(
+                "timed_out", f"no terminal state within {task.timeout_seconds} s of registration"
+            )
         delivery_ids += [
             d.id
             for d in record_transition(session, task, TIMED_OUT, observed_at=now, failure=failure)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
@@ -17,11 +17,13 @@ class Seen(NamedTuple):
     state: str
     upstream_state: str | None
     misses: int
+    progress: int | None = None
 
 
 class ClaimedTask(NamedTuple):
     """A leased registration: which upstream id, when its poll was due, until when it is ours,
-    and what it was when claimed (`seen`)."""
+    what it was when claimed (`seen`) and the fingerprint of the token its client polls
+    with (`credential`; None: the tracker's)."""
 
     service: str
     task_id: str
@@ -29,6 +31,7 @@ class ClaimedTask(NamedTuple):
     lease_until: datetime | None = None
     claimed_at: datetime | None = None
     seen: Seen | None = None
+    credential: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class PollBatch:
 
     `probe`: the upstream had rejected the token when the batch was claimed; an
     answer clears that (`tracker.upstream.budget.clear_rejected`).
+
+    `credential`: the fingerprint of the token to poll with (a client's own, or the
+    tracker's); None: the tracker's.
     """
 
     service: str
@@ -56,6 +62,7 @@ class PollBatch:
     claimed_at: datetime | None = None
     seen: Mapping[str, tuple[Seen, ...]] | None = None
     probe: bool = False
+    credential: str | None = None
 
 
 @dataclass
@@ -77,29 +84,57 @@ class PollOutcome:
 
 
 def plan_batches(
-    claimed: Iterable[ClaimedTask], batch_size: int, *, probe: bool = False
+    claimed: Iterable[ClaimedTask],
+    batch_size: int,
+    *,
+    probe: bool = False,
+    probing: Collection[str | None] = (),
+    paused: Collection[str | None] = (),
 ) -> list[PollBatch]:
-    """Group claimed registrations by service, each upstream id once, `batch_size` per batch.
+    """Group claimed registrations by service and token, each upstream id once, `batch_size`
+    per batch.
 
-    `probe`: the token was rejected when they were claimed (see `PollBatch`).
+    An id watched by clients with different tokens is still asked once: with the token
+    of its first claimed registration whose token is not `paused` (rejected by the
+    upstream a moment ago), or a paused one if all are. `probe`, or a token in
+    `probing`: the token was rejected when they were claimed (see `PollBatch`).
     """
-    groups: dict[tuple[str, datetime | None, datetime | None], dict[str, tuple[Seen, ...]]] = {}
+    Group = tuple[str, datetime | None, datetime | None]
+    groups: dict[Group, dict[str, tuple[Seen, ...]]] = {}
+    tokens: dict[Group, dict[str, str | None]] = {}  # the token each id is asked with
     alone: dict[Seen, tuple[Seen]] = {}  # one tuple per distinct view, shared
     for claim in claimed:
         key = (claim.service, claim.lease_until, claim.claimed_at)
         ids = groups.get(key)
         if ids is None:
             ids = groups[key] = {}  # a dict keeps first-seen order, unlike a set
+            tokens[key] = {}
         seen = claim.seen
         views = () if seen is None else alone.get(seen) or alone.setdefault(seen, (seen,))
         earlier = ids.get(claim.task_id)
         ids[claim.task_id] = views if earlier is None else earlier + views
+        chosen = tokens[key]
+        if earlier is None or (chosen[claim.task_id] in paused and claim.credential not in paused):
+            chosen[claim.task_id] = claim.credential
     batches = []
     for (service, lease_until, claimed_at), ids in groups.items():
-        distinct = list(ids)
-        for start in range(0, len(distinct), batch_size):
-            chunk = tuple(distinct[start : start + batch_size])
-            chunk_seen = {task_id: ids[task_id] for task_id in chunk}
-            batch_seen = chunk_seen if all(chunk_seen.values()) else None
-            batches.append(PollBatch(service, chunk, lease_until, claimed_at, batch_seen, probe))
+        by_token: dict[str | None, list[str]] = {}
+        for task_id, credential in tokens[(service, lease_until, claimed_at)].items():
+            by_token.setdefault(credential, []).append(task_id)
+        for credential, distinct in by_token.items():
+            for start in range(0, len(distinct), batch_size):
+                chunk = tuple(distinct[start : start + batch_size])
+                chunk_seen = {task_id: ids[task_id] for task_id in chunk}
+                batch_seen = chunk_seen if all(chunk_seen.values()) else None
+                batches.append(
+                    PollBatch(
+                        service,
+                        chunk,
+                        lease_until,
+                        claimed_at,
+                        batch_seen,
+                        probe or credential in probing,
+                        credential,
+                    )
+                )
     return batches

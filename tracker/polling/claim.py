@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
@@ -18,23 +19,39 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from tracker.config import Settings
+from tracker.config import SERVICE_NAME, Settings
 from tracker.db.engine import is_postgresql
 from tracker.db.models import task_schedule_table, tasks_table
 from tracker.polling.batches import ClaimedTask, PollBatch, Seen
-from tracker.polling.schedule import BACKOFF_SHARE_OF_AGE, claim_lookahead, next_poll_at, poll_lease
+from tracker.polling.schedule import (
+    BACKOFF_SHARE_OF_AGE,
+    claim_lookahead,
+    next_poll_at,
+    poll_lease,
+    service_paces,
+)
 from tracker.states import (
     ACTIVE_STATES,
 )
+from tracker.upstream.budget import credential_key
+from tracker.upstream.credentials import client_credentials
 
 log = logging.getLogger("tracker.polling")
 
 
 def claim_due_tasks(
-    session: Session, *, now: datetime, limit: int, settings: Settings, lookahead: float = 0.0
+    session: Session,
+    *,
+    now: datetime,
+    limit: int,
+    settings: Settings,
+    lookahead: float = 0.0,
+    row_ids: Sequence[int] | None = None,
 ) -> list[ClaimedTask]:
     """Lease up to `limit` registrations due by `now` (plus `lookahead` s), count the poll
-    each is about to get and set its next one (`next_poll_at`, counted from `now`).
+    each is about to get and set its next one (`next_poll_at`, counted from `now`). Each
+    claim names the token its client polls with (`ClaimedTask.credential`). With `row_ids`,
+    only those registrations are claimed, if due (the ones a doorbell made due).
 
     The poll's answer then writes only what it changes: a task keeps its place in the
     ticks' rhythm however long the job waits, and a poll whose job is lost happens again
@@ -45,34 +62,66 @@ def claim_due_tasks(
     horizon = now + timedelta(seconds=lookahead)
     rows: Iterable[Sequence[Any]]
     if is_postgresql(session):
+        parameters: dict[str, Any] = {
+            "now": now,
+            "horizon": horizon,
+            "limit": limit,
+            "lease_until": lease_until,
+            "poll_interval": settings.poll_interval,
+            "max_poll_interval": settings.max_poll_interval,
+            "share": BACKOFF_SHARE_OF_AGE,
+        }
+        if row_ids is not None:
+            parameters["row_ids"] = list(row_ids)
         rows = session.connection().exec_driver_sql(
-            _CLAIM_POSTGRESQL,
-            {
-                "now": now,
-                "horizon": horizon,
-                "limit": limit,
-                "lease_until": lease_until,
-                "poll_interval": settings.poll_interval,
-                "max_poll_interval": settings.max_poll_interval,
-                "share": BACKOFF_SHARE_OF_AGE,
-            },
+            _claim_postgresql(tuple(service_paces(settings).items()), rows=row_ids is not None),
+            parameters,
         )
     else:
-        rows = _claim_sqlite(session, now, horizon, limit, lease_until, settings)
+        rows = _claim_sqlite(session, now, horizon, limit, lease_until, settings, row_ids)
     # Most registrations look alike to a claim (running, same upstream word, no miss):
     # they share one `Seen`, which also keeps the poll jobs' messages short.
-    views: dict[tuple[str, str | None, int], Seen] = {}
+    views: dict[tuple[str, str | None, int, int | None], Seen] = {}
+    # Which token each registration is polled with: its client's own, or the tracker's.
+    own_tokens: dict[int, str] | None = None
+    tracker_token = credential_key(settings.upstream_bearer)
     # due_at is set on every row the claim matched (it was compared with now).
     claims = []
-    for service, task_id, due_at, state, upstream_state, misses in rows:
-        key = (state, upstream_state, misses)
+    for service, task_id, due_at, state, upstream_state, misses, progress, client_id in rows:
+        key = (state, upstream_state, misses, progress)
         seen = views.get(key) or views.setdefault(key, Seen(*key))
-        claims.append(ClaimedTask(service, task_id, due_at or now, lease_until, now, seen))
+        if own_tokens is None:
+            own_tokens = client_credentials(session)
+        credential = own_tokens.get(client_id, tracker_token)
+        claims.append(
+            ClaimedTask(service, task_id, due_at or now, lease_until, now, seen, credential)
+        )
     return claims
 
 
 # The claim in one statement (docs/decisions/0002-task-schedule-table.md); a test holds its
-# next poll equal to `next_poll_at`.
+# next poll equal to `next_poll_at`. A service with a pace of its own polls fresh tasks at
+# that pace: its name and seconds are written into the statement (names are checked
+# `[a-z0-9-]`), so the text is the same for every claim and psycopg prepares it once.
+@lru_cache(maxsize=16)
+def _claim_postgresql(paces: tuple[tuple[str, float], ...], *, rows: bool) -> str:
+    """The claim's statement for these paces; with `rows`, for given registrations only."""
+    fresh = "%(poll_interval)s"
+    if paces:
+        cases = " ".join(
+            f"WHEN '{_service_literal(service)}' THEN {float(pace)!r}" for service, pace in paces
+        )
+        fresh = f"CASE tasks.service {cases} ELSE %(poll_interval)s END"
+    statement = _CLAIM_ROWS_POSTGRESQL if rows else _CLAIM_POSTGRESQL
+    return statement.replace("%(fresh_interval)s", fresh)
+
+
+def _service_literal(service: str) -> str:
+    if not SERVICE_NAME.fullmatch(service):
+        raise ValueError(f"a service is 1-32 of a-z, 0-9 and - (got {service!r})")
+    return service
+
+
 _CLAIM_POSTGRESQL = """
     UPDATE task_schedule
     SET claimed_until = %(lease_until)s,
@@ -80,7 +129,7 @@ _CLAIM_POSTGRESQL = """
         next_poll_at = %(now)s + make_interval(secs => LEAST(
             %(max_poll_interval)s,
             GREATEST(
-                %(poll_interval)s,
+                %(fresh_interval)s,
                 EXTRACT(EPOCH FROM (%(now)s - tasks.created_at))::double precision * %(share)s
             )
         ))
@@ -94,8 +143,14 @@ _CLAIM_POSTGRESQL = """
     ) AS due, tasks
     WHERE task_schedule.task_row_id = due.task_row_id AND tasks.id = due.task_row_id
     RETURNING tasks.service, tasks.task_id, due.due_at,
-        tasks.state, tasks.upstream_state, task_schedule.misses
+        tasks.state, tasks.upstream_state, task_schedule.misses, tasks.progress, tasks.client_id
 """
+# The same, for given registrations only.
+_CLAIM_ROWS_POSTGRESQL = _CLAIM_POSTGRESQL.replace(
+    "AND (claimed_until IS NULL OR claimed_until <= %(now)s)",
+    "AND (claimed_until IS NULL OR claimed_until <= %(now)s)\n"
+    "          AND task_row_id = ANY(%(row_ids)s)",
+)
 
 
 def _claim_sqlite(
@@ -105,7 +160,8 @@ def _claim_sqlite(
     limit: int,
     lease_until: datetime,
     settings: Settings,
-) -> list[tuple[str, str, datetime | None, str, str | None, int]]:
+    row_ids: Sequence[int] | None,
+) -> list[tuple[str, str, datetime | None, str, str | None, int, int | None, int]]:
     """SQLite has no row locks: the lease is taken in one statement, whose write takes the
     database at once; then each row's poll is counted and its next one set."""
     due = (
@@ -120,6 +176,8 @@ def _claim_sqlite(
         .order_by(task_schedule_table.c.next_poll_at)
         .limit(limit)
     )
+    if row_ids is not None:
+        due = due.where(task_schedule_table.c.task_row_id.in_(list(row_ids)))
     connection = session.connection()
     leased = connection.execute(
         update(task_schedule_table)
@@ -146,7 +204,9 @@ def _claim_sqlite(
         [
             {
                 "row_id": row_id,
-                "new_next_poll_at": next_poll_at(tasks[row_id].created_at, now, settings),
+                "new_next_poll_at": next_poll_at(
+                    tasks[row_id].created_at, now, settings, service=tasks[row_id].service
+                ),
             }
             for row_id in ids
         ],
@@ -159,6 +219,8 @@ def _claim_sqlite(
             tasks[row_id].state,
             tasks[row_id].upstream_state,
             misses,
+            tasks[row_id].progress,
+            tasks[row_id].client_id,
         )
         for row_id, due_at, misses in leased
     ]
@@ -173,6 +235,8 @@ _CLAIMED_SQLITE = select(
     tasks_table.c.created_at,
     tasks_table.c.state,
     tasks_table.c.upstream_state,
+    tasks_table.c.progress,
+    tasks_table.c.client_id,
 ).where(tasks_table.c.id.in_(bindparam("ids", expanding=True)))
 
 

@@ -16,7 +16,13 @@ from tracker.observability import metrics
 from tracker.polling.apply import apply_batch_answer, fail_not_found
 from tracker.polling.batches import PollBatch, PollOutcome
 from tracker.polling.claim import release_batch, renew_lease
-from tracker.upstream.budget import Budget, clear_rejected, mark_rejected, slots_ahead
+from tracker.upstream.budget import (
+    Budget,
+    bounded_pause,
+    clear_rejected,
+    mark_rejected,
+    slots_ahead,
+)
 
 log = logging.getLogger("tracker.polling")
 
@@ -159,7 +165,9 @@ def _handle_upstream_trouble(
         retry_at = exc.retry_at
         kind = "budget"
     elif isinstance(exc, UpstreamRateLimited):
+        # The client bounds a Retry-After by TRACKER_MAX_POLL_INTERVAL (and logs a clamp).
         pause = exc.retry_after if exc.retry_after is not None else DEFAULT_RATE_LIMIT_PAUSE
+        pause = bounded_pause(pause, settings.max_poll_interval)
         budget.pause(pause)
         retry_at = now + timedelta(seconds=pause)
         kind = "rate_limited"
@@ -178,8 +186,9 @@ def _handle_upstream_trouble(
             session, credential, str(exc), now=now
         ):
             log.error(
-                "the upstream rejected TRACKER_UPSTREAM_TOKEN (%s); polling is paused and "
-                "/readyz answers 503 until a request with the token succeeds again",
+                "the upstream rejected the token %s (%s); polling with it is paused until a "
+                "request with it succeeds again (/readyz names it)",
+                credential,
                 exc,
             )
         release_batch(session, batch, retry_at=retry_at)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 from tracker.config import Settings
+from tracker.profiles import advised_poll_intervals
 
 log = logging.getLogger("tracker.polling")
 
@@ -29,11 +31,41 @@ def claim_limit(settings: Settings) -> int:
     return requests * settings.batch_size
 
 
-def next_poll_at(created_at: datetime, now: datetime, settings: Settings) -> datetime:
-    """Fresh tasks are polled every poll interval; older ones back off to the maximum."""
+def service_paces(settings: Settings) -> dict[str, float]:
+    """Seconds between polls of a fresh task, per service with a pace of its own: what its
+    vendor advises (its profile), or what `TRACKER_SERVICE_POLL_INTERVALS` says; never
+    below `TRACKER_POLL_INTERVAL`. Other services poll fresh tasks at that interval."""
+    overrides = tuple(sorted(settings.service_poll_intervals.items()))
+    return dict(_paces(settings.poll_interval, overrides))
+
+
+def fresh_interval(service: str | None, settings: Settings) -> float:
+    """Seconds between polls of a fresh task of `service`."""
+    if service is None:
+        return settings.poll_interval
+    overrides = tuple(sorted(settings.service_poll_intervals.items()))
+    return _paces(settings.poll_interval, overrides).get(service, settings.poll_interval)
+
+
+@lru_cache(maxsize=16)
+def _paces(poll_interval: float, overrides: tuple[tuple[str, float], ...]) -> dict[str, float]:
+    paces = {**advised_poll_intervals(), **dict(overrides)}
+    return {
+        service: pace
+        for service, pace in sorted(paces.items())
+        if pace > poll_interval  # a pace below the poll interval is the poll interval
+    }
+
+
+def next_poll_at(
+    created_at: datetime, now: datetime, settings: Settings, *, service: str | None = None
+) -> datetime:
+    """Fresh tasks are polled every poll interval (or their service's pace); older ones back
+    off in proportion to their age, up to the maximum."""
     age = (now - created_at).total_seconds()
     interval = min(
-        settings.max_poll_interval, max(settings.poll_interval, age * BACKOFF_SHARE_OF_AGE)
+        settings.max_poll_interval,
+        max(fresh_interval(service, settings), age * BACKOFF_SHARE_OF_AGE),
     )
     return now + timedelta(seconds=interval)
 

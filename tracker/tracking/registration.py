@@ -51,6 +51,7 @@ def register_task(
     *,
     now: datetime | None = None,
     settings: Settings | None = None,
+    doorbell_hash: str | None = None,
 ) -> Registered:
     """Start tracking a task for `client`; repeating the same registration is harmless.
 
@@ -58,6 +59,9 @@ def register_task(
     (docs/decisions/0011-registration-insert-first.md). A registration racing another
     for the same task waits for it and then answers as a repeat or a conflict, without
     breaking the caller's transaction (a batch goes on with its other items).
+
+    `doorbell_hash`: the hash of the doorbell token a submission gave the upstream as
+    its callback URL (`tracker.polling.doorbell`).
     """
     settings = settings or get_settings()
     now = now or utcnow()
@@ -73,6 +77,7 @@ def register_task(
         "created_at": now,
         "updated_at": now,
         "deadline_at": now + timedelta(seconds=timeout),
+        "doorbell_hash": doorbell_hash,
     }
     # Due at once: a task already finished upstream is seen at the next tick.
     schedule: dict[str, Any] = {"polls": 0, "misses": 0, "next_poll_at": now}

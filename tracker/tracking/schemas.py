@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing_extensions import TypeAliasType
 
 from tracker.config import SEVEN_DAYS
 from tracker.errors import CallbackRefused
@@ -16,6 +17,58 @@ TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 SERVICE_PATTERN = r"^[a-z0-9-]{1,32}$"
 MAX_METADATA_BYTES = 16 * 1024
 MAX_CALLBACK_URL = 2048
+# What a callback URL may be, as a pattern the OpenAPI document states: http or https,
+# printable ASCII, an optional user:password@, a host name (letters, digits, `-`, `_`,
+# dot-separated), an IPv4 address or a bracketed IPv6 one, an optional port (0-65535),
+# then a path, query or fragment. Every URL of this form passes `parse_callback_url`, and
+# registration refuses any other, so the document is exactly as strict as the validation
+# (an internationalised name is given in punycode).
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_LS32 = rf"(?:{_H16}:{_H16}|{_IPV4})"
+_IPV6 = "|".join(  # RFC 3986's IPv6address, form by form
+    [
+        rf"(?:{_H16}:){{6}}{_LS32}",
+        rf"::(?:{_H16}:){{5}}{_LS32}",
+        rf"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}",
+        rf"(?:(?:{_H16}:){{0,4}}{_H16})?::{_LS32}",
+        rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
+        rf"(?:(?:{_H16}:){{0,6}}{_H16})?::",
+    ]
+)
+_HOST = rf"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[(?:{_IPV6})\])"
+_PORT = r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
+CALLBACK_URL_PATTERN = (
+    rf"^https?://(?:[A-Za-z0-9._~%!$&'()*+,;=:-]*@)?{_HOST}{_PORT}(?:[/?#][!-~]*)?$"
+)
+
+# Metadata is any JSON object without the NUL character (PostgreSQL's JSONB refuses it),
+# stated as a recursive schema so that the OpenAPI document says so too. Its size limit
+# (16 KiB of JSON) is checked below; JSON Schema cannot state it.
+NO_NUL_PATTERN = r"^[^\x00]*$"
+MetadataText = Annotated[str, Field(pattern=NO_NUL_PATTERN)]
+# A JSON object's keys must match too (JSON Schema's patternProperties alone lets others by).
+_CLOSED = Field(json_schema_extra={"additionalProperties": False})
+if TYPE_CHECKING:  # mypy cannot follow the recursive alias; it is JSON either way
+    MetadataObject = dict[str, Any]
+else:
+    MetadataValue = TypeAliasType(
+        "MetadataValue",
+        Union[  # noqa: UP007 - a recursive alias needs the Union form
+            bool,
+            int,
+            float,
+            MetadataText,
+            list["MetadataValue"],
+            Annotated[dict[MetadataText, "MetadataValue"], _CLOSED],
+            None,
+        ],
+    )
+    MetadataObject = Annotated[dict[MetadataText, MetadataValue], _CLOSED]
 
 EventName = Literal["task.running", "task.completed", "task.failed", "task.timed_out"]
 
@@ -56,6 +109,36 @@ def parse_callback_url(url: str) -> SplitResult:
     return parts
 
 
+def check_callback_url(value: Any) -> Any:
+    """A callback URL, or ValueError saying plainly why it is refused. Anything but a string
+    is left to the field's type and pattern (validators run before them)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parse_callback_url(value)
+    except CallbackRefused as exc:
+        raise ValueError(exc.message) from None
+    return value
+
+
+def check_json_object(value: Any, *, max_bytes: int) -> Any:
+    """A JSON object the database and every webhook body can hold: strict JSON, valid UTF-8,
+    no NUL character (PostgreSQL's JSONB refuses it), at most `max_bytes`; else ValueError.
+    Anything but an object is left to the field's type check."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        size = len(text.encode())
+    except ValueError as exc:  # NaN or Infinity, or a lone surrogate (not UTF-8)
+        raise ValueError(f"must be strict JSON in UTF-8: {exc}") from None
+    if _contains_nul(value):
+        raise ValueError("must not contain the NUL character (\\u0000)")
+    if size > max_bytes:
+        raise ValueError(f"must be at most {max_bytes} bytes of JSON (got {size})")
+    return value
+
+
 class TaskRegistration(BaseModel):
     """What a client asks the tracker to watch."""
 
@@ -69,13 +152,20 @@ class TaskRegistration(BaseModel):
     service: str = Field(
         "luma", pattern=SERVICE_PATTERN, description="Upstream service, e.g. luma, suno, kling."
     )
-    callback_url: str | None = Field(
+    callback_url: (
+        Annotated[str, Field(max_length=MAX_CALLBACK_URL, pattern=CALLBACK_URL_PATTERN)] | None
+    ) = Field(
         None,
-        max_length=MAX_CALLBACK_URL,
-        description="Where webhooks go (http or https). Without it, no webhook is sent.",
+        description=(
+            "Where webhooks go: an http or https URL of printable ASCII with a host name "
+            "(punycode for an internationalised one) or IPv4 address. Without it, no "
+            "webhook is sent."
+        ),
+        examples=["https://example.com/hooks/acedata"],
     )
-    metadata: dict[str, Any] = Field(
-        default_factory=dict, description="A JSON object (<= 16 KiB) echoed in every webhook."
+    metadata: MetadataObject = Field(
+        default_factory=dict,
+        description="A JSON object (<= 16 KiB, no NUL character) echoed in every webhook.",
     )
     events: list[EventName] = Field(
         default_factory=lambda: list(DEFAULT_EVENTS),  # type: ignore[arg-type]
@@ -88,32 +178,16 @@ class TaskRegistration(BaseModel):
         description="Seconds before the task is timed_out; default TRACKER_TASK_TIMEOUT.",
     )
 
-    @field_validator("callback_url")
+    @field_validator("callback_url", mode="before")
     @classmethod
-    def _check_callback_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parse_callback_url(value)
-        except CallbackRefused as exc:
-            raise ValueError(exc.message) from None
-        return value
+    def _check_callback_url(cls, value: object) -> object:
+        """The URL's own problems first, said plainly; then the pattern applies."""
+        return check_callback_url(value)
 
-    @field_validator("metadata")
+    @field_validator("metadata", mode="before")
     @classmethod
-    def _check_metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # What the database and every webhook body can hold: strict JSON, valid UTF-8,
-        # no NUL character (PostgreSQL's JSONB refuses it).
-        try:
-            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-            size = len(text.encode())
-        except ValueError as exc:  # NaN or Infinity, or a lone surrogate (not UTF-8)
-            raise ValueError(f"must be strict JSON in UTF-8: {exc}") from None
-        if _contains_nul(value):
-            raise ValueError("must not contain the NUL character (\\u0000)")
-        if size > MAX_METADATA_BYTES:
-            raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes of JSON (got {size})")
-        return value
+    def _check_metadata_size(cls, value: Any) -> Any:
+        return check_json_object(value, max_bytes=MAX_METADATA_BYTES)
 
     @field_validator("events")
     @classmethod

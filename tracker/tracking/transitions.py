@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from tracker.clock import isoformat_z
 from tracker.db.models import Task, TaskTransition, WebhookDelivery
+from tracker.db.queries import task_outputs
 from tracker.errors import InvalidTransition
 from tracker.observability.metrics import TRANSITIONS
 from tracker.states import (
@@ -52,6 +53,8 @@ def webhook_payload(
             "failure": task.failure,
             "created_at": isoformat_z(task.created_at),
             "finished_at": isoformat_z(task.finished_at),
+            "progress": task.progress,
+            "outputs": task_outputs(task),
             "record": task.record,
         },
     }
@@ -67,6 +70,7 @@ def record_transition(
     upstream_state: str | None = None,
     record: dict[str, Any] | None = None,
     failure: Failure | None = None,
+    progress: int | None = None,
 ) -> list[WebhookDelivery]:
     """Move `task` to `to_state`: history row, task update, outbox rows; returns new deliveries."""
     from_state = task.state
@@ -79,6 +83,8 @@ def record_transition(
         task.upstream_state = upstream_state
     if record is not None:
         task.record = record
+    if progress is not None:
+        task.progress = progress
     task.updated_at = observed_at
     if failure is not None:
         task.failure_code, task.failure_message = failure.code, failure.message

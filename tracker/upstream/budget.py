@@ -2,8 +2,10 @@
 
 The budget is a schedule (GCRA): each request reserves the next free slot, slots
 are 1/rps seconds apart, and a worker sleeps until its slot. A 429 from the
-upstream pauses the whole token until its Retry-After. The schedule lives in
-Redis when the broker is Redis (one atomic script) and otherwise in the
+upstream pauses the whole token until its Retry-After, for at most `max_pause`
+(TRACKER_MAX_POLL_INTERVAL): a stored pause found longer than that (written with
+another bound, or by hand) is cut back to it when read, so no pause outlives its bound.
+The schedule lives in Redis when the broker is Redis (one atomic script) and otherwise in the
 `upstream_credentials` table (one short write transaction). Whether the upstream
 rejected the token (401/403) is always kept in the database, where `/readyz` reads it.
 """
@@ -11,11 +13,14 @@ rejected the token (401/403) is always kept in the database, where `/readyz` rea
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Protocol, cast
 
 import redis
@@ -24,10 +29,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tracker.clock import utcnow
+from tracker.config import DEFAULT_MAX_POLL_INTERVAL
 from tracker.db.engine import autocommit_engine, dialect_insert, is_postgresql
 from tracker.db.models import UpstreamCredential
 from tracker.errors import BudgetUnavailable
 from tracker.observability.metrics import BUDGET_WAIT
+
+log = logging.getLogger("tracker.upstream")
 
 _CREDENTIALS = cast(Table, UpstreamCredential.__table__)
 
@@ -41,6 +49,55 @@ def credential_key(token: str | None) -> str:
     return "tok_" + hashlib.sha256((token or "").encode()).hexdigest()[:24]
 
 
+def redis_budget_keys(key: str) -> tuple[str, str]:
+    """The Redis keys of a token's budget: its schedule (next free slot) and its pause."""
+    return f"tracker:budget:{key}:schedule", f"tracker:budget:{key}:paused"
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """A token's budget as it stands, for people (the dashboard's overview).
+
+    `queued_seconds`: how far ahead of now the next free request slot lies; above zero,
+    every slot up to then is taken (the budget is fully in use). `paused_until`: a 429
+    paused the token until then.
+    """
+
+    rps: float
+    queued_seconds: float
+    paused_until: datetime | None
+    rejected_at: datetime | None
+    rejected_reason: str | None
+
+
+def read_budget_state(
+    session: Session, key: str, *, rps: float, redis_url: str | None, now: datetime
+) -> BudgetState:
+    """The budget of the token `key` (a `credential_key`), from Redis when the workers keep
+    it there (`redis_url`), else from `upstream_credentials`; rejection is always in the
+    database. Reads only; a Redis that does not answer reads as an idle budget."""
+    row = session.get(UpstreamCredential, key)
+    next_slot = row.next_request_at if row is not None else None
+    paused = row.paused_until if row is not None else None
+    if redis_url:
+        try:
+            conn = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+            with conn:
+                schedule, pause = conn.mget(list(redis_budget_keys(key)))
+        except redis.RedisError:
+            schedule = pause = None
+        next_slot = datetime.fromtimestamp(float(schedule), UTC) if schedule is not None else None
+        paused = datetime.fromtimestamp(float(pause), UTC) if pause is not None else None
+    queued = max(0.0, (next_slot - now).total_seconds()) if next_slot is not None else 0.0
+    return BudgetState(
+        rps=rps,
+        queued_seconds=queued,
+        paused_until=paused if paused is not None and paused > now else None,
+        rejected_at=row.rejected_at if row is not None else None,
+        rejected_reason=row.rejected_reason if row is not None else None,
+    )
+
+
 class Budget(Protocol):
     interval: float  # seconds between two slots
 
@@ -49,18 +106,43 @@ class Budget(Protocol):
         first. Raises BudgetUnavailable."""
 
     def pause(self, seconds: float) -> None:
-        """Hold every request of this token for `seconds` (the upstream said 429)."""
+        """Hold every request of this token for `seconds` (the upstream said 429), at most
+        the budget's `max_pause`."""
+
+
+def bounded_pause(seconds: float, max_pause: float) -> float:
+    """`seconds` within [0, max_pause]; infinite or not a number: `max_pause`."""
+    if not math.isfinite(seconds):
+        return max_pause
+    return min(max(seconds, 0.0), max_pause)
+
+
+def _log_cut_pause(key: str, left: float, max_pause: float) -> None:
+    log.warning(
+        "the stored 429 pause of upstream token %s had %.0f s left, more than the %g s "
+        "allowed (TRACKER_MAX_POLL_INTERVAL); cut back to %g s",
+        key,
+        left,
+        max_pause,
+        max_pause,
+    )
 
 
 class RedisBudget:
     """The schedule in Redis: exact across processes, one round trip per request."""
 
-    # KEYS: schedule, pause. ARGV: interval, max_wait (both seconds).
-    # Returns the wait in seconds as a string, or "-<seconds>" when refused.
+    # KEYS: schedule, pause. ARGV: interval, max_wait, count, max_pause (seconds).
+    # Returns the wait in seconds as a string, or "-<seconds>" when refused. A pause
+    # longer than max_pause is cut back to it first.
     _RESERVE = """
     local t = redis.call('TIME')
     local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-    local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+    local paused = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+    local bound = now + tonumber(ARGV[4])
+    if paused > bound then
+      redis.call('SET', KEYS[2], tostring(bound), 'EX', 3600)
+      return '-' .. tostring(bound - now) .. ':cut:' .. tostring(paused - now)
+    end
     if paused > now then return '-' .. tostring(paused - now) end
     local slot = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
     local wait = slot - now
@@ -68,24 +150,37 @@ class RedisBudget:
     redis.call('SET', KEYS[1], tostring(slot + tonumber(ARGV[1]) * tonumber(ARGV[3])), 'EX', 3600)
     return tostring(wait)
     """
+    # KEYS: pause. ARGV: seconds, max_pause. A longer pause stands, unless it is
+    # longer than max_pause from now.
     _PAUSE = """
     local t = redis.call('TIME')
     local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
     local untl = now + tonumber(ARGV[1])
-    local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-    if untl > cur then redis.call('SET', KEYS[1], tostring(untl), 'EX', 3600) end
+    local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+    if untl > cur or cur > now + tonumber(ARGV[2]) then
+      redis.call('SET', KEYS[1], tostring(untl), 'EX', 3600)
+    end
     return tostring(untl)
     """
 
-    def __init__(self, url: str, key: str, rps: float) -> None:
+    def __init__(
+        self, url: str, key: str, rps: float, *, max_pause: float = DEFAULT_MAX_POLL_INTERVAL
+    ) -> None:
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        self._keys = [f"tracker:budget:{key}:schedule", f"tracker:budget:{key}:paused"]
+        self._key = key
+        self._keys = list(redis_budget_keys(key))
         self.interval = SCHEDULE_MARGIN / rps
+        self.max_pause = max_pause
         self._reserve = self._redis.register_script(self._RESERVE)
         self._pause = self._redis.register_script(self._PAUSE)
 
     def reserve(self, *, max_wait: float, count: int = 1) -> float:
-        answer = self._reserve(keys=self._keys, args=[self.interval, max_wait, count])
+        answer = self._reserve(
+            keys=self._keys, args=[self.interval, max_wait, count, self.max_pause]
+        )
+        if b":cut:" in answer:
+            answer, _, left = answer.partition(b":cut:")
+            _log_cut_pause(self._key, float(left), self.max_pause)
         wait = float(answer)
         if wait < 0 or answer.startswith(b"-"):
             raise BudgetUnavailable(
@@ -95,7 +190,9 @@ class RedisBudget:
         return wait
 
     def pause(self, seconds: float) -> None:
-        self._pause(keys=[self._keys[1]], args=[seconds])
+        self._pause(
+            keys=[self._keys[1]], args=[bounded_pause(seconds, self.max_pause), self.max_pause]
+        )
 
 
 class DatabaseBudget:
@@ -107,11 +204,13 @@ class DatabaseBudget:
         key: str,
         rps: float,
         *,
+        max_pause: float = DEFAULT_MAX_POLL_INTERVAL,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._sessions = sessions
         self._key = key
         self.interval = SCHEDULE_MARGIN / rps
+        self.max_pause = max_pause
         self._clock = clock
         # PostgreSQL takes a slot in one autocommitted statement (no session).
         self._autocommit = autocommit_engine(sessions)
@@ -123,6 +222,10 @@ class DatabaseBudget:
         with self._sessions.begin() as session:
             now = self._clock()
             row = _locked_credential(session, self._key, now)
+            bound = now + timedelta(seconds=self.max_pause)
+            if row.paused_until is not None and row.paused_until > bound:
+                _log_cut_pause(self._key, (row.paused_until - now).total_seconds(), self.max_pause)
+                row.paused_until = bound
             if row.paused_until is not None and row.paused_until > now:
                 raise BudgetUnavailable(
                     "upstream token paused after a 429", retry_at=row.paused_until
@@ -172,8 +275,9 @@ class DatabaseBudget:
         with self._sessions.begin() as session:
             now = self._clock()
             row = _locked_credential(session, self._key, now)
-            until = now + timedelta(seconds=seconds)
-            if row.paused_until is None or row.paused_until < until:
+            until = now + timedelta(seconds=bounded_pause(seconds, self.max_pause))
+            bound = now + timedelta(seconds=self.max_pause)
+            if row.paused_until is None or not until <= row.paused_until <= bound:
                 row.paused_until = until
 
 
@@ -276,3 +380,12 @@ def clear_rejected(session: Session, key: str) -> bool:
 def rejected_since(session: Session, key: str) -> datetime | None:
     row = session.get(UpstreamCredential, key)
     return None if row is None else row.rejected_at
+
+
+def rejected_credentials(session: Session) -> dict[str, datetime]:
+    """Fingerprint -> when the upstream last rejected it, for every token it rejects now."""
+    credential = _CREDENTIALS.c
+    rows = session.connection().execute(
+        select(credential.key, credential.rejected_at).where(credential.rejected_at.is_not(None))
+    )
+    return {key: rejected_at for key, rejected_at in rows if rejected_at is not None}

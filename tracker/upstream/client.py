@@ -12,25 +12,30 @@ follows no redirect. The vendor's error body
 
 429 and server errors are retried up to `max_retries` times with the vendor's
 published backoff (1, 2, 4, 8, 16 s, +-20 % jitter), never sooner than a 429's
-Retry-After; other 4xx are never retried. Records are matched by their `id`,
-never by position: the vendor does not promise order or completeness.
+Retry-After; other 4xx are never retried. A Retry-After is read by
+`tracker.clock.parse_retry_after` and bounded by `max_retry_after`
+(TRACKER_MAX_POLL_INTERVAL): a larger, infinite or unreadable one is clamped and logged.
+Records are matched by their `id`, never by position: the vendor does not promise order
+or completeness.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC
-from email.utils import parsedate_to_datetime
+from dataclasses import dataclass
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from tracker import __version__
-from tracker.config import Settings
+from tracker.clock import parse_retry_after, utcnow
+from tracker.config import DEFAULT_MAX_POLL_INTERVAL, Settings
 from tracker.errors import (
+    BudgetUnavailable,
     UpstreamAuthError,
     UpstreamBadAnswer,
     UpstreamError,
@@ -39,6 +44,8 @@ from tracker.errors import (
 )
 from tracker.observability import metrics
 
+log = logging.getLogger("tracker.upstream")
+
 VENDOR_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
 BACKOFF_JITTER = 0.2
 # Error codes that mean "no such task" on a single retrieve (the vendor does not document one).
@@ -46,6 +53,19 @@ NOT_FOUND_CODES = frozenset({"not_found", "task_not_found"})
 EXCERPT_CHARS = 200
 
 Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SubmitAnswer:
+    """What a generation endpoint answered: its status and its body (JSON, or the text)."""
+
+    status: int
+    body: Any
+
+    @property
+    def accepted(self) -> bool:
+        """A 2xx that is not the vendor's error body."""
+        return 200 <= self.status < 300 and not _is_error_body(self.body)
 
 
 class UpstreamClient:
@@ -61,6 +81,7 @@ class UpstreamClient:
         max_retries: int = 5,
         backoff: Sequence[float] = VENDOR_BACKOFF,
         max_batch: int = 50,
+        max_retry_after: float = DEFAULT_MAX_POLL_INTERVAL,
         pool_size: int = 32,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -75,6 +96,7 @@ class UpstreamClient:
         self.max_retries = max_retries
         self.backoff = tuple(backoff)
         self.max_batch = max_batch
+        self.max_retry_after = max_retry_after
         self.sleep = sleep
         self.before_request = before_request
         self.headers = {
@@ -104,6 +126,7 @@ class UpstreamClient:
         token = settings.upstream_bearer
         kwargs.setdefault("read_timeout", settings.upstream_timeout)
         kwargs.setdefault("max_batch", settings.batch_size)
+        kwargs.setdefault("max_retry_after", settings.max_poll_interval)
         return cls(settings.upstream_url, token, **kwargs)
 
     def close(self) -> None:
@@ -121,23 +144,71 @@ class UpstreamClient:
             raise
         if not isinstance(answer, dict):
             raise self._off_shape(service, "a task record (a JSON object)", answer)
-        return answer if answer.get("id") else None
+        return answer if names_a_task(answer) else None
 
     def retrieve_batch(self, service: str, ids: Sequence[str]) -> dict[str, Record]:
-        """The records of `ids` keyed by their `id`; ids the answer left out are absent."""
+        """The records of `ids` keyed by their `id`; ids the answer left out are absent.
+
+        Each request asks for what it means: `limit` is the number of ids (some of the
+        vendor's task endpoints page their answers, with default limits as small as 12).
+        Ids missing from an answer with fewer items than asked are asked again at once,
+        each request taking its own slot of the budget, until an answer brings none of
+        them: a page cut short is not a miss. Should a re-ask fail, what the earlier
+        answers brought is kept and the rest count as misses.
+        """
         wanted = list(dict.fromkeys(ids))
         records: dict[str, Record] = {}
         for start in range(0, len(wanted), self.max_batch):
             chunk = wanted[start : start + self.max_batch]
-            answer = self._post(service, {"ids": chunk, "action": "retrieve_batch"})
-            items = answer.get("items") if isinstance(answer, dict) else None
-            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-                raise self._off_shape(service, '{"items": [task records], "count": N}', answer)
-            asked = set(chunk)
-            for item in items:
-                if item.get("id") in asked:
-                    records[item["id"]] = item
+            asked, answered = len(chunk), self._retrieve_chunk(service, chunk, records)
+            missing = [task_id for task_id in chunk if task_id not in records]
+            while missing and answered < asked:  # a short answer: ask for what it left out
+                metrics.UPSTREAM_SHORT_ANSWERS.inc()
+                try:
+                    answered = self._retrieve_chunk(service, missing, records)
+                except (UpstreamError, BudgetUnavailable):
+                    break  # the earlier answers stand; the rest are misses this time
+                still = [task_id for task_id in missing if task_id not in records]
+                if len(still) == len(missing):
+                    break  # the upstream has none of them: misses, not a page cut short
+                asked, missing = len(missing), still
         return records
+
+    def _retrieve_chunk(
+        self, service: str, chunk: Sequence[str], records: dict[str, Record]
+    ) -> int:
+        """Ask for `chunk` once; add what came back to `records`; return the items answered."""
+        body = {"ids": list(chunk), "action": "retrieve_batch", "limit": len(chunk)}
+        answer = self._post(service, body)
+        items = answer.get("items") if isinstance(answer, dict) else None
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise self._off_shape(service, '{"items": [task records], "count": N}', answer)
+        asked = set(chunk)
+        for item in items:
+            if item.get("id") in asked:
+                records[item["id"]] = item
+        return len(items)
+
+    def submit(self, service: str, endpoint: str, body: dict[str, Any]) -> SubmitAnswer:
+        """POST a generation request to `{base}/{service}/{endpoint}`, once: a submission
+        spends credits, so it is never retried. Any answer comes back as it is; only a
+        timeout or a connection error raises (UpstreamServerError: whether the vendor
+        started the task is then unknown)."""
+        url = f"{self.base_url}/{service}/{endpoint}"
+        started = time.perf_counter()
+        try:
+            response = self._raw_post(url, body)
+        finally:
+            metrics.UPSTREAM_LATENCY.labels(action="submit").observe(time.perf_counter() - started)
+        with response:
+            try:
+                answer: Any = response.json()
+            except ValueError:
+                answer = response.text[:EXCERPT_CHARS]
+            result = SubmitAnswer(response.status_code, answer)
+        outcome = "ok" if result.accepted else f"http_{result.status}"
+        metrics.UPSTREAM_REQUESTS.labels(action="submit", outcome=outcome).inc()
+        return result
 
     def _post(self, service: str, body: dict[str, Any]) -> Any:
         url = f"{self.base_url}/{service}/tasks"
@@ -174,8 +245,14 @@ class UpstreamClient:
         return answer
 
     def _send(self, url: str, body: dict[str, Any]) -> Any:
+        response = self._raw_post(url, body)
+        with response:
+            return _parse_answer(url, response, max_retry_after=self.max_retry_after)
+
+    def _raw_post(self, url: str, body: dict[str, Any]) -> requests.Response:
+        """One POST, no redirect followed; transport failures as UpstreamServerError."""
         try:
-            response = self.session.post(
+            return self.session.post(
                 url, json=body, headers=self.headers, timeout=self.timeout, allow_redirects=False
             )
         except requests.Timeout as exc:
@@ -189,8 +266,6 @@ class UpstreamClient:
                 f"could not reach {url} ({exc}); check TRACKER_UPSTREAM_URL and the network",
                 code="connection_error",
             ) from exc
-        with response:
-            return _parse_answer(url, response)
 
     def _off_shape(self, service: str, expected: str, answer: Any) -> UpstreamBadAnswer:
         return UpstreamBadAnswer(
@@ -200,7 +275,16 @@ class UpstreamClient:
         )
 
 
-def _parse_answer(url: str, response: requests.Response) -> Any:
+def names_a_task(answer: dict[str, Any]) -> bool:
+    """A single `retrieve` answered a task, not "no such task" (`{}`): a record with its
+    `id`, a flat answer with its `task_id` (captcha), or MiniMax's `{"task": {"id"}}`."""
+    task = answer.get("task")
+    return bool(
+        answer.get("id") or answer.get("task_id") or (isinstance(task, dict) and task.get("id"))
+    )
+
+
+def _parse_answer(url: str, response: requests.Response, *, max_retry_after: float) -> Any:
     """The JSON body of a 2xx answer; any other answer raised as its typed error."""
     status = response.status_code
     if 200 <= status < 300:
@@ -232,7 +316,7 @@ def _parse_answer(url: str, response: requests.Response) -> Any:
             f"{said}; the token was rejected: check TRACKER_UPSTREAM_TOKEN", **details
         )
     if status == 429:
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        retry_after = _bounded_retry_after(url, response, max_retry_after)
         wait = f"retry after {retry_after:g} s" if retry_after is not None else "slow down"
         raise UpstreamRateLimited(
             f"{said}; {wait}, or lower TRACKER_UPSTREAM_RPS if this persists",
@@ -278,21 +362,25 @@ def _vendor_error(body: Any) -> tuple[str | None, str, str | None]:
     return None, _excerpt(body), trace
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
-    if not value:
+def _bounded_retry_after(url: str, response: requests.Response, limit: float) -> float | None:
+    """The 429's Retry-After in seconds, at most `limit`; None without a readable one."""
+    retry_after = parse_retry_after(response.headers.get("retry-after"), now=utcnow(), limit=limit)
+    if retry_after is None:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:  # "-0000": the date is UTC without saying so
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, moment.timestamp() - time.time())
+    if retry_after.note is not None:
+        taken = (
+            f"clamped to {retry_after.seconds:g} s (TRACKER_MAX_POLL_INTERVAL)"
+            if retry_after.seconds is not None
+            else "ignored"
+        )
+        log.warning(
+            "%s answered 429 with Retry-After %r, which %s; %s",
+            url,
+            retry_after.header,
+            retry_after.note,
+            taken,
+        )
+    return retry_after.seconds
 
 
 def _excerpt(value: Any) -> str:

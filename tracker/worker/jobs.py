@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -23,16 +25,19 @@ from tracker.config import Settings, get_settings
 from tracker.db.engine import make_engine, session_factory
 from tracker.delivery.attempt import attempt_deliveries
 from tracker.delivery.outbox import delivery_batches
+from tracker.errors import TokenUnavailable
 from tracker.observability import metrics
 from tracker.polling import (
     MAX_BUDGET_WAIT,
     PollBatch,
+    PollOutcome,
     claim_due_tasks,
     claim_limit,
     claim_lookahead,
     dispatch_interval,
     plan_batches,
     poll_lease,
+    release_batch,
     run_poll_job,
     time_out_overdue_tasks,
 )
@@ -41,11 +46,17 @@ from tracker.upstream.budget import (
     Budget,
     DatabaseBudget,
     RedisBudget,
-    credential_key,
-    rejected_since,
+    mark_rejected,
+    rejected_credentials,
     wait_for_slot,
 )
 from tracker.upstream.client import UpstreamClient
+from tracker.upstream.credentials import (
+    Credential,
+    client_credentials,
+    credential_by_key,
+    tracker_credential,
+)
 from tracker.worker.app import POLL_QUEUE, celery_app
 from tracker.worker.doorbells import Doorbell
 from tracker.worker.messages import PollBatchMessage, poll_batch_from_message, poll_batch_message
@@ -60,17 +71,101 @@ SWEEP_DELIVERY_LIMIT = 1000
 SHORT_RETRY = 60.0
 # Most batches one poll job carries (see `poll_jobs`).
 POLL_JOB_BATCHES = 8
+# A `poll_now` job older than this is dropped: the regular ticks have polled by then.
+POLL_NOW_EXPIRES = 5.0
+
+
+@dataclass(frozen=True)
+class Poller:
+    """What polls with one token: its client (pooled connections) and its request budget."""
+
+    credential: str
+    upstream: UpstreamClient
+    budget: Budget
+
+
+def make_poller(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    credential: Credential,
+    *,
+    max_wait: float = MAX_BUDGET_WAIT,
+) -> Poller:
+    """A client and budget for one token: each token has a request budget of its own. A
+    request waits at most `max_wait` s for its slot (else BudgetUnavailable)."""
+    budget: Budget
+    if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
+        budget = RedisBudget(
+            settings.broker_url,
+            credential.key,
+            settings.upstream_rps,
+            max_pause=settings.max_poll_interval,
+        )
+    else:
+        budget = DatabaseBudget(
+            sessions, credential.key, settings.upstream_rps, max_pause=settings.max_poll_interval
+        )
+    upstream = UpstreamClient(
+        settings.upstream_url,
+        credential.token,
+        read_timeout=settings.upstream_timeout,
+        max_batch=settings.batch_size,
+        max_retry_after=settings.max_poll_interval,
+        max_retries=0,  # the engine gives failed batches back with a delay instead
+        before_request=lambda: wait_for_slot(budget, max_wait=max_wait),
+    )
+    return Poller(credential.key, upstream, budget)
+
+
+class Pollers:
+    """The tracker's poller and one per client token, made on first use and kept: a token's
+    fingerprint names that token for good, so a kept poller never goes stale."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self.tracker = make_poller(settings, sessions, tracker_credential(settings))
+        self._by_key: dict[str, Poller] = {self.tracker.credential: self.tracker}
+        self._lock = threading.Lock()
+
+    def get(self, credential: str | None) -> Poller | None:
+        """The poller of this token (None: the tracker's); None when no client holds it any
+        more. Raises TokenUnavailable when the token cannot be decrypted."""
+        if credential is None:
+            return self.tracker
+        with self._lock:
+            poller = self._by_key.get(credential)
+        if poller is not None:
+            return poller
+        with self._sessions() as session:
+            found = credential_by_key(session, credential, settings=self._settings)
+        if found is None:
+            return None
+        with self._lock:
+            return self._by_key.setdefault(
+                credential, make_poller(self._settings, self._sessions, found)
+            )
 
 
 @dataclass(frozen=True)
 class WorkerContext:
-    """What one worker process shares between jobs: settings, sessions, upstream, budget."""
+    """What one worker process shares between jobs: settings, sessions, the pollers (the
+    tracker's token's `upstream`, `budget` and `credential`, and each client token's)."""
 
     settings: Settings
     sessions: sessionmaker[Session]
     upstream: UpstreamClient
     budget: Budget
     credential: str
+    pollers: Pollers
+
+    @classmethod
+    def create(cls, settings: Settings, sessions: sessionmaker[Session]) -> WorkerContext:
+        pollers = Pollers(settings, sessions)
+        tracker = pollers.tracker
+        return cls(
+            settings, sessions, tracker.upstream, tracker.budget, tracker.credential, pollers
+        )
 
 
 @lru_cache(maxsize=1)
@@ -79,19 +174,7 @@ def worker_context() -> WorkerContext:
     # A connection per worker thread stays open: the default pool (5 kept, 10 more
     # opened and closed as needed) makes 16 threads connect again every few jobs.
     sessions = session_factory(make_engine(settings.database_url, pool_size=DEFAULT_CONCURRENCY))
-    token = settings.upstream_bearer
-    credential = credential_key(token)
-    budget: Budget
-    if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
-        budget = RedisBudget(settings.broker_url, credential, settings.upstream_rps)
-    else:
-        budget = DatabaseBudget(sessions, credential, settings.upstream_rps)
-    upstream = UpstreamClient.from_settings(
-        settings,
-        max_retries=0,  # the engine gives failed batches back with a delay instead
-        before_request=lambda: wait_for_slot(budget, max_wait=MAX_BUDGET_WAIT),
-    )
-    return WorkerContext(settings, sessions, upstream, budget, credential)
+    return WorkerContext.create(settings, sessions)
 
 
 def ring_delivery_doorbells(delivery_ids: Iterable[str], *, countdown: float = 0.0) -> None:
@@ -138,27 +221,45 @@ def dispatch_polls() -> int:
     if waiting > max_waiting_jobs(settings):
         log.info("%d poll jobs still wait for a worker; this tick claims nothing", waiting)
         return 0
-    now = utcnow()
-    with ctx.sessions.begin() as session:
-        rejected_at = rejected_since(session, ctx.credential)
-        if (
-            rejected_at is not None
-            and (now - rejected_at).total_seconds() < settings.max_poll_interval
-        ):
-            return 0  # the token was rejected: probe again only once per max poll interval
-        claimed = claim_due_tasks(
-            session,
-            now=now,
-            limit=claim_limit(settings),
-            settings=settings,
-            lookahead=claim_lookahead(settings),
-        )
-    for claim in claimed:
-        metrics.POLL_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
-    batches = plan_batches(claimed, settings.batch_size, probe=rejected_at is not None)
+    batches = claim_and_plan(ctx, utcnow())
     for job in poll_jobs(batches):
         enqueue_poll_job(job)
     return len(batches)
+
+
+def claim_and_plan(
+    ctx: WorkerContext, now: datetime, *, row_ids: Sequence[int] | None = None
+) -> list[PollBatch]:
+    """Claim due registrations (with `row_ids`: of those only) and plan their batches, per
+    service and token.
+
+    A token the upstream rejected is probed only once per max poll interval: its
+    registrations are given back until then (when the tracker's token is the only one,
+    the tick claims nothing at all, as it would only give everything back).
+    """
+    settings = ctx.settings
+    pause = timedelta(seconds=settings.max_poll_interval)
+    with ctx.sessions.begin() as session:
+        rejected = rejected_credentials(session)
+        paused = {key for key, at in rejected.items() if now - at < pause}
+        if ctx.credential in paused and not client_credentials(session):
+            return []
+        claimed = claim_due_tasks(
+            session,
+            now=now,
+            limit=claim_limit(settings) if row_ids is None else len(row_ids),
+            settings=settings,
+            lookahead=claim_lookahead(settings) if row_ids is None else 0.0,
+            row_ids=row_ids,
+        )
+        batches = plan_batches(claimed, settings.batch_size, probing=set(rejected), paused=paused)
+        held = [batch for batch in batches if batch.credential in paused]
+        for batch in held:
+            assert batch.credential is not None
+            release_batch(session, batch, retry_at=rejected[batch.credential] + pause)
+    for claim in claimed:
+        metrics.POLL_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
+    return [batch for batch in batches if batch.credential not in paused]
 
 
 def enqueue_poll_job(job: Sequence[PollBatch], app: Celery = celery_app) -> None:
@@ -231,28 +332,91 @@ def poll_batches(batches: list[PollBatchMessage]) -> None:
     another worker are skipped. Each batch's doorbells ring as soon as it is applied.
     """
     ctx = worker_context()
-    for outcome in run_poll_job(
-        ctx.sessions,
-        ctx.upstream,
-        ctx.budget,
-        [poll_batch_from_message(message) for message in batches],
-        settings=ctx.settings,
-        credential=ctx.credential,
-    ):
+    for outcome in poll_with_tokens(ctx, [poll_batch_from_message(m) for m in batches]):
         ring_delivery_doorbells(outcome.applied.delivery_ids)
+
+
+def poll_with_tokens(ctx: WorkerContext, batches: Sequence[PollBatch]) -> Iterator[PollOutcome]:
+    """Poll a job's batches, each with its token's client and budget (`run_poll_job`)."""
+    by_token: dict[str | None, list[PollBatch]] = {}
+    for batch in batches:
+        by_token.setdefault(batch.credential, []).append(batch)
+    for credential, group in by_token.items():
+        poller = _poller_for(ctx, credential, group)
+        if poller is None:
+            continue
+        yield from run_poll_job(
+            ctx.sessions,
+            poller.upstream,
+            poller.budget,
+            group,
+            settings=ctx.settings,
+            credential=poller.credential,
+        )
+
+
+def _poller_for(
+    ctx: WorkerContext, credential: str | None, batches: Sequence[PollBatch]
+) -> Poller | None:
+    """The poller of a job's token; None, with the batches given back, when it cannot poll:
+    no client holds the token any more (due again at once, for the current token), or it
+    cannot be decrypted here (recorded as rejected: /readyz names the client)."""
+    now = utcnow()
+    try:
+        poller = ctx.pollers.get(credential)
+    except TokenUnavailable as exc:
+        assert credential is not None
+        log.error("cannot poll %d batches with token %s: %s", len(batches), credential, exc)
+        with ctx.sessions.begin() as session:
+            mark_rejected(session, credential, exc.message, now=now)
+            for batch in batches:
+                retry_at = now + timedelta(seconds=ctx.settings.max_poll_interval)
+                release_batch(session, batch, retry_at=retry_at)
+        return None
+    if poller is None:
+        with ctx.sessions.begin() as session:
+            for batch in batches:
+                release_batch(session, batch, retry_at=now)
+    return poller
+
+
+def _enqueue_poll_now(row_ids: list[int]) -> None:
+    """One `poll_now` job for the registrations doorbells made due; the next tick covers a
+    lost one."""
+    try:
+        poll_now.apply_async((row_ids,), expires=POLL_NOW_EXPIRES)
+    except Exception:  # the broker is down: the tasks are due, the next tick finds them
+        log.warning("could not enqueue a poll for %d rung tasks; the next tick will", len(row_ids))
+
+
+def ring_poll_doorbell(task_row_ids: Iterable[int]) -> None:
+    """Ask a worker to poll these registrations now: the upstream's callbacks made them due
+    (`tracker.polling.doorbell`; the API gathers them, so one job serves many)."""
+    _enqueue_poll_now(list(task_row_ids))
+
+
+@celery_app.task(name="tracker.poll_now")  # type: ignore[untyped-decorator]
+def poll_now(task_row_ids: list[int]) -> int:
+    """Poll, in this job, the registrations a doorbell made due: a claim of those rows alone
+    (if still due and not leased: leases keep it safe beside the ticks), then their
+    batches, within their tokens' request budgets. One broker hop, so completion reaches
+    its webhook in about one round trip; the ticks' own claims are left as they are."""
+    ctx = worker_context()
+    batches = claim_and_plan(ctx, utcnow(), row_ids=task_row_ids)
+    for outcome in poll_with_tokens(ctx, batches):
+        ring_delivery_doorbells(outcome.applied.delivery_ids)
+    return len(batches)
 
 
 @celery_app.task(name="tracker.sweep")  # type: ignore[untyped-decorator]
 def sweep() -> None:
     """Beat tick: time out overdue tasks and ring again for deliveries whose doorbell was lost."""
-    from datetime import timedelta
-
     from tracker.delivery.outbox import due_delivery_ids
 
     ctx = worker_context()
     now = utcnow()
     with ctx.sessions.begin() as session:
-        timed_out = time_out_overdue_tasks(session, now=now)
+        timed_out = time_out_overdue_tasks(session, now=now, settings=ctx.settings)
     ring_delivery_doorbells(timed_out)
     with ctx.sessions.begin() as session:
         overdue = due_delivery_ids(

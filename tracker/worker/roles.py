@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -86,13 +87,37 @@ def run_beat(*, loglevel: str = "INFO", schedule_file: Path | None = None) -> No
     celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
 
 
+# Signals that stop a supervisor and every child it started: a service manager's or
+# `timeout`'s SIGTERM, a closed terminal's SIGHUP, and Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 @dataclass
 class Supervisor:
-    """Child processes started together and stopped together (Ctrl-C stops them all)."""
+    """Child processes started together and stopped together.
+
+    Each child runs in a process group of its own, so that stopping it reaches whatever
+    it starts in turn (`tracker api --workers N`), and so that a signal meant for the
+    supervisor (Ctrl-C in a terminal) reaches the children only through it, in order.
+    After `handle_signals()`, SIGTERM and SIGHUP stop the supervisor as Ctrl-C does (a
+    KeyboardInterrupt in the main thread), so that one signal to the parent, from a
+    service manager or `timeout`, runs `stop()` and ends the whole tree.
+    """
 
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     log_dir: Path | None = None  # None: children write to this terminal
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _handlers: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    def handle_signals(self) -> None:
+        """Make SIGTERM and SIGHUP raise KeyboardInterrupt, as SIGINT does, until `stop()`.
+
+        Only the main thread can set signal handlers; elsewhere this does nothing.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in STOP_SIGNALS:
+            self._handlers.setdefault(sig, signal.signal(sig, signal.default_int_handler))
 
     def start(self, name: str, args: Sequence[str]) -> None:
         """Start `tracker ARGS` as child `name` (its output to log_dir/NAME.log, if set)."""
@@ -102,6 +127,7 @@ class Supervisor:
             env=dict(self.env),
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
+            process_group=0,
         )
 
     def first_exit(self) -> str | None:
@@ -109,21 +135,56 @@ class Supervisor:
         return next((n for n, p in self.children.items() if p.poll() is not None), None)
 
     def wait(self) -> str:
-        """Block until a child exits (or Ctrl-C); returns its name."""
+        """Block until a child exits (or Ctrl-C, SIGTERM, SIGHUP); returns its name."""
         while (name := self.first_exit()) is None:
             time.sleep(0.5)
         return name
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM every child, then SIGKILL those still running after `timeout`."""
-        for process in self.children.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for process in self.children.values():
-            remaining = max(0.1, deadline - time.monotonic())
-            try:
-                process.wait(remaining)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        """SIGTERM every child's process group, then SIGKILL those still running after
+        `timeout`, and whatever a child left behind in its group. A second signal
+        meanwhile does not cut the stop short."""
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        before = (
+            {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+            if (in_main_thread)
+            else {}
+        )
+        try:
+            for process in self.children.values():
+                _signal_group(process, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for process in self.children.values():
+                if not _exited(process, max(0.1, deadline - time.monotonic())):
+                    log.warning(
+                        "child %d did not stop within %.0f s; killing it", process.pid, timeout
+                    )
+                _signal_group(process, signal.SIGKILL)
                 process.wait()
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, self._handlers.pop(sig, handler))
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    """Send `sig` to the child's process group, while the child (its leader) is not reaped:
+    until then its id cannot name another process group."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
+        os.killpg(process.pid, sig)
+
+
+def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether the child exits within `timeout` seconds; it is left unreaped (`_signal_group`)."""
+    deadline = time.monotonic() + timeout
+    while process.returncode is None:
+        try:
+            if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return True
+        except ChildProcessError:  # reaped elsewhere
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
