@@ -183,7 +183,9 @@ def test_every_package_of_the_source_tree_is_in_the_distribution() -> None:
     a package missing there works in a checkout and is absent from every install."""
     import tomllib
 
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
     found = {
         ".".join(init.parent.relative_to(ROOT).parts)
         for init in (ROOT / "tracker").rglob("__init__.py")
