@@ -3,7 +3,7 @@
     TrackerError
     ├── ConfigError                        a setting the service cannot run with
     ├── NotFound                           404
-    │   ├── ClientNotFound, TaskNotFound, DeliveryNotFound
+    │   ├── ClientNotFound, TaskNotFound, DeliveryNotFound, DestinationNotFound
     ├── Conflict                           409
     │   ├── ClientExists, RegistrationConflict
     ├── InvalidQuery                       422: a listing parameter
@@ -61,6 +61,10 @@ class TaskNotFound(NotFound):
 
 class DeliveryNotFound(NotFound):
     code = "delivery_not_found"
+
+
+class DestinationNotFound(NotFound):
+    code = "destination_not_found"
 
 
 class Conflict(TrackerError):

@@ -99,8 +99,8 @@ class BatchResult(Resource):
 
 
 class DeliveryResource(DeliverySummary):
-    task_id: str
-    service: str
+    task_id: str | None = Field(description="Null for an operational event (no task).")
+    service: str | None = Field(description="Null for an operational event (no task).")
     callback_url: str
     created_at: str
     updated_at: str
@@ -131,8 +131,8 @@ class DeliveryDetail(Resource):
     delivered_at: str | None
     last_status_code: int | None
     failure: FailureResource | None
-    task_id: str
-    service: str
+    task_id: str | None = Field(description="Null for an operational event (no task).")
+    service: str | None = Field(description="Null for an operational event (no task).")
     callback_url: str
     created_at: str
     updated_at: str

@@ -22,6 +22,7 @@ countdowns. Nothing here knows about Celery.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,7 +41,14 @@ from tracker.config import Settings
 from tracker.db.engine import autocommit_engine, retry_while_unreachable, transaction
 from tracker.db.models import WebhookDelivery
 from tracker.delivery.netguard import Resolver
-from tracker.delivery.outbox import Claim, among_ids, claim_deliveries, older_event_unsettled
+from tracker.delivery.outbox import (
+    Claim,
+    among_ids,
+    claim_batch,
+    claim_next_due,
+    next_due_ids,
+    older_event_unsettled,
+)
 from tracker.delivery.outcome import (
     Acknowledged,
     DeliveryOutcome,
@@ -53,6 +61,8 @@ from tracker.tracking.clients import secrets_in_force
 
 Sessions = Engine | sessionmaker[Session]
 
+log = logging.getLogger("tracker.delivery")
+
 
 def attempt_delivery(
     sessions: Sessions,
@@ -64,7 +74,7 @@ def attempt_delivery(
     clock: Callable[[], datetime] = utcnow,
 ) -> DeliveryOutcome:
     """One attempt of one due delivery: `attempt_deliveries` of a single id."""
-    (outcome,) = attempt_deliveries(
+    outcome, *_ = attempt_deliveries(
         sessions, [delivery_id], settings=settings, http=http, resolver=resolver, clock=clock
     )
     return outcome
@@ -78,77 +88,219 @@ def attempt_deliveries(
     http: requests.Session | None = None,
     resolver: Resolver | None = None,
     clock: Callable[[], datetime] = utcnow,
+    pump: bool = False,
+    hand_off_after: float | None = None,
+    on_outcomes: Callable[[list[DeliveryOutcome]], None] | None = None,
 ) -> list[DeliveryOutcome]:
     """One attempt of each due delivery of a batch; an outcome per id, in order.
 
-    A short transaction claims the batch and reads the payloads and the
-    clients' secrets; the requests then go out at once from the process's
-    sending threads (`tracker.delivery.sender.send_pool`), outside any transaction; the
-    answers are recorded as they come in (a 2xx by the thread that read it, on
-    PostgreSQL), so neither a slow receiver nor a dying worker holds back the
-    record of the others. Safe to call twice for the same ids at once (a duplicated
-    job): the lease lets one call send, the other returns `attempted=False`.
+    A short transaction claims the batch (within what each destination allows) and
+    reads the payloads and the clients' secrets; the requests then go out at once from
+    the process's sending threads (`tracker.delivery.sender.send_pool`), outside any
+    transaction; the answers are recorded as they come in (a 2xx by the thread that
+    read it, on PostgreSQL), so neither a slow receiver nor a dying worker holds back
+    the record of the others. Safe to call twice for the same ids at once (a
+    duplicated job): the lease lets one call send, the other returns `attempted=False`.
+
+    `pump`: as its answers free a destination's slots, the call takes that
+    destination's next due deliveries itself (`claim_next_due`), for up to
+    `PUMP_SECONDS`, so a destination with a backlog keeps its attempts in flight
+    without a round through the broker; their outcomes follow the batch's.
+    `hand_off_after`: once no answer has come for that many seconds and nothing is
+    left to take, the call returns; the attempts still in flight (a slow receiver)
+    record themselves from their sending threads and report to `on_outcomes`, so a
+    slow destination holds no job thread.
     """
     ids = list(dict.fromkeys(delivery_ids))
+    job = _Job(sessions, settings, http, resolver, clock, on_outcomes)
     with transaction(sessions) as session:
         now = clock()
-        claims = claim_deliveries(session, ids, now=now, lease_seconds=settings.webhook_lease)
-        lease_ends = time.monotonic() + settings.webhook_lease
-        claimed = {claim.id for claim in claims}
-        outcomes = {
-            outcome.delivery_id: outcome
-            for outcome in _not_claimed(session, [i for i in ids if i not in claimed], now)
-        }
-        secrets = secrets_in_force(session, {claim.client_id for claim in claims}, now=now)
+        claimed = claim_batch(
+            session,
+            ids,
+            now=now,
+            lease_seconds=settings.webhook_lease,
+            concurrency=settings.destination_concurrency,
+            probe_seconds=settings.destination_probe,
+        )
+        claimed_ids = {claim.id for claim in claimed.claims}
+        job.outcomes.update(
+            (outcome.delivery_id, outcome)
+            for outcome in _not_claimed(
+                session, [i for i in ids if i not in claimed_ids], now, claimed.held
+            )
+        )
+        job.read_secrets(session, claimed.claims, now)
+    job.submit(claimed.claims)
+    backlog = set(claimed.backlog) if pump else set()
+    pump_until = time.monotonic() + PUMP_SECONDS
+    while job.waiting or backlog:
+        if not job.waiting:  # a backlog whose slots others hold: look again shortly
+            time.sleep(PUMP_PAUSE)
+            answered_keys = set(backlog)
+        else:
+            collected = job.collect(timeout=hand_off_after)
+            if collected is None:  # only slow answers are left: they record themselves
+                job.hand_off()
+                break
+            answered_keys = collected
+        if backlog and time.monotonic() >= pump_until:
+            job.ring_backlog(backlog)
+            backlog = set()
+        elif freed := backlog & answered_keys:
+            backlog -= freed
+            backlog |= job.take_next(freed)
+    job.raise_unsent()
+    extra = [o for key, o in job.outcomes.items() if key not in set(ids)]
+    return [job.outcomes[delivery_id] for delivery_id in ids] + extra
 
-    pool = send_pool()
-    autocommit = autocommit_engine(sessions)
-    settler = None if autocommit is None else Settler(autocommit, clock)
-    send = partial(
-        _send_and_settle,
-        settler=settler,
-        timeout=settings.webhook_timeout,
-        allow_private=settings.webhook_allow_private,
-        http=http,
-        resolver=resolver,
-        clock=clock,
-    )
-    sending = {
-        pool.submit(send, claim, secrets.get(claim.client_id, ())): claim for claim in claims
-    }
-    unsent: BaseException | None = None
-    waiting: set[Future[WebhookAnswer]] = set(sending)
-    while waiting:
-        # Every answer in so far, recorded at once (the 2xx ones by their sending threads
-        # already): an answer acknowledged but not yet recorded is sent again if the
-        # worker dies, so none waits for the others.
-        done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+
+# How long a pumping job keeps taking its destinations' next deliveries, and how long it
+# waits before looking again when others hold every slot of a destination it waits for.
+PUMP_SECONDS = 10.0
+PUMP_PAUSE = 0.05
+
+
+class _Job:
+    """One `attempt_deliveries` call: its claims in flight, their answers, their outcomes."""
+
+    def __init__(
+        self,
+        sessions: Sessions,
+        settings: Settings,
+        http: requests.Session | None,
+        resolver: Resolver | None,
+        clock: Callable[[], datetime],
+        on_outcomes: Callable[[list[DeliveryOutcome]], None] | None,
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.clock = clock
+        self.on_outcomes = on_outcomes
+        self.outcomes: dict[str, DeliveryOutcome] = {}
+        self.secrets: dict[int, list[str]] = {}
+        self.sending: dict[Future[WebhookAnswer], Claim] = {}
+        self.waiting: set[Future[WebhookAnswer]] = set()
+        self.unsent: BaseException | None = None
+        self.lease_ends = time.monotonic() + settings.webhook_lease
+        autocommit = autocommit_engine(sessions)
+        self.settler = None if autocommit is None else Settler(autocommit, clock)
+        self.pool = send_pool()
+        self.send = partial(
+            _send_and_settle,
+            settler=self.settler,
+            timeout=settings.webhook_timeout,
+            allow_private=settings.webhook_allow_private,
+            http=http,
+            resolver=resolver,
+            clock=clock,
+        )
+
+    def read_secrets(self, session: Session, claims: Sequence[Claim], now: datetime) -> None:
+        wanted = {claim.client_id for claim in claims} - set(self.secrets)
+        self.secrets.update(secrets_in_force(session, wanted, now=now))
+
+    def submit(self, claims: Sequence[Claim]) -> None:
+        for claim in claims:
+            future = self.pool.submit(self.send, claim, self.secrets.get(claim.client_id, ()))
+            self.sending[future] = claim
+            self.waiting.add(future)
+            # Until answered, a claim's outcome says it is in flight.
+            self.outcomes[claim.id] = DeliveryOutcome(claim.id, attempted=True)
+
+    def collect(self, *, timeout: float | None) -> set[tuple[int, str]] | None:
+        """Record every answer in so far (the 2xx ones by their sending threads already);
+        the destinations answered, or None if none came within `timeout`."""
+        done, self.waiting = wait(self.waiting, timeout=timeout, return_when=FIRST_COMPLETED)
+        if not done:
+            return None
         answered, settled = [], []
         for future in done:
             error = future.exception()
             if error is not None:  # a bug, not a receiver's answer: its lease expires, tried again
-                unsent = unsent or error
+                self.unsent = self.unsent or error
                 continue
-            claim, answer = sending[future], future.result()
+            claim, answer = self.sending[future], future.result()
             acknowledged = None
-            if settler is not None and answer.succeeded:
-                acknowledged = settler.recorded(claim.id)
+            if self.settler is not None and answer.succeeded and not claim.probe:
+                acknowledged = self.settler.recorded(claim.id)
             if acknowledged is None:
                 answered.append((claim, answer))
             else:
                 settled.append(acknowledged)
         if answered or settled:
-            # Wait for the database rather than lose answers, up to one lease past the
-            # claim's (docs/decisions/0009-record-answers-through-outages.md).
-            recorded = retry_while_unreachable(
-                partial(_record_answers, sessions, answered, settled, settings, clock),
-                deadline=lease_ends + settings.webhook_lease,
-                what="recording webhook answers",
+            self.outcomes.update(
+                (outcome.delivery_id, outcome) for outcome in self.record(answered, settled)
             )
-            outcomes.update((outcome.delivery_id, outcome) for outcome in recorded)
-    if unsent is not None:
-        raise unsent
-    return [outcomes[delivery_id] for delivery_id in ids]
+        return {self.sending[future].destination_key for future in done}
+
+    def record(
+        self,
+        answered: Sequence[tuple[Claim, WebhookAnswer]],
+        settled: Sequence[Acknowledged],
+    ) -> list[DeliveryOutcome]:
+        # Wait for the database rather than lose answers, up to one lease past the
+        # claim's (docs/decisions/0009-record-answers-through-outages.md).
+        return retry_while_unreachable(
+            partial(_record_answers, self.sessions, answered, settled, self.settings, self.clock),
+            deadline=self.lease_ends + self.settings.webhook_lease,
+            what="recording webhook answers",
+        )
+
+    def take_next(self, destinations: set[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Claim and send the next due deliveries of `destinations`; those with more left."""
+        with transaction(self.sessions) as session:
+            now = self.clock()
+            claimed = claim_next_due(
+                session,
+                destinations,
+                now=now,
+                lease_seconds=self.settings.webhook_lease,
+                concurrency=self.settings.destination_concurrency,
+                probe_seconds=self.settings.destination_probe,
+            )
+            self.read_secrets(session, claimed.claims, now)
+        self.lease_ends = time.monotonic() + self.settings.webhook_lease
+        self.submit(claimed.claims)
+        return claimed.backlog
+
+    def ring_backlog(self, destinations: set[tuple[int, str]]) -> None:
+        """The pump's time is up: hand the destinations' next due deliveries to other jobs."""
+        if not destinations or self.on_outcomes is None:
+            return
+        with transaction(self.sessions) as session:
+            due = next_due_ids(session, destinations, now=self.clock())
+        if due:
+            self.on_outcomes(
+                [
+                    DeliveryOutcome(
+                        due[0], attempted=False, skipped="claimed", follow_up_ids=tuple(due)
+                    )
+                ]
+            )
+
+    def hand_off(self) -> None:
+        """Let the attempts still in flight record themselves when their answer comes."""
+        for future in list(self.waiting):
+            future.add_done_callback(partial(self._record_alone, self.sending[future]))
+        self.waiting = set()
+
+    def _record_alone(self, claim: Claim, future: Future[WebhookAnswer]) -> None:
+        try:
+            answer = future.result()
+            acknowledged = None
+            if self.settler is not None and answer.succeeded and not claim.probe:
+                acknowledged = self.settler.recorded(claim.id)
+            answered = [] if acknowledged else [(claim, answer)]
+            outcomes = self.record(answered, [acknowledged] if acknowledged else [])
+            if self.on_outcomes is not None:
+                self.on_outcomes(outcomes)
+        except Exception:  # its lease expires and it is sent again: log, never raise here
+            log.exception("could not record the answer to delivery %s", claim.id)
+
+    def raise_unsent(self) -> None:
+        if self.unsent is not None:
+            raise self.unsent
 
 
 class Settler:
@@ -228,7 +380,7 @@ def _send_and_settle(
     answer = send_webhook(
         claim.callback_url, claim.id, claim.payload, secrets, clock=clock, **request
     )
-    if settler is not None and answer.succeeded:
+    if settler is not None and answer.succeeded and not claim.probe:
         settler.settle(claim, answer)
     return answer
 
@@ -256,10 +408,17 @@ def _record_answers(
         return record_attempts(session, rest, settings=settings, now=now, settled=settled)
 
 
-def _not_claimed(session: Session, delivery_ids: list[str], now: datetime) -> list[DeliveryOutcome]:
+def _not_claimed(
+    session: Session, delivery_ids: list[str], now: datetime, held: dict[str, str]
+) -> list[DeliveryOutcome]:
     """Explain why deliveries could not be claimed, for logs and the caller."""
+    outcomes = [
+        DeliveryOutcome(delivery_id, attempted=False, status=DELIVERY_PENDING, skipped=reason)
+        for delivery_id, reason in held.items()
+    ]
+    delivery_ids = [delivery_id for delivery_id in delivery_ids if delivery_id not in held]
     if not delivery_ids:
-        return []
+        return outcomes
     rows = {
         row.id: row
         for row in session.execute(
@@ -271,7 +430,6 @@ def _not_claimed(session: Session, delivery_ids: list[str], now: datetime) -> li
             ).where(among_ids(delivery_ids, session))
         )
     }
-    outcomes = []
     for delivery_id in delivery_ids:
         row = rows.get(delivery_id)
         if row is None:
