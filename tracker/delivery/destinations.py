@@ -50,31 +50,33 @@ DestinationKey = tuple[int, str]  # (client id, `scheme://host:port`)
 LAST_SUCCESS_RESOLUTION = timedelta(seconds=1)
 DISABLED_FAILURE = "destination_disabled"
 
-# PostgreSQL: the batch's destinations created if new, then locked (transaction advisory
-# locks, in one order), so that claims of one destination count its leases one at a time.
+# PostgreSQL: the batch's destinations locked (transaction advisory locks), so that claims
+# of one destination count its leases one at a time, then created if new. A claim never
+# waits for another: a destination whose lock another claim holds is left to it
+# (`pg_try_advisory_xact_lock`), and only the holder of the lock inserts its row.
 _LOCK_FOR_IDS_PG = text(
     """
-    WITH wanted AS (
-        SELECT DISTINCT client_id, destination FROM webhook_deliveries
-        WHERE id = ANY(CAST(:ids AS varchar[])) AND status = 'pending'
+    WITH locked AS MATERIALIZED (
+        SELECT client_id, destination FROM (
+            SELECT DISTINCT client_id, destination FROM webhook_deliveries
+            WHERE id = ANY(CAST(:ids AS varchar[])) AND status = 'pending'
+        ) AS wanted
+        WHERE pg_try_advisory_xact_lock(client_id, hashtext(destination))
     ), created AS (
         INSERT INTO webhook_destinations
             (client_id, origin, state, consecutive_failures, created_at, updated_at)
-        SELECT client_id, destination, 'healthy', 0, :now, :now FROM wanted
+        SELECT client_id, destination, 'healthy', 0, :now, :now FROM locked
         ON CONFLICT (client_id, origin) DO NOTHING
     )
-    SELECT count(pg_advisory_xact_lock(client_id, hashtext(destination)))
-    FROM (SELECT client_id, destination FROM wanted ORDER BY client_id, destination) AS ordered
+    SELECT client_id, destination FROM locked
     """
 )
 _LOCK_FOR_KEYS_PG = text(
     """
-    SELECT count(pg_advisory_xact_lock(client_id, hashtext(destination)))
-    FROM (
-        SELECT * FROM unnest(CAST(:client_ids AS integer[]), CAST(:origins AS varchar[]))
-            AS wanted(client_id, destination)
-        ORDER BY client_id, destination
-    ) AS ordered
+    SELECT client_id, destination
+    FROM unnest(CAST(:client_ids AS integer[]), CAST(:origins AS varchar[]))
+        AS wanted(client_id, destination)
+    WHERE pg_try_advisory_xact_lock(client_id, hashtext(destination))
     """
 )
 
@@ -85,20 +87,23 @@ def lock_destinations(
     now: datetime,
     delivery_ids: Collection[str] = (),
     destinations: Collection[DestinationKey] = (),
-) -> None:
-    """Create the destinations of these pending deliveries if new, and lock them (and
-    `destinations`) until the transaction ends. SQLite: the transaction holds the
-    database's one write lock already; the rows are only created."""
+) -> set[DestinationKey] | None:
+    """Create the destinations of these pending deliveries if new, and lock them (or
+    `destinations`) until the transaction ends; the destinations locked. One whose lock
+    another claim holds is not waited for and not returned. SQLite: the transaction
+    holds the database's one write lock already; the rows are only created (None: all
+    locked)."""
     if is_postgresql(session):
+        rows: list[Any] = []
         if delivery_ids:
-            session.execute(_LOCK_FOR_IDS_PG, {"ids": list(delivery_ids), "now": now})
+            rows += session.execute(_LOCK_FOR_IDS_PG, {"ids": list(delivery_ids), "now": now})
         if destinations:
             keys = sorted(destinations)
-            session.execute(
+            rows += session.execute(
                 _LOCK_FOR_KEYS_PG,
                 {"client_ids": [k[0] for k in keys], "origins": [k[1] for k in keys]},
             )
-        return
+        return {(row[0], row[1]) for row in rows}
     if delivery_ids:
         wanted = (
             select(
@@ -127,6 +132,7 @@ def lock_destinations(
             )
             .on_conflict_do_nothing(index_elements=["client_id", "origin"])
         )
+    return None
 
 
 @dataclass

@@ -214,15 +214,18 @@ def claim_batch(
     rows, counted under a lock of the destination: `lock_destinations`); an open one
     only its probe, once due; a disabled one none. On PostgreSQL the rows are locked
     with SKIP LOCKED; on SQLite the transaction already holds the single write lock
-    (BEGIN IMMEDIATE). Three statements whatever the batch size: the destinations
-    locked, the candidates read, the leases written (and one more when a probe goes).
+    (BEGIN IMMEDIATE). A destination another claim is counting is left to it (its rows
+    held as `destination_busy`), so claims never wait for each other. Three statements
+    whatever the batch size: the destinations locked, the candidates read, the leases
+    written (and one more when a probe goes).
     """
     if not delivery_ids:
         return Claimed()
-    lock_destinations(session, delivery_ids=delivery_ids, now=now)
+    locked = lock_destinations(session, delivery_ids=delivery_ids, now=now)
     return _claim(
         session,
         among_ids(delivery_ids, session),
+        locked,
         now=now,
         lease_seconds=lease_seconds,
         concurrency=concurrency,
@@ -245,11 +248,15 @@ def claim_next_due(
     claimed = Claimed()
     if not destinations:
         return claimed
-    lock_destinations(session, destinations=destinations, now=now)
+    locked = lock_destinations(session, destinations=destinations, now=now)
     for client_id, origin in sorted(destinations):
+        if locked is not None and (client_id, origin) not in locked:
+            claimed.backlog.add((client_id, origin))  # another claim has it: look again
+            continue
         one = _claim(
             session,
             and_(WebhookDelivery.client_id == client_id, WebhookDelivery.destination == origin),
+            locked,
             now=now,
             lease_seconds=lease_seconds,
             concurrency=concurrency,
@@ -292,6 +299,7 @@ _LEASED = aliased(WebhookDelivery, name="leased_delivery")
 def _claim(
     session: Session,
     which: ColumnElement[bool],
+    locked: set[tuple[int, str]] | None,
     *,
     now: datetime,
     lease_seconds: float,
@@ -346,7 +354,9 @@ def _claim(
     for row in rows:
         key = (row.client_id, row.destination)
         count = taken.get(key, 0)
-        if row.state == DESTINATION_HEALTHY:
+        if locked is not None and key not in locked:  # another claim is counting its leases
+            room, reason = 0, "destination_busy"
+        elif row.state == DESTINATION_HEALTHY:
             room = concurrency - row.in_flight
             reason = "destination_busy"
         elif row.state == DESTINATION_OPEN:
@@ -357,7 +367,7 @@ def _claim(
             room, reason = 0, "destination_disabled"
         if count >= room:
             claimed.held[row.id] = reason
-            if row.state == DESTINATION_HEALTHY:
+            if reason == "destination_busy":
                 claimed.backlog.add(key)
             continue
         taken[key] = count + 1
