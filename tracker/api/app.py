@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 
 from tracker import __version__
-from tracker.api import deliveries, health, tasks
+from tracker.api import client, deliveries, destinations, health, tasks
 from tracker.api.errors import install_error_handlers
 from tracker.api.middleware import RequestContextMiddleware
 from tracker.config import Settings, get_settings
@@ -77,5 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, max_body_bytes=MAX_BODY_BYTES)
     app.include_router(tasks.router)
     app.include_router(deliveries.router)
+    app.include_router(destinations.router)
+    app.include_router(client.router)
     app.include_router(health.router)
     return app
