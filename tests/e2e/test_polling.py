@@ -376,7 +376,7 @@ def test_a_batch_reached_after_its_lease_polls_what_no_later_tick_has_taken(
             batch,
             settings=settings,
             credential="tok_test",
-            now=lambda: at,
+            clock=lambda: at,
         )
         return outcome.error
 
