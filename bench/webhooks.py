@@ -46,12 +46,13 @@ from tracker.delivery.outbox import delivery_batches, due_delivery_ids
 from tracker.delivery.outcome import DeliveryOutcome
 from tracker.delivery.signing import webhook_headers
 from tracker.observability.logs import JsonFormatter, SecretMask
+from tracker.tracking.schemas import destination_of
 from tracker.worker.roles import DEFAULT_CONCURRENCY
 
 THREADS = DEFAULT_CONCURRENCY  # a worker's threads, each running `deliver` jobs
 PROFILED = 2000  # deliveries attempted batch after batch under cProfile
 DELIVERY_COLUMNS = (
-    "id, client_id, task_row_id, event, callback_url, payload, status, attempts, "
+    "id, client_id, task_row_id, event, callback_url, destination, payload, status, attempts, "
     "next_attempt_at, claimed_until, created_at, updated_at"
 )
 
@@ -110,6 +111,7 @@ def seed_deliveries(db_url: str, sessions: sessionmaker[Session], hook: str, cou
                         task_row_id,
                         "task.completed",
                         hook,
+                        destination_of(hook),
                         payload(n),
                         "pending",
                         0,
@@ -137,7 +139,7 @@ def make_pending_again(db_url: str) -> None:
 
 def _due_ids(sessions: sessionmaker[Session], count: int) -> list[str]:
     with sessions.begin() as session:
-        return due_delivery_ids(session, now=utcnow(), limit=count)
+        return due_delivery_ids(session, now=utcnow(), limit=count, per_destination=count)
 
 
 @contextmanager
