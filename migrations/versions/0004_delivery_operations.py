@@ -101,7 +101,7 @@ def upgrade() -> None:
         batch_op.alter_column("destination", existing_type=sa.String(2048), nullable=False)
         batch_op.create_index(
             "ix_webhook_deliveries_destination_due",
-            ["client_id", "destination", "next_attempt_at"],
+            ["client_id", "destination", "next_attempt_at", "id"],
             unique=False,
             postgresql_where=sa.text(PENDING),
             sqlite_where=sa.text(PENDING),

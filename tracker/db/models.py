@@ -264,12 +264,14 @@ class WebhookDelivery(Base):
             "created_at",
             "id",
         ),
-        # A destination's due deliveries, oldest due first: what it holds, what comes next.
+        # A destination's due deliveries, oldest due first (the claim's order, so that a
+        # claim of its next few reads those few, not all it holds): what comes next.
         Index(
             "ix_webhook_deliveries_destination_due",
             "client_id",
             "destination",
             "next_attempt_at",
+            "id",
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),
         ),

@@ -46,6 +46,7 @@ from tracker.delivery.outbox import (
     among_ids,
     claim_batch,
     claim_next_due,
+    hand_over_slots,
     next_due_ids,
     older_event_unsettled,
 )
@@ -132,33 +133,50 @@ def attempt_deliveries(
         )
         job.read_secrets(session, claimed.claims, now)
     job.submit(claimed.claims)
-    backlog = set(claimed.backlog) if pump else set()
+    contended = set(claimed.contended) if pump else set()
     pump_until = time.monotonic() + PUMP_SECONDS
-    while job.waiting or backlog:
-        if not job.waiting:  # a backlog whose slots others hold: look again shortly
-            time.sleep(PUMP_PAUSE)
-            answered_keys = set(backlog)
-        else:
-            collected = job.collect(timeout=hand_off_after)
-            if collected is None:  # only slow answers are left: they record themselves
-                job.hand_off()
+    if pump:
+        job.start_handing_over()
+    pumped: set[tuple[int, str]] = set()
+    looks = 0
+    while job.in_flight() or contended:
+        if job.waiting:
+            if not job.collect(timeout=hand_off_after):  # only slow answers are left:
+                job.stop_handing_over()
+                job.hand_off(ring_next=pump)  # they record themselves
                 break
-            answered_keys = collected
-        if backlog and time.monotonic() >= pump_until:
-            job.ring_backlog(backlog)
-            backlog = set()
-        elif freed := backlog & answered_keys:
-            backlog -= freed
-            backlog |= job.take_next(freed)
+        elif looks < CONTENDED_LOOKS:  # another claim was counting these: look again
+            looks += 1
+            time.sleep(CONTENDED_PAUSE)
+        else:
+            break
+        pumping = pump and time.monotonic() < pump_until
+        if pumping:
+            # The slots just freed go to each destination's next due deliveries, whoever
+            # leased them: a job that found a destination full left them to this one.
+            # Those of 2xx answers were handed over by their sending threads already
+            # (PostgreSQL); the others' are free once this thread records them.
+            pumped |= job.answered_keys
+            contended = job.take_next(job.freed | contended)
+        failed = job.record_collected()
+        if pumping and failed:
+            contended |= job.take_next(failed)
+        elif not pumping:
+            job.stop_handing_over()  # what it hands over is still sent and collected
+            contended = set()
+    if pump and time.monotonic() >= pump_until:
+        job.ring_backlog(pumped)
     job.raise_unsent()
     extra = [o for key, o in job.outcomes.items() if key not in set(ids)]
     return [job.outcomes[delivery_id] for delivery_id in ids] + extra
 
 
-# How long a pumping job keeps taking its destinations' next deliveries, and how long it
-# waits before looking again when others hold every slot of a destination it waits for.
+# How long a pumping job keeps taking its destinations' next deliveries (then it rings
+# them for other jobs), and how often and how long it looks again at a destination whose
+# lock another claim held (a claim holds it for one short transaction).
 PUMP_SECONDS = 10.0
-PUMP_PAUSE = 0.05
+CONTENDED_PAUSE = 0.01
+CONTENDED_LOOKS = 3
 
 
 class _Job:
@@ -181,6 +199,14 @@ class _Job:
         self.secrets: dict[int, list[str]] = {}
         self.sending: dict[Future[WebhookAnswer], Claim] = {}
         self.waiting: set[Future[WebhookAnswer]] = set()
+        # Sent by a sending thread handing its slot over, not yet among `waiting`.
+        self.submitted: set[Future[WebhookAnswer]] = set()
+        self.submitted_lock = threading.Lock()
+        # Answers collected, not recorded yet, and the destinations whose slots they freed.
+        self.answered: list[tuple[Claim, WebhookAnswer]] = []
+        self.settled: list[Acknowledged] = []
+        self.freed: set[tuple[int, str]] = set()
+        self.answered_keys: set[tuple[int, str]] = set()
         self.unsent: BaseException | None = None
         self.lease_ends = time.monotonic() + settings.webhook_lease
         autocommit = autocommit_engine(sessions)
@@ -201,20 +227,32 @@ class _Job:
         self.secrets.update(secrets_in_force(session, wanted, now=now))
 
     def submit(self, claims: Sequence[Claim]) -> None:
+        """Send these claims; from the job's thread, or a sending thread handing over."""
         for claim in claims:
-            future = self.pool.submit(self.send, claim, self.secrets.get(claim.client_id, ()))
-            self.sending[future] = claim
-            self.waiting.add(future)
             # Until answered, a claim's outcome says it is in flight.
             self.outcomes[claim.id] = DeliveryOutcome(claim.id, attempted=True)
+            future = self.pool.submit(self.send, claim, self.secrets.get(claim.client_id, ()))
+            with self.submitted_lock:
+                self.sending[future] = claim
+                self.submitted.add(future)
 
-    def collect(self, *, timeout: float | None) -> set[tuple[int, str]] | None:
-        """Record every answer in so far (the 2xx ones by their sending threads already);
-        the destinations answered, or None if none came within `timeout`."""
+    def in_flight(self) -> bool:
+        """Whether attempts are in flight, those submitted meanwhile counted."""
+        with self.submitted_lock:
+            self.waiting |= self.submitted
+            self.submitted = set()
+        return bool(self.waiting)
+
+    def collect(self, *, timeout: float | None) -> bool:
+        """Take every answer in so far (the 2xx ones recorded by their sending threads
+        already: their destinations are in `freed`); False if none came within `timeout`.
+        `record_collected` records the others and logs them all."""
+        self.in_flight()
         done, self.waiting = wait(self.waiting, timeout=timeout, return_when=FIRST_COMPLETED)
         if not done:
-            return None
-        answered, settled = [], []
+            return False
+        self.freed = set()
+        self.answered_keys = {self.sending[future].destination_key for future in done}
         for future in done:
             error = future.exception()
             if error is not None:  # a bug, not a receiver's answer: its lease expires, tried again
@@ -225,14 +263,35 @@ class _Job:
             if self.settler is not None and answer.succeeded and not claim.probe:
                 acknowledged = self.settler.recorded(claim.id)
             if acknowledged is None:
-                answered.append((claim, answer))
+                self.answered.append((claim, answer))
             else:
-                settled.append(acknowledged)
+                self.settled.append(acknowledged)
+                self.freed.add(claim.destination_key)
+        if self.settler is not None and self.settler.handing_over:
+            self.freed = set()  # their slots went to their destinations' next due already
+        return True
+
+    def start_handing_over(self) -> None:
+        if self.settler is not None:
+            self.settler.start_handing_over(self.settings.webhook_lease, self.submit)
+
+    def stop_handing_over(self) -> None:
+        """The pump is done: the answers' slots stay free (what was handed over is sent
+        and collected)."""
+        if self.settler is not None:
+            self.settler.stop_handing_over()
+
+    def record_collected(self) -> set[tuple[int, str]]:
+        """Record the answers `collect` took; the destinations of those it recorded now
+        (their slots were still leased until now)."""
+        answered, self.answered = self.answered, []
+        settled, self.settled = self.settled, []
         if answered or settled:
             self.outcomes.update(
                 (outcome.delivery_id, outcome) for outcome in self.record(answered, settled)
             )
-        return {self.sending[future].destination_key for future in done}
+        self.freed = set()
+        return {claim.destination_key for claim, _ in answered}
 
     def record(
         self,
@@ -248,7 +307,10 @@ class _Job:
         )
 
     def take_next(self, destinations: set[tuple[int, str]]) -> set[tuple[int, str]]:
-        """Claim and send the next due deliveries of `destinations`; those with more left."""
+        """Claim and send the next due deliveries of `destinations`, within the slots each
+        has free; those another claim was counting (to look at again)."""
+        if not destinations:
+            return set()
         with transaction(self.sessions) as session:
             now = self.clock()
             claimed = claim_next_due(
@@ -262,7 +324,7 @@ class _Job:
             self.read_secrets(session, claimed.claims, now)
         self.lease_ends = time.monotonic() + self.settings.webhook_lease
         self.submit(claimed.claims)
-        return claimed.backlog
+        return claimed.contended
 
     def ring_backlog(self, destinations: set[tuple[int, str]]) -> None:
         """The pump's time is up: hand the destinations' next due deliveries to other jobs."""
@@ -279,13 +341,19 @@ class _Job:
                 ]
             )
 
-    def hand_off(self) -> None:
-        """Let the attempts still in flight record themselves when their answer comes."""
+    def hand_off(self, *, ring_next: bool) -> None:
+        """Let the attempts still in flight record themselves when their answer comes (and,
+        `ring_next`, ring their destination's next due deliveries: the slot is free)."""
+        self.in_flight()  # hand-overs are stopped: nothing is submitted after this
         for future in list(self.waiting):
-            future.add_done_callback(partial(self._record_alone, self.sending[future]))
+            future.add_done_callback(
+                partial(self._record_alone, self.sending[future], ring_next=ring_next)
+            )
         self.waiting = set()
 
-    def _record_alone(self, claim: Claim, future: Future[WebhookAnswer]) -> None:
+    def _record_alone(
+        self, claim: Claim, future: Future[WebhookAnswer], *, ring_next: bool
+    ) -> None:
         try:
             answer = future.result()
             acknowledged = None
@@ -295,6 +363,8 @@ class _Job:
             outcomes = self.record(answered, [acknowledged] if acknowledged else [])
             if self.on_outcomes is not None:
                 self.on_outcomes(outcomes)
+            if ring_next:
+                self.ring_backlog({claim.destination_key})
         except Exception:  # its lease expires and it is sent again: log, never raise here
             log.exception("could not record the answer to delivery %s", claim.id)
 
@@ -319,6 +389,27 @@ class Settler:
         self._waiting: list[tuple[Claim, WebhookAnswer]] = []
         self._in_flight = False
         self._outcomes: dict[str, Acknowledged | None] = {}
+        # While the job pumps: the lease of the deliveries its answers hand their slots
+        # to (`hand_over_slots`), and how to send them.
+        self._hand_over_lease: float | None = None
+        self._send: Callable[[list[Claim]], None] = lambda claims: None
+
+    def start_handing_over(self, lease_seconds: float, send: Callable[[list[Claim]], None]) -> None:
+        """From now, the slots of 2xx answers go to their destinations' next due
+        deliveries, which `send` sends at once, from the sending thread that answered."""
+        with self._lock:
+            self._hand_over_lease = lease_seconds
+            self._send = send
+
+    def stop_handing_over(self) -> None:
+        """No more hand-overs, once the statement in flight is done."""
+        with self._lock:
+            self._hand_over_lease = None
+            self._settled.wait_for(lambda: not self._in_flight)
+
+    @property
+    def handing_over(self) -> bool:
+        return self._hand_over_lease is not None
 
     def settle(self, claim: Claim, answer: WebhookAnswer) -> None:
         """Record one 2xx answer: now, with those waiting, or right after the statement in
@@ -331,6 +422,9 @@ class Settler:
         batch: list[tuple[Claim, WebhookAnswer]] = []
         try:
             while batch := self._take_waiting():
+                # The slots go to the next deliveries before the answers free them, and
+                # those go out at once.
+                self._hand_over(batch)
                 acknowledged = self._record(batch)
                 self._publish(batch, acknowledged)
         except BaseException:  # a bug: what was not recorded is left to the job's thread
@@ -343,7 +437,27 @@ class Settler:
         with self._lock:
             batch, self._waiting = self._waiting, []
             self._in_flight = bool(batch)
+            if not batch:
+                self._settled.notify_all()
             return batch
+
+    def _hand_over(self, batch: list[tuple[Claim, WebhookAnswer]]) -> None:
+        with self._lock:
+            lease_seconds, send = self._hand_over_lease, self._send
+        if lease_seconds is None:
+            return
+        freed: dict[int, int] = {}
+        for claim, _ in batch:
+            freed[claim.destination_id] = freed.get(claim.destination_id, 0) + 1
+        try:
+            with self._engine.connect() as connection:
+                handed = hand_over_slots(
+                    connection, freed, now=self._clock(), lease_seconds=lease_seconds
+                )
+        except OperationalError:  # the database is away: the next claim takes them
+            return
+        if handed:
+            send(handed)
 
     def _publish(
         self, batch: list[tuple[Claim, WebhookAnswer]], acknowledged: list[Acknowledged]

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     and_,
     any_,
     case,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -171,8 +173,11 @@ class Claimed:
     # Ids left because of their destination: `destination_busy`, `destination_open`
     # or `destination_disabled`.
     held: dict[str, str] = field(default_factory=dict)
-    # Destinations with more due than the claim could take: (client id, destination).
-    backlog: set[tuple[int, str]] = field(default_factory=set)
+    # Destinations another claim was counting (its lock taken) with no attempt in flight:
+    # look again shortly. One with attempts in flight is not among them, nor one found
+    # full: the jobs holding its slots take its next due deliveries as their answers
+    # free them (`attempt_deliveries`).
+    contended: set[tuple[int, str]] = field(default_factory=set)
 
 
 def claim_deliveries(
@@ -251,7 +256,7 @@ def claim_next_due(
     locked = lock_destinations(session, destinations=destinations, now=now)
     for client_id, origin in sorted(destinations):
         if locked is not None and (client_id, origin) not in locked:
-            claimed.backlog.add((client_id, origin))  # another claim has it: look again
+            claimed.contended.add((client_id, origin))  # another claim has it: look again
             continue
         one = _claim(
             session,
@@ -264,7 +269,7 @@ def claim_next_due(
             limit=concurrency,
         )
         claimed.claims += one.claims
-        claimed.backlog |= one.backlog
+        claimed.held.update(one.held)
     return claimed
 
 
@@ -367,8 +372,10 @@ def _claim(
             room, reason = 0, "destination_disabled"
         if count >= room:
             claimed.held[row.id] = reason
-            if reason == "destination_busy":
-                claimed.backlog.add(key)
+            if locked is not None and key not in locked and row.in_flight == 0:
+                # Its counting claim may take none of these: look again once it is done.
+                # With attempts in flight, their jobs take its next due as they answer.
+                claimed.contended.add(key)
             continue
         taken[key] = count + 1
         probe = row.state == DESTINATION_OPEN
@@ -386,9 +393,6 @@ def _claim(
                 probe=probe,
             )
         )
-    if limit is not None and len(rows) == limit and claimed.claims:
-        # More may be due behind these: the job that frees the slots takes them.
-        claimed.backlog.add((rows[0].client_id, rows[0].destination))
     if claimed.claims:
         session.execute(
             update(WebhookDelivery)
@@ -405,6 +409,85 @@ def _claim(
             .execution_options(synchronize_session=False)
         )
     return claimed
+
+
+# PostgreSQL: each destination's next due deliveries leased in the slots its answered
+# attempts free, oldest due first, skipping rows another claim has locked and those whose
+# older event is unsettled; only while the destination is healthy.
+_HAND_OVER_PG = text(
+    """
+    WITH freed AS (
+        SELECT * FROM unnest(CAST(:destination_ids AS bigint[]), CAST(:slots AS integer[]))
+            AS f(destination_id, slots)
+    ), next AS (
+        SELECT nxt.id, w.id AS destination_id
+        FROM freed
+        JOIN webhook_destinations AS w ON w.id = freed.destination_id AND w.state = :healthy
+        CROSS JOIN LATERAL (
+            SELECT d.id FROM webhook_deliveries AS d
+            WHERE d.client_id = w.client_id AND d.destination = w.origin
+              AND d.status = :pending AND d.next_attempt_at <= :now
+              AND (d.claimed_until IS NULL OR d.claimed_until <= :now)
+              AND NOT EXISTS (
+                  SELECT 1 FROM webhook_deliveries AS older
+                  WHERE older.task_row_id = d.task_row_id AND older.created_at < d.created_at
+                    AND (older.status = :pending OR older.claimed_until > :now)
+              )
+            ORDER BY d.next_attempt_at, d.id
+            LIMIT freed.slots
+            FOR UPDATE OF d SKIP LOCKED
+        ) AS nxt
+    )
+    UPDATE webhook_deliveries AS d SET claimed_until = :lease
+    FROM next WHERE d.id = next.id
+    RETURNING d.id, d.client_id, d.callback_url, d.payload, d.destination, next.destination_id
+    """
+)
+
+
+def hand_over_slots(
+    connection: Connection,
+    freed: dict[int, int],
+    *,
+    now: datetime,
+    lease_seconds: float,
+) -> list[Claim]:
+    """PostgreSQL: lease each destination's next due deliveries in the slots its answered
+    attempts free (`freed`: destination id -> slots), in one autocommitted statement.
+
+    Run before those answers are recorded: until then their leases still count, so a
+    slot is never seen free by another claim and taken twice; the destination's attempts
+    in flight stay within TRACKER_DESTINATION_CONCURRENCY without counting or locking
+    them, and its next attempt goes without a claim of its own
+    (docs/decisions/1022-destination-isolation.md).
+    """
+    if not freed:
+        return []
+    ids = sorted(freed)
+    lease = now + timedelta(seconds=lease_seconds)
+    rows = connection.execute(
+        _HAND_OVER_PG,
+        {
+            "destination_ids": ids,
+            "slots": [freed[i] for i in ids],
+            "healthy": DESTINATION_HEALTHY,
+            "pending": DELIVERY_PENDING,
+            "now": now,
+            "lease": lease,
+        },
+    )
+    return [
+        Claim(
+            row.id,
+            row.client_id,
+            row.callback_url,
+            row.payload,
+            lease,
+            destination_id=row.destination_id,
+            destination=row.destination,
+        )
+        for row in rows
+    ]
 
 
 def claim_delivery(
