@@ -32,7 +32,7 @@ from functools import partial
 from typing import Any
 
 import requests
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -422,9 +422,6 @@ class Settler:
         batch: list[tuple[Claim, WebhookAnswer]] = []
         try:
             while batch := self._take_waiting():
-                # The slots go to the next deliveries before the answers free them, and
-                # those go out at once.
-                self._hand_over(batch)
                 acknowledged = self._record(batch)
                 self._publish(batch, acknowledged)
         except BaseException:  # a bug: what was not recorded is left to the job's thread
@@ -441,7 +438,9 @@ class Settler:
                 self._settled.notify_all()
             return batch
 
-    def _hand_over(self, batch: list[tuple[Claim, WebhookAnswer]]) -> None:
+    def _hand_over(self, connection: Connection, batch: list[tuple[Claim, WebhookAnswer]]) -> None:
+        """While the job pumps, the answers' slots go to their destinations' next due
+        deliveries before the answers free them, and those go out at once."""
         with self._lock:
             lease_seconds, send = self._hand_over_lease, self._send
         if lease_seconds is None:
@@ -449,13 +448,7 @@ class Settler:
         freed: dict[int, int] = {}
         for claim, _ in batch:
             freed[claim.destination_id] = freed.get(claim.destination_id, 0) + 1
-        try:
-            with self._engine.connect() as connection:
-                handed = hand_over_slots(
-                    connection, freed, now=self._clock(), lease_seconds=lease_seconds
-                )
-        except OperationalError:  # the database is away: the next claim takes them
-            return
+        handed = hand_over_slots(connection, freed, now=self._clock(), lease_seconds=lease_seconds)
         if handed:
             send(handed)
 
@@ -477,6 +470,7 @@ class Settler:
     def _record(self, batch: list[tuple[Claim, WebhookAnswer]]) -> list[Acknowledged]:
         try:
             with self._engine.connect() as connection:
+                self._hand_over(connection, batch)
                 return settle_acknowledged(connection, batch, now=self._clock())
         except OperationalError:  # the database is away: the job's thread waits for it and records
             return []
