@@ -213,6 +213,43 @@ def test_a_receiver_down_and_back_loses_nothing_exhausts_nothing_and_keeps_order
     assert "could not connect" in opened_event["data"]["last_error"]
 
 
+def test_the_probe_that_closes_a_circuit_rings_what_it_held_at_once(
+    engine: Engine, session: Session, settings: Settings, client: NewClient, clock: Clock
+) -> None:
+    """When a probe's 2xx closes the circuit, its outcome carries the held deliveries as
+    follow-ups (the worker rings them at once), not left to the next sweep."""
+    settings = tuned(
+        settings,
+        destination_failures=2,
+        destination_probe=30.0,
+        webhook_retry_schedule=(0.0, 1.0, 1.0, 1.0, 1.0),
+        webhook_timeout=2.0,
+    )
+    down = Receiver()
+    port, url = down.port, down.url("/hook")
+    down.close()
+    for n in range(4):
+        add_events(session, client, url, f"task-{n}", clock=clock)
+    for _ in range(3):
+        work(engine, settings, clock)
+        clock.advance(1.5)
+    assert destination(engine, port).state == "open"
+    back = Receiver(port=port)
+    try:
+        clock.advance(31)
+        with Session(engine) as fresh, fresh.begin():
+            due = due_delivery_ids(fresh, now=clock(), limit=100)
+        outcomes = attempt_deliveries(engine, due, settings=settings, clock=clock)
+        probe = [o for o in outcomes if o.attempted and o.status == "succeeded"]
+        assert len(probe) == 1, outcomes
+        assert destination(engine, port).state == "healthy"
+        held = {i for i, (status, _, _) in statuses(engine).items() if status == "pending"}
+        assert len(held) == 3
+        assert held <= {i for o in outcomes for i in o.follow_up_ids}
+    finally:
+        back.close()
+
+
 def test_no_more_than_the_limit_of_attempts_is_in_flight_to_one_destination(
     engine: Engine, session: Session, settings: Settings, client: NewClient, receiver: Receiver
 ) -> None:

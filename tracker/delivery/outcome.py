@@ -37,7 +37,7 @@ from tracker.delivery.operations import (
     destination_event,
     queue_operational_events,
 )
-from tracker.delivery.outbox import Claim, among, among_ids
+from tracker.delivery.outbox import Claim, among, among_ids, next_due_ids
 from tracker.delivery.retries import MANUAL_RETRY_HINT, next_retry_delay
 from tracker.delivery.sender import WebhookAnswer
 from tracker.observability import metrics
@@ -48,6 +48,7 @@ from tracker.states import (
     DELIVERY_PENDING,
     DELIVERY_SUCCEEDED,
     DESTINATION_HEALTHY,
+    DESTINATION_RECOVERED,
 )
 
 # The attempt log lines keep the logger name operators filter on.
@@ -244,7 +245,15 @@ def _record(
     events = _delivery_events(session, troubled, now) + [
         destination_event(change) for change in changes
     ]
-    return gone, queue_operational_events(session, events, now=now)
+    # A recovered destination's held deliveries are due: rung at once with the events
+    # (the jobs that take its slots then take the rest), not left to the next sweep.
+    recovered = {
+        (change.client_id, change.origin)
+        for change in changes
+        if change.event == DESTINATION_RECOVERED
+    }
+    released = next_due_ids(session, recovered, now=now) if recovered else []
+    return gone, queue_operational_events(session, events, now=now) + released
 
 
 def _delivery_events(
