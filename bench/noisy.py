@@ -53,9 +53,9 @@ from tracker.worker.roles import DEFAULT_CONCURRENCY
 
 NOISE = 1000  # deliveries queued to each of the slow and the dead destination
 SLOW_ANSWER = 10.0
-WAVES = 40  # completions written in waves, as poll batches write them
-WAVE_SIZE = 25  # per fast receiver and wave
-WAVE_EVERY = 0.1  # seconds between waves: 500 webhooks/s offered to the two receivers
+WAVES = 50  # completions written in waves, as poll batches write them
+WAVE_SIZE = 5  # per fast receiver and wave
+WAVE_EVERY = 0.1  # seconds between waves: 100 webhooks/s, well within capacity
 BURST = 3000  # per fast receiver, due at once, for the throughput with the noise queued
 RECEIVED = "import json; print(json.dumps([(q.headers['webhook-id'], q.at) for q in r.requests]))"
 

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from tests.support.receiver import Receiver, Reply
@@ -21,6 +21,7 @@ from tracker.db.models import Task, WebhookDelivery, WebhookDestination
 from tracker.delivery.attempt import attempt_deliveries
 from tracker.delivery.destinations import (
     disable_failing_destinations,
+    insert_destination,
     list_destinations,
     resume_destination,
 )
@@ -302,6 +303,30 @@ def test_the_sweep_takes_due_deliveries_fairly_across_destinations(
         taken = due_delivery_ids(fresh, now=clock() + timedelta(seconds=1), limit=10)
     assert len(taken) == 10
     assert set(quiet) <= set(taken)
+
+
+def test_the_sweep_rings_a_probe_when_it_is_due_not_a_grace_later(
+    engine: Engine, session: Session, client: NewClient
+) -> None:
+    """The sweep looks for deliveries overdue by its grace (their doorbell was lost), but
+    a probe has no doorbell: it is taken once due."""
+    clock = Clock()
+    ids = add_events(session, client, "http://down.example.com/hook", "t-1", clock=clock)
+    with Session(engine) as fresh, fresh.begin():
+        insert_destination(fresh, client.client.id, "http://down.example.com:80", now=clock())
+        fresh.execute(
+            update(WebhookDestination).values(
+                state="open", next_probe_at=clock() + timedelta(seconds=1)
+            )
+        )
+    later = clock() + timedelta(seconds=2)
+    with Session(engine) as fresh, fresh.begin():
+        grace_only = due_delivery_ids(fresh, now=later - timedelta(seconds=10), limit=10)
+        on_time = due_delivery_ids(
+            fresh, now=later - timedelta(seconds=10), probes_at=later, limit=10
+        )
+    assert grace_only == []
+    assert on_time == ids[-1:]
 
 
 def test_a_destination_failing_too_long_is_disabled_and_resume_releases_it(

@@ -92,7 +92,12 @@ def delivery_batches(delivery_ids: Iterable[str]) -> list[list[str]]:
 
 
 def due_delivery_ids(
-    session: Session, *, now: datetime, limit: int, per_destination: int = DELIVERY_BATCH
+    session: Session,
+    *,
+    now: datetime,
+    limit: int,
+    per_destination: int = DELIVERY_BATCH,
+    probes_at: datetime | None = None,
 ) -> list[str]:
     """Ids of pending deliveries due at `now` and not leased, taken fairly across
     destinations (the sweep).
@@ -101,7 +106,10 @@ def due_delivery_ids(
     on, at most `per_destination` of one destination, so a destination with 10,000 due
     does not crowd out the others. An open destination gives only its probe, once the
     probe is due; a disabled one gives none (the sweep fails its deliveries).
+    `probes_at`: when probes count as due, if not `now` (the sweep looks for deliveries
+    whose doorbell was lost some time ago, but a probe has no doorbell: it is due on time).
     """
+    probes_at = probes_at or now
     destination = WebhookDestination
     ranked = (
         select(
@@ -118,12 +126,16 @@ def due_delivery_ids(
         .outerjoin(destination, _destination_of_delivery())
         .where(
             WebhookDelivery.status == DELIVERY_PENDING,
-            WebhookDelivery.next_attempt_at <= now,
-            _lease_free(now),
+            WebhookDelivery.next_attempt_at <= probes_at,
+            _lease_free(probes_at),
+            or_(
+                destination.state == DESTINATION_OPEN,
+                WebhookDelivery.next_attempt_at <= now,
+            ),
             or_(
                 destination.state.is_(None),
                 destination.state == DESTINATION_HEALTHY,
-                and_(destination.state == DESTINATION_OPEN, destination.next_probe_at <= now),
+                and_(destination.state == DESTINATION_OPEN, destination.next_probe_at <= probes_at),
             ),
         )
         .subquery()

@@ -274,6 +274,7 @@ def sweep() -> None:
         overdue = due_delivery_ids(
             session,
             now=now - timedelta(seconds=OVERDUE_DELIVERY_GRACE),
+            probes_at=now,  # a probe has no doorbell: it goes when due
             limit=SWEEP_DELIVERY_LIMIT,
             per_destination=ctx.settings.destination_concurrency,
         )
