@@ -5,25 +5,41 @@ A retry only makes the delivery due again; the next sweep sends it (nothing runs
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from tracker.api.deps import CurrentClient, request_transaction
 from tracker.api.errors import error_responses
-from tracker.api.resources import DeliveryDetail, DeliveryPage, DeliveryStatus
+from tracker.api.resources import DeliveryDetail, DeliveryPage, DeliveryStatus, ReplayResult
 from tracker.clock import utcnow
 from tracker.db.queries import (
     DEFAULT_PAGE_SIZE,
     DELIVERIES_CURSOR_PATTERN,
     MAX_PAGE_SIZE,
+    as_utc,
     delivery_detail,
     delivery_resource,
     get_delivery,
     list_deliveries,
 )
 from tracker.delivery.outbox import redeliver
-from tracker.tracking.schemas import TASK_ID_PATTERN
+from tracker.delivery.replay import ReplayFilter, replay_deliveries
+from tracker.tracking.schemas import SERVICE_PATTERN, TASK_ID_PATTERN
+
+ReplayEvent = Literal[
+    "task.running",
+    "task.completed",
+    "task.failed",
+    "task.timed_out",
+    "delivery.failing",
+    "delivery.exhausted",
+    "destination.opened",
+    "destination.disabled",
+    "destination.recovered",
+]
 
 DELIVERY_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 
@@ -73,6 +89,49 @@ def list_(
         )
         items = [delivery_resource(d) for d in page.items]
         return {"items": items, "next_cursor": page.next_cursor}
+
+
+class ReplayRequest(BaseModel):
+    """Which deliveries to send again: created in [since, until], and the filters given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since: datetime = Field(description="Only deliveries created at or after (required).")
+    until: datetime | None = Field(None, description="Only deliveries created at or before.")
+    status: DeliveryStatus | None = Field(None, description="Only deliveries in this status.")
+    event: ReplayEvent | None = Field(None, description="Only deliveries of this event.")
+    service: str | None = Field(None, pattern=SERVICE_PATTERN, description="Only this service.")
+    task_id: str | None = Field(
+        None, pattern=TASK_ID_PATTERN, max_length=128, description="Only this task's."
+    )
+
+
+@router.post(
+    "/replay",
+    status_code=202,
+    response_model=ReplayResult,
+    summary="Deliver again every delivery matching a filter",
+    responses={
+        202: {"description": "Due again now, each with its own webhook-id."},
+        **error_responses(400, 422),
+    },
+)
+def replay(body: ReplayRequest, request: Request, client: CurrentClient) -> dict[str, Any]:
+    """Every delivery created in [`since`, `until`] matching the filters, at most 10,000
+    (more: 422, narrow the range), is pending and due now with the same `webhook-id`;
+    replaying again before it is sent leaves it one pending delivery. Superseded ones, and
+    older events of a task whose newer event is not replayed too, are not sent. The
+    disabled destinations of what is replayed are open to attempts again."""
+    wanted = ReplayFilter(
+        since=as_utc(body.since, name="since"),
+        until=None if body.until is None else as_utc(body.until, name="until"),
+        status=body.status,
+        event=body.event,
+        service=body.service,
+        task_id=body.task_id,
+    )
+    with request_transaction(request) as session:
+        return {"replayed": replay_deliveries(session, wanted, client_id=client.id, now=utcnow())}
 
 
 @router.get(

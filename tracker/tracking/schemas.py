@@ -139,6 +139,27 @@ def check_json_object(value: Any, *, max_bytes: int) -> Any:
     return value
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def destination_of(url: str) -> str:
+    """The destination of a callback URL: `scheme://host:port`, lower-case, the port explicit.
+
+    Webhooks to one destination share its concurrency limit and circuit breaker
+    (docs/webhooks.md). A URL `parse_callback_url` refuses keeps its text as its own
+    destination, so it can still be recorded (and refused at send time).
+    """
+    try:
+        parts = parse_callback_url(url)
+        host = parts.hostname or ""
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+    except CallbackRefused:
+        return url[:MAX_CALLBACK_URL]
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{parts.scheme.lower()}://{host.lower()}:{port}"
+
+
 class TaskRegistration(BaseModel):
     """What a client asks the tracker to watch."""
 
