@@ -12,9 +12,8 @@ from tracker.api.deps import CurrentClient, bearer_scheme, request_transaction
 from tracker.api.errors import error_responses
 from tracker.api.resources import ClientSettingsResource
 from tracker.db.models import Client
-from tracker.errors import CallbackRefused
 from tracker.tracking.clients import KeyCache, client_settings, update_client_settings
-from tracker.tracking.schemas import MAX_CALLBACK_URL, EventName, parse_callback_url
+from tracker.tracking.schemas import CallbackUrl, EventName, check_callback_url
 
 router = APIRouter(prefix="/v1/client", tags=["client"], responses=error_responses(401, 500))
 
@@ -24,28 +23,21 @@ class ClientSettingsPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    default_callback_url: str | None = Field(
-        None, max_length=MAX_CALLBACK_URL, description="http(s) URL, vetted like callback_url."
+    default_callback_url: CallbackUrl | None = Field(
+        None, description="http(s) URL, vetted like callback_url."
     )
     default_events: list[EventName] | None = Field(
         None, description="Subset of task.running, task.completed, task.failed, task.timed_out."
     )
-    operations_url: str | None = Field(
-        None,
-        max_length=MAX_CALLBACK_URL,
-        description="http(s) URL for operational events, vetted like callback_url.",
+    operations_url: CallbackUrl | None = Field(
+        None, description="http(s) URL for operational events, vetted like callback_url."
     )
 
-    @field_validator("default_callback_url", "operations_url")
+    @field_validator("default_callback_url", "operations_url", mode="before")
     @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parse_callback_url(value)
-        except CallbackRefused as exc:
-            raise ValueError(exc.message) from None
-        return value
+    def _check_url(cls, value: Any) -> Any:
+        """The URL's own problems first, said plainly; then the pattern applies."""
+        return check_callback_url(value)
 
 
 @router.get("", response_model=ClientSettingsResource, summary="Show the client's settings")

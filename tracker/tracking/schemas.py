@@ -45,6 +45,9 @@ _PORT = r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-
 CALLBACK_URL_PATTERN = (
     rf"^https?://(?:[A-Za-z0-9._~%!$&'()*+,;=:-]*@)?{_HOST}{_PORT}(?:[/?#][!-~]*)?$"
 )
+# Every URL the tracker will send to (callback, default callback, operations URL): the
+# OpenAPI document states what the validation enforces.
+CallbackUrl = Annotated[str, Field(max_length=MAX_CALLBACK_URL, pattern=CALLBACK_URL_PATTERN)]
 
 # Metadata is any JSON object without the NUL character (PostgreSQL's JSONB refuses it),
 # stated as a recursive schema so that the OpenAPI document says so too. Its size limit
@@ -173,9 +176,7 @@ class TaskRegistration(BaseModel):
     service: str = Field(
         "luma", pattern=SERVICE_PATTERN, description="Upstream service, e.g. luma, suno, kling."
     )
-    callback_url: (
-        Annotated[str, Field(max_length=MAX_CALLBACK_URL, pattern=CALLBACK_URL_PATTERN)] | None
-    ) = Field(
+    callback_url: CallbackUrl | None = Field(
         None,
         description=(
             "Where webhooks go: an http or https URL of printable ASCII with a host name "
