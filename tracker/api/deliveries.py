@@ -5,11 +5,11 @@ A retry only makes the delivery due again; the next sweep sends it (nothing runs
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.convertors import Convertor, register_url_convertor
 
 from tracker.api.deps import CurrentClient, request_transaction
 from tracker.api.errors import error_responses
@@ -27,7 +27,7 @@ from tracker.db.queries import (
 )
 from tracker.delivery.outbox import redeliver
 from tracker.delivery.replay import ReplayFilter, replay_deliveries
-from tracker.tracking.schemas import SERVICE_PATTERN, TASK_ID_PATTERN
+from tracker.tracking.schemas import SERVICE_PATTERN, TASK_ID_PATTERN, DateTimeWithZone
 
 ReplayEvent = Literal[
     "task.running",
@@ -47,12 +47,31 @@ router = APIRouter(
     prefix="/v1/deliveries", tags=["deliveries"], responses=error_responses(401, 500)
 )
 
+REPLAY_SEGMENT = "replay"
+
+
+class DeliveryIdConvertor(Convertor[str]):
+    """A `/v1/deliveries/{delivery_id}` path segment: any segment but the replay route's, so
+    `Allow` on `/v1/deliveries/replay` lists only what that path allows."""
+
+    regex = f"(?!{REPLAY_SEGMENT}$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("delivery_id", DeliveryIdConvertor())
+
 DeliveryIdPath = Annotated[
     str,
     Path(
         pattern=DELIVERY_ID_PATTERN,
         max_length=64,
         description="The delivery id, as sent in the `webhook-id` header.",
+        json_schema_extra={"not": {"const": REPLAY_SEGMENT}},
     ),
 ]
 
@@ -96,8 +115,10 @@ class ReplayRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    since: datetime = Field(description="Only deliveries created at or after (required).")
-    until: datetime | None = Field(None, description="Only deliveries created at or before.")
+    since: DateTimeWithZone = Field(description="Only deliveries created at or after (required).")
+    until: DateTimeWithZone | None = Field(
+        None, description="Only deliveries created at or before."
+    )
     status: DeliveryStatus | None = Field(None, description="Only deliveries in this status.")
     event: ReplayEvent | None = Field(None, description="Only deliveries of this event.")
     service: str | None = Field(None, pattern=SERVICE_PATTERN, description="Only this service.")
@@ -135,10 +156,10 @@ def replay(body: ReplayRequest, request: Request, client: CurrentClient) -> dict
 
 
 @router.get(
-    "/{delivery_id}",
+    "/{delivery_id:delivery_id}",
     response_model=DeliveryDetail,
     summary="Show a delivery with every attempt",
-    responses=error_responses(404, 422),
+    responses=error_responses(404, 405, 422),
 )
 def show(delivery_id: DeliveryIdPath, request: Request, client: CurrentClient) -> dict[str, Any]:
     """One delivery: its payload and every attempt, first first."""
@@ -147,13 +168,13 @@ def show(delivery_id: DeliveryIdPath, request: Request, client: CurrentClient) -
 
 
 @router.post(
-    "/{delivery_id}/retry",
+    "/{delivery_id:delivery_id}/retry",
     status_code=202,
     response_model=DeliveryDetail,
     summary="Deliver again now",
     responses={
         202: {"description": "Due again now; the next sweep sends it, with the same webhook-id."},
-        **error_responses(404, 409, 422),
+        **error_responses(404, 405, 409, 422),
     },
 )
 def retry(delivery_id: DeliveryIdPath, request: Request, client: CurrentClient) -> dict[str, Any]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from urllib.parse import SplitResult, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from typing_extensions import TypeAliasType
 
 from tracker.config import SEVEN_DAYS
@@ -161,6 +163,29 @@ def destination_of(url: str) -> str:
     if ":" in host:  # IPv6
         host = f"[{host}]"
     return f"{parts.scheme.lower()}://{host.lower()}:{port}"
+
+
+# RFC 3339's date-time, as the OpenAPI document's `date-time` format says: a zone is
+# required (a bare time would mean UTC to one client and local time to another).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def _rfc3339(value: object) -> object:
+    if isinstance(value, str):
+        if not _RFC3339.fullmatch(value):
+            raise ValueError(
+                "must be an RFC 3339 date-time with its zone, e.g. 2024-08-31T04:12:46Z "
+                f"(got {value[:80]!r})"
+            )
+        return value.upper()
+    if isinstance(value, datetime):
+        return value
+    raise ValueError(f"must be an RFC 3339 date-time string (got {value!r})")
+
+
+DateTimeWithZone = Annotated[datetime, BeforeValidator(_rfc3339)]
 
 
 class TaskRegistration(BaseModel):
