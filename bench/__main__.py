@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench [--poll-tasks 100000] [--deliveries 10000] [--runs 3]
                               [--webhook-runs 3]
-                              [--only economy|poll|webhooks|freshness|doorbell|scale]
+                              [--only economy|poll|webhooks|noisy|freshness|doorbell|scale]
 
 Needs PostgreSQL (TRACKER_BENCH_POSTGRES_URL, default the tests' server); the
 simulator and a webhook receiver are started on loopback. Prints one line per
@@ -26,6 +26,7 @@ from pathlib import Path
 from bench.common import Figure, private_database, receiver_process, simulator_process
 from bench.doorbell import doorbell
 from bench.freshness import freshness
+from bench.noisy import noisy_neighbours
 from bench.polling import poll_throughput, upstream_economy
 from bench.scale import memory, registration_api
 from bench.webhooks import webhook_throughput
@@ -34,7 +35,7 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 # The defaults' budget (20 requests/s of 50 ids) polls 10k tasks every 10 s, not every 5:
 # freshness runs with a budget that covers them, so it measures the tracker, not the budget.
 FRESHNESS_RPS = 50
-PARTS = ["economy", "poll", "webhooks", "freshness", "doorbell", "scale"]
+PARTS = ["economy", "poll", "webhooks", "noisy", "freshness", "doorbell", "scale"]
 
 
 def machine() -> str:
@@ -138,6 +139,8 @@ def main() -> int:
                     db_url, hook, args.deliveries, runs=args.webhook_runs
                 )
                 show(new)
+        if "noisy" in only:
+            show(noisy_neighbours(db_url))
     elapsed = time.perf_counter() - started
     failed = [f.name for f in figures if f.passed is False]
     print(f"suite: {elapsed:.0f} s, {len(failed)} target(s) failed", flush=True)

@@ -123,6 +123,25 @@ class Settings(BaseSettings):
             "`{public_url}/v1/doorbell/{token}` as `callback_url`. Unset: no doorbell."
         ),
     )
+    destination_concurrency: int = Field(
+        8, ge=1, description="Webhook attempts in flight to one destination, across all workers."
+    )
+    destination_failures: int = Field(
+        20, ge=1, description="Consecutive failed attempts that open a destination's circuit."
+    )
+    destination_probe: float = Field(
+        60.0, gt=0, description="Seconds between probe attempts to an open destination."
+    )
+    destination_disable_after: float = Field(
+        432000.0,
+        gt=0,
+        description="Seconds a destination fails without a success before it is disabled.",
+    )
+    retention_days: float = Field(
+        0.0,
+        ge=0,
+        description="Days a terminal task and its history are kept; 0 keeps them for ever.",
+    )
 
     # Beyond the contract: operational knobs with safe defaults.
     secret_rotation_grace: int = Field(

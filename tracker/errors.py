@@ -5,7 +5,7 @@
     │   └── TokenUnavailable               a client's stored upstream token cannot be
     │                                      decrypted (TRACKER_SECRET_KEY unset or wrong)
     ├── NotFound                           404
-    │   ├── ClientNotFound, TaskNotFound, DeliveryNotFound
+    │   ├── ClientNotFound, TaskNotFound, DeliveryNotFound, DestinationNotFound
     ├── Conflict                           409
     │   ├── ClientExists, RegistrationConflict
     ├── InvalidQuery                       422: a listing parameter
@@ -65,6 +65,10 @@ class TaskNotFound(NotFound):
 
 class DeliveryNotFound(NotFound):
     code = "delivery_not_found"
+
+
+class DestinationNotFound(NotFound):
+    code = "destination_not_found"
 
 
 class Conflict(TrackerError):

@@ -38,6 +38,28 @@ DELIVERY_STATUSES = frozenset(
     {DELIVERY_PENDING, DELIVERY_SUCCEEDED, DELIVERY_FAILED, DELIVERY_SUPERSEDED}
 )
 
+# Operational events, sent to a client's `operations_url`: never about themselves.
+DELIVERY_FAILING = "delivery.failing"
+DELIVERY_EXHAUSTED = "delivery.exhausted"
+DESTINATION_OPENED = "destination.opened"
+DESTINATION_DISABLED = "destination.disabled"
+DESTINATION_RECOVERED = "destination.recovered"
+OPERATIONAL_EVENTS = frozenset(
+    {
+        DELIVERY_FAILING,
+        DELIVERY_EXHAUSTED,
+        DESTINATION_OPENED,
+        DESTINATION_DISABLED,
+        DESTINATION_RECOVERED,
+    }
+)
+
+# A webhook destination's circuit: attempts flow; held behind probes; given up on.
+DESTINATION_HEALTHY = "healthy"
+DESTINATION_OPEN = "open"
+DESTINATION_DISABLED_STATE = "disabled"
+DESTINATION_STATES = frozenset({DESTINATION_HEALTHY, DESTINATION_OPEN, DESTINATION_DISABLED_STATE})
+
 
 def is_terminal(state: str) -> bool:
     return state in TERMINAL_STATES

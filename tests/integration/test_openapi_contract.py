@@ -107,13 +107,21 @@ def test_a_foreign_cursor_is_refused_by_the_document_and_the_api(
     assert answer.json()["error"]["code"] == "invalid_cursor"
 
 
+# Operations whose rules span what JSON Schema can state, checked without
+# `positive_data_acceptance`: a replay's `until` must not be before its `since`, and an
+# Idempotency-Key names one submission (the same key with another body is refused).
+CROSS_FIELD_RULES = ("/v1/deliveries/replay", "/v1/{service}/submit")
+# It answers 204 to any token, by design: there is no "invalid" doorbell.
+ANSWERS_ANYTHING = ("/v1/doorbell/{token}",)
+
+
 def test_schemathesis_run_with_its_checks_passes_against_a_real_api(
-    pg_url: str, tmp_path: Path
+    pg_url: str, simulator_url: str, tmp_path: Path
 ) -> None:
     """Every check but `use_after_free`: it takes a 2xx DELETE to remove the resource,
     while `DELETE /v1/tasks/{task_id}` cancels the task and keeps its history readable
     (docs/api.md), on purpose. Seeded, and bounded to 20 examples per operation; on
-    PostgreSQL, the production database."""
+    PostgreSQL, the production database, with the simulator as the upstream."""
     engine = make_engine(pg_url)
     with Session(engine) as session:
         client = create_client(session, "fuzzer")
@@ -121,7 +129,11 @@ def test_schemathesis_run_with_its_checks_passes_against_a_real_api(
     engine.dispose()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRACKER_", "PROMETHEUS_"))}
-    env |= {"TRACKER_DATABASE_URL": pg_url, "TRACKER_LOG_LEVEL": "WARNING"}
+    env |= {
+        "TRACKER_DATABASE_URL": pg_url,
+        "TRACKER_UPSTREAM_URL": simulator_url,  # submissions go nowhere else
+        "TRACKER_LOG_LEVEL": "WARNING",
+    }
     log = (tmp_path / "api.log").open("wb")
     api = subprocess.Popen(
         [sys.executable, "-m", "tracker", "api", "--port", str(port)],
@@ -134,41 +146,63 @@ def test_schemathesis_run_with_its_checks_passes_against_a_real_api(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _answers(f"{url}/healthz"), timeout=60, what="the API")
-        run = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("schemathesis")),
-                "run",
-                f"{url}/openapi.json",
-                "--checks",
-                "all",
-                "--exclude-checks",
-                "use_after_free",
-                "--header",
-                f"Authorization: Bearer {client.api_key}",
-                "--max-examples",
-                "20",
-                "--seed",
-                "21",
-                # One: hypothesis describes its filters by parsing source, and parsing in
-                # several threads at once trips CPython 3.11 ("AST constructor recursion
-                # depth mismatch").
-                "--workers",
-                "1",
-                "--no-color",
-            ],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        everything_else = [f"--exclude-path={p}" for p in CROSS_FIELD_RULES + ANSWERS_ANYTHING]
+        cross_field = [f"--include-path={p}" for p in CROSS_FIELD_RULES]
+        runs = [
+            _schemathesis(url, client.api_key, tmp_path, env, [*everything_else]),
+            _schemathesis(
+                url, client.api_key, tmp_path, env, [*cross_field], "positive_data_acceptance"
+            ),
+        ]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(api.pid, signal.SIGTERM)
         api.wait(20)
         log.close()
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    for run in runs:
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def _schemathesis(
+    url: str,
+    api_key: str,
+    cwd: Path,
+    env: dict[str, str],
+    filters: list[str],
+    *also_excluded: str,
+) -> subprocess.CompletedProcess[str]:
+    """`schemathesis run` of the operations `filters` select, with every check but
+    `use_after_free` and `also_excluded`."""
+    return subprocess.run(
+        [
+            str(Path(sys.executable).with_name("schemathesis")),
+            "run",
+            f"{url}/openapi.json",
+            *filters,
+            "--checks",
+            "all",
+            "--exclude-checks",
+            ",".join(["use_after_free", *also_excluded]),
+            "--header",
+            f"Authorization: Bearer {api_key}",
+            "--max-examples",
+            "20",
+            "--seed",
+            "21",
+            # One: hypothesis describes its filters by parsing source, and parsing in
+            # several threads at once trips CPython 3.11 ("AST constructor recursion
+            # depth mismatch").
+            "--workers",
+            "1",
+            "--no-color",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def _answers(url: str) -> bool:

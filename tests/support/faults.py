@@ -78,7 +78,8 @@ MAX_DUPLICATE_SHARE = 0.01
 UPSTREAM_TOKEN = "fault-token-0123456789abcdef"
 
 # Every duration shrunk so that a scenario takes seconds, with the shapes kept:
-# leases of 4-8 s, retries every 1-2 s for about a minute, a 2 s webhook timeout.
+# leases of 4-8 s, retries every 1-2 s for about a minute, a 2 s webhook timeout, a
+# circuit breaker that probes every 2 s once open.
 FAST_ENV = {
     "TRACKER_POLL_INTERVAL": "1",
     "TRACKER_MAX_POLL_INTERVAL": "2",
@@ -87,6 +88,7 @@ FAST_ENV = {
     "TRACKER_DELIVERY_LEASE": "8",
     "TRACKER_WEBHOOK_TIMEOUT": "2",
     "TRACKER_WEBHOOK_RETRY_SCHEDULE": ",".join(["0", "1", "1"] + ["2"] * 40),
+    "TRACKER_DESTINATION_PROBE": "2",
     "TRACKER_UPSTREAM_TIMEOUT": "5",
     "TRACKER_UPSTREAM_RPS": "50",
     "TRACKER_WEBHOOK_ALLOW_PRIVATE": "true",

@@ -18,7 +18,7 @@ from tracker.states import (
 )
 from tracker.tracking.normalise import Failure
 from tracker.tracking.registration import register_task
-from tracker.tracking.schemas import TaskRegistration
+from tracker.tracking.schemas import TaskRegistration, destination_of
 from tracker.tracking.transitions import new_delivery_id, record_transition, webhook_payload
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -77,6 +77,7 @@ def add_delivery(
         task=task,
         event=event,
         callback_url=task.callback_url or "https://hooks.example.com/tracker",
+        destination=destination_of(task.callback_url or "https://hooks.example.com/tracker"),
         payload=webhook_payload(
             task, event=event, previous_state="running", observed_at=created_at
         ),

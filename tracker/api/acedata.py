@@ -80,9 +80,50 @@ class VendorError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
+# The body as AceData documents it, stated for the OpenAPI document: the route reads it
+# itself, so that malformed input answers in the vendor's shape (400 `bad_request`).
+_TASK_ID_SCHEMA = {"type": "string", "pattern": TASK_ID_PATTERN}
+_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "properties": {"id": _TASK_ID_SCHEMA, "action": {"const": "retrieve"}},
+                        "required": ["id", "action"],
+                    },
+                    {
+                        "type": "object",
+                        "properties": {
+                            "ids": {
+                                "type": "array",
+                                "items": _TASK_ID_SCHEMA,
+                                "minItems": 1,
+                                "maxItems": MAX_BATCH_IDS,
+                            },
+                            "action": {"const": "retrieve_batch"},
+                        },
+                        "required": ["ids", "action"],
+                    },
+                ]
+            }
+        }
+    },
+}
+_SERVICE_PARAMETER = {
+    "name": "service",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": SERVICE_PATTERN},
+}
+
+
 @router.post(
     "/acedata/{service}/tasks",
     summary="AceData's task API (retrieve, retrieve_batch), answered by the tracker",
+    openapi_extra={"requestBody": _REQUEST_BODY, "parameters": [_SERVICE_PARAMETER]},
     responses={
         200: {"description": "A task record, `{}` for an unknown id, or `{items, count}`."},
         400: {"model": AceDataError, "description": "Not a retrieve body (`bad_request`)."},
@@ -94,9 +135,11 @@ class VendorError(Exception):
         500: {"model": AceDataError, "description": "AceData could not be asked (`api_error`)."},
     },
 )
-async def acedata_tasks(service: str, request: Request) -> JSONResponse:
+async def acedata_tasks(request: Request) -> JSONResponse:
     """`{"id", "action": "retrieve"}` or `{"ids", "action": "retrieve_batch"}`, with
     `Authorization: Bearer <tracker API key>`; answers in AceData's shapes."""
+    # Read here, not declared: a bad name answers the vendor's 404, not a 422.
+    service: str = request.path_params["service"]
     try:
         if re.fullmatch(SERVICE_PATTERN, service) is None:
             raise VendorError(404, "not_found", f"No service {service[:40]!r}.")

@@ -13,7 +13,18 @@ import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 
 from tracker import __version__
-from tracker.api import acedata, deliveries, doorbell, health, services, submit, tasks, ui
+from tracker.api import (
+    acedata,
+    client,
+    deliveries,
+    destinations,
+    doorbell,
+    health,
+    services,
+    submit,
+    tasks,
+    ui,
+)
 from tracker.api.deps import known_query_parameters
 from tracker.api.docs import install_docs
 from tracker.api.errors import install_error_handlers
@@ -119,6 +130,8 @@ def create_app(
     app.include_router(submit.router, dependencies=strict_query)
     app.include_router(doorbell.router)
     app.include_router(acedata.router)
+    app.include_router(destinations.router, dependencies=strict_query)
+    app.include_router(client.router, dependencies=strict_query)
     app.include_router(health.router)
     install_docs(app)
     ui.install(app)

@@ -132,8 +132,8 @@ class BatchResult(Resource):
 
 
 class DeliveryResource(DeliverySummary):
-    task_id: str
-    service: str
+    task_id: str | None = Field(description="Null for an operational event (no task).")
+    service: str | None = Field(description="Null for an operational event (no task).")
     callback_url: str
     created_at: str
     updated_at: str
@@ -164,8 +164,8 @@ class DeliveryDetail(Resource):
     delivered_at: str | None
     last_status_code: int | None
     failure: FailureResource | None
-    task_id: str
-    service: str
+    task_id: str | None = Field(description="Null for an operational event (no task).")
+    service: str | None = Field(description="Null for an operational event (no task).")
     callback_url: str
     created_at: str
     updated_at: str
@@ -235,3 +235,55 @@ class ServiceResource(Resource):
 
 class ServicePage(Resource):
     items: list[ServiceResource]
+
+
+DestinationState = Literal["healthy", "open", "disabled"]
+
+
+class DestinationResource(Resource):
+    """A callback destination of the client (scheme, host, port) and its circuit breaker."""
+
+    id: int = Field(description="Pass to `POST /v1/destinations/{id}/resume`.")
+    url: str = Field(description="`scheme://host:port`.")
+    scheme: str
+    host: str
+    port: int | None
+    state: DestinationState = Field(
+        description="`healthy`: attempts flow; `open`: deliveries held, one probe per "
+        "TRACKER_DESTINATION_PROBE s; `disabled`: deliveries end failed until resumed."
+    )
+    consecutive_failures: int = Field(description="Failed attempts since the last success.")
+    last_success_at: str | None
+    failing_since: str | None = Field(description="The first failure since the last success.")
+    last_error: str | None
+    opened_at: str | None
+    next_probe_at: str | None
+    disabled_at: str | None
+    held_deliveries: int = Field(
+        description="Deliveries pending to this destination (held while it is open)."
+    )
+
+
+class DestinationList(Resource):
+    items: list[DestinationResource]
+
+
+class ReplayResult(Resource):
+    replayed: int = Field(
+        description="Deliveries pending and due now, each with its own `webhook-id`."
+    )
+
+
+class ClientSettingsResource(Resource):
+    """The calling client's own settings."""
+
+    name: str
+    default_callback_url: str | None = Field(
+        description="Taken by registrations that leave `callback_url` out."
+    )
+    default_events: list[str] | None = Field(
+        description="Taken by registrations that leave `events` out."
+    )
+    operations_url: str | None = Field(
+        description="Where operational events (delivery.failing, destination.opened, ...) go."
+    )

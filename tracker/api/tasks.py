@@ -6,12 +6,10 @@ beat's next tick finds it (the database is the truth; nothing runs inline).
 
 from __future__ import annotations
 
-import re
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
 from tracker.api.deps import CurrentClient, SettingsDep, request_transaction
@@ -29,28 +27,14 @@ from tracker.db.queries import (
 )
 from tracker.errors import RegistrationConflict
 from tracker.tracking.registration import cancel_task, register_task
-from tracker.tracking.schemas import SERVICE_PATTERN, TASK_ID_PATTERN, TaskRegistration
-
-MAX_BATCH = 1000
-# RFC 3339's date-time, as the OpenAPI document's `date-time` format says: a zone is
-# required (a bare time would mean UTC to one client and local time to another).
-_RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+from tracker.tracking.schemas import (
+    SERVICE_PATTERN,
+    TASK_ID_PATTERN,
+    DateTimeWithZone,
+    TaskRegistration,
 )
 
-
-def _rfc3339(value: object) -> object:
-    if isinstance(value, str):
-        if not _RFC3339.fullmatch(value):
-            raise ValueError(
-                "must be an RFC 3339 date-time with its zone, e.g. 2024-08-31T04:12:46Z "
-                f"(got {value[:80]!r})"
-            )
-        return value.upper()
-    return value
-
-
-DateTimeWithZone = Annotated[datetime, BeforeValidator(_rfc3339)]
+MAX_BATCH = 1000
 BATCH_SEGMENT = "batch"
 
 

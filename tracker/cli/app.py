@@ -9,6 +9,8 @@ import typer
 from tracker.cli.clients import clients_app
 from tracker.cli.common import console, err_console, load_cli_settings, print_json
 from tracker.cli.deliveries import deliveries_app
+from tracker.cli.destinations import destinations_app
+from tracker.cli.prune import prune
 from tracker.cli.tasks import tasks_app
 
 app = typer.Typer(
@@ -24,6 +26,7 @@ app = typer.Typer(
 app.add_typer(clients_app, name="clients", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks", no_args_is_help=True)
 app.add_typer(deliveries_app, name="deliveries", no_args_is_help=True)
+app.add_typer(destinations_app, name="destinations", no_args_is_help=True)
 
 
 @app.command()
@@ -313,3 +316,6 @@ def simulator(
     console.print(f"  counters       GET  http://{host}:{port}/_sim/stats")
     console.print(f"  API docs       http://{host}:{port}/docs")
     serve(host, port, config)
+
+
+app.command("prune")(prune)

@@ -154,3 +154,35 @@ def clients_reencrypt_upstream_tokens() -> None:
         f"{count} upstream tokens encrypted with the first key of TRACKER_SECRET_KEY; "
         "the other keys can now be removed"
     )
+
+
+@clients_app.command("set")
+def clients_set(
+    name: Annotated[str, typer.Argument(help="The client to change.")],
+    default_callback: Annotated[
+        str | None,
+        typer.Option(help="Callback URL of registrations that give none; '' unsets it."),
+    ] = None,
+    default_events: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated events of registrations that give none; '' unsets."),
+    ] = None,
+    operations_url: Annotated[
+        str | None, typer.Option(help="Where operational events go; '' unsets it.")
+    ] = None,
+) -> None:
+    """Set a client's registration defaults and operations URL (`PATCH /v1/client`)."""
+    from tracker.tracking.clients import client_settings, get_client, update_client_settings
+
+    changes: dict[str, object] = {}
+    if default_callback is not None:
+        changes["default_callback_url"] = default_callback or None
+    if default_events is not None:
+        events = [event.strip() for event in default_events.split(",") if event.strip()]
+        changes["default_events"] = events or None
+    if operations_url is not None:
+        changes["operations_url"] = operations_url or None
+    with cli_transaction() as session:
+        client = get_client(session, name)
+        settings = client_settings(update_client_settings(session, client.id, changes))
+    print_json(settings)

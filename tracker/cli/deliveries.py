@@ -1,7 +1,8 @@
-"""`tracker deliveries`: list webhook deliveries, retry one by hand."""
+"""`tracker deliveries`: list webhook deliveries, retry one by hand, replay many."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -57,4 +58,57 @@ def deliveries_retry(
     console.print(
         f"delivery {delivery_id} ({event}) is due again now, after {attempts} attempts so far; "
         "a worker sends it on its next sweep (`tracker deliveries list` shows the result)"
+    )
+
+
+def _moment(value: str | None, option: str) -> datetime | None:
+    """An ISO 8601 time from the command line (UTC if it names no zone)."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(
+            f"must be an ISO 8601 time such as 2026-12-01T10:00:00Z (got {value!r})",
+            param_hint=option,
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@deliveries_app.command("replay")
+def deliveries_replay(
+    since: Annotated[
+        str, typer.Option(help="Only deliveries created at or after this ISO 8601 time.")
+    ],
+    client_name: Annotated[str, typer.Option("--client", help="The client whose deliveries.")],
+    until: Annotated[
+        str | None, typer.Option(help="Only deliveries created at or before this time.")
+    ] = None,
+    status: Annotated[
+        str | None, typer.Option(help="Only this status: pending, succeeded, failed.")
+    ] = None,
+    event: Annotated[str | None, typer.Option(help="Only this event, e.g. task.completed.")] = None,
+    service: Annotated[str | None, typer.Option(help="Only this service's tasks.")] = None,
+    task_id: Annotated[str | None, typer.Option(help="Only this task's deliveries.")] = None,
+) -> None:
+    """Deliver again every delivery matching the filter (at most 10,000), as
+    `POST /v1/deliveries/replay` does: the same webhook-id, due now."""
+    from tracker.clock import utcnow
+    from tracker.delivery.replay import ReplayFilter, replay_deliveries
+    from tracker.tracking.clients import get_client
+
+    wanted = ReplayFilter(
+        since=_moment(since, "--since") or utcnow(),
+        until=_moment(until, "--until"),
+        status=status,
+        event=event,
+        service=service,
+        task_id=task_id,
+    )
+    with cli_transaction() as session:
+        client = get_client(session, client_name)
+        replayed = replay_deliveries(session, wanted, client_id=client.id, now=utcnow())
+    console.print(
+        f"{replayed} deliveries of {client_name} are due again now, each with its own "
+        "webhook-id; workers send them on their next sweep"
     )

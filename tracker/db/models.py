@@ -33,7 +33,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from tracker.states import ACTIVE_STATES, DELIVERY_STATUSES, TASK_STATES
+from tracker.states import ACTIVE_STATES, DELIVERY_STATUSES, DESTINATION_STATES, TASK_STATES
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -94,6 +94,11 @@ class Client(Base):
     # fingerprint (`upstream_credentials.key`); both null: the tracker's token is used.
     upstream_token_ciphertext: Mapped[str | None] = mapped_column(Text)
     upstream_credential: Mapped[str | None] = mapped_column(String(64))
+    # Taken by registrations that omit `callback_url` / `events`.
+    default_callback_url: Mapped[str | None] = mapped_column(String(2048))
+    default_events: Mapped[list[str] | None] = mapped_column(JSONValue)
+    # Where operational events (a failing delivery, an opened destination, ...) go.
+    operations_url: Mapped[str | None] = mapped_column(String(2048))
 
     secrets: Mapped[list[WebhookSecret]] = relationship(
         back_populates="client", order_by="WebhookSecret.id", cascade="all, delete-orphan"
@@ -152,6 +157,13 @@ tasks_table = Table(
     Index("ix_tasks_client_service_created", "client_id", "service", "created_at", "id"),
     # A client's deliveries by task id, whatever the service.
     Index("ix_tasks_client_task_id", "client_id", "task_id"),
+    # Retention: the terminal tasks finished before a cut-off.
+    Index(
+        "ix_tasks_finished",
+        "finished_at",
+        postgresql_where=text("finished_at IS NOT NULL"),
+        sqlite_where=text("finished_at IS NOT NULL"),
+    ),
 )
 
 # A registration's polling, apart from `tasks`: a claim rewrites it on every poll
@@ -241,7 +253,11 @@ class TaskTransition(Base):
 
 
 class WebhookDelivery(Base):
-    """The outbox: one webhook event for one registration, attempted until it settles."""
+    """The outbox: one webhook event, attempted until it settles.
+
+    A task event (`task.*`) belongs to a registration; an operational event
+    (`delivery.*`, `destination.*`, to the client's `operations_url`) has no task.
+    """
 
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
@@ -260,14 +276,38 @@ class WebhookDelivery(Base):
             "created_at",
             "id",
         ),
+        # A destination's due deliveries, oldest due first (the claim's order, so that a
+        # claim of its next few reads those few, not all it holds): what comes next.
+        Index(
+            "ix_webhook_deliveries_destination_due",
+            "client_id",
+            "destination",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # A destination's attempts in flight: the rows leased (few at any time).
+        Index(
+            "ix_webhook_deliveries_destination_leased",
+            "client_id",
+            "destination",
+            postgresql_where=text("claimed_until IS NOT NULL"),
+            sqlite_where=text("claimed_until IS NOT NULL"),
+        ),
     )
 
     # The `webhook-id` header: the same on every attempt of this event.
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
-    task_row_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    # Null for an operational event.
+    task_row_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), index=True
+    )
     event: Mapped[str] = mapped_column(String(32))
     callback_url: Mapped[str] = mapped_column(String(2048))
+    # The callback URL's `scheme://host:port`: with `client_id`, its `webhook_destinations` row.
+    destination: Mapped[str] = mapped_column(String(2048))
     # The exact body sent on every attempt (UTF-8 JSON), fixed when the event happened.
     payload: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
@@ -281,7 +321,7 @@ class WebhookDelivery(Base):
     failure_code: Mapped[str | None] = mapped_column(String(64))
     failure_message: Mapped[str | None] = mapped_column(Text)
 
-    task: Mapped[Task] = relationship(back_populates="deliveries")
+    task: Mapped[Task | None] = relationship(back_populates="deliveries")
     attempt_log: Mapped[list[WebhookAttempt]] = relationship(
         back_populates="delivery", order_by="WebhookAttempt.attempt", cascade="all, delete-orphan"
     )
@@ -311,6 +351,39 @@ class WebhookAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
     delivery: Mapped[WebhookDelivery] = relationship(back_populates="attempt_log")
+
+
+class WebhookDestination(Base):
+    """Where a client's webhooks go (scheme, host, port), and its circuit breaker.
+
+    `healthy`: attempts flow, at most TRACKER_DESTINATION_CONCURRENCY at once. `open`:
+    after TRACKER_DESTINATION_FAILURES consecutive failed attempts its deliveries are held,
+    one probe attempt every TRACKER_DESTINATION_PROBE s. `disabled`: it failed without a
+    success for TRACKER_DESTINATION_DISABLE_AFTER s, and its deliveries end failed.
+    """
+
+    __tablename__ = "webhook_destinations"
+    __table_args__ = (
+        UniqueConstraint("client_id", "origin"),
+        CheckConstraint(f"state IN ({_in(DESTINATION_STATES)})", name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    # `scheme://host:port`, as in `webhook_deliveries.destination`.
+    origin: Mapped[str] = mapped_column(String(2048))
+    state: Mapped[str] = mapped_column(String(16))
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    # The first failure since the last success (null while the last attempt succeeded).
+    failing_since: Mapped[datetime | None]
+    last_success_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    opened_at: Mapped[datetime | None]
+    # While open: when the next probe attempt may go.
+    next_probe_at: Mapped[datetime | None]
+    disabled_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
 
 
 class UpstreamCredential(Base):

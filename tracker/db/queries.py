@@ -22,15 +22,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy import Select, and_, func, select, tuple_
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from tracker.clock import isoformat_z
-from tracker.db.models import Task, TaskTransition, WebhookAttempt, WebhookDelivery
+from tracker.db.models import (
+    Task,
+    TaskTransition,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookDestination,
+)
 from tracker.errors import DeliveryNotFound, InvalidCursor, InvalidQuery, TaskNotFound
 from tracker.observability.metrics import DatabaseLevels
 from tracker.profiles import outputs_of, profile_name
-from tracker.states import COMPLETED, DELIVERY_PENDING
+from tracker.states import COMPLETED, DELIVERY_PENDING, DESTINATION_HEALTHY
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -192,7 +198,7 @@ def list_deliveries(
     cursor: str | None = None,
 ) -> Page[WebhookDelivery]:
     """One page of webhook deliveries, newest first; `task_id` is the upstream task id."""
-    query = select(WebhookDelivery).options(joinedload(WebhookDelivery.task, innerjoin=True))
+    query = select(WebhookDelivery).options(joinedload(WebhookDelivery.task))
     if client_id is not None:
         query = query.where(WebhookDelivery.client_id == client_id)
     if status is not None:
@@ -293,8 +299,9 @@ def delivery_resource(delivery: WebhookDelivery) -> dict[str, Any]:
     """A delivery as `GET /v1/deliveries` lists it: the summary, its task and its times."""
     return {
         **delivery_summary(delivery),
-        "task_id": delivery.task.task_id,
-        "service": delivery.task.service,
+        # An operational event (to the client's operations URL) belongs to no task.
+        "task_id": delivery.task.task_id if delivery.task else None,
+        "service": delivery.task.service if delivery.task else None,
         "callback_url": delivery.callback_url,
         "created_at": isoformat_z(delivery.created_at),
         "updated_at": isoformat_z(delivery.updated_at),
@@ -380,4 +387,24 @@ def database_levels(session: Session, *, now: datetime) -> DatabaseLevels:
             WebhookDelivery.status == DELIVERY_PENDING, WebhookDelivery.next_attempt_at <= now
         )
     )
-    return DatabaseLevels(by_state, by_status, due or 0)
+    destinations = dict(
+        session.execute(
+            select(WebhookDestination.state, func.count()).group_by(WebhookDestination.state)
+        ).all()
+    )
+    held = session.scalar(
+        select(func.count())
+        .select_from(WebhookDelivery)
+        .join(
+            WebhookDestination,
+            and_(
+                WebhookDestination.client_id == WebhookDelivery.client_id,
+                WebhookDestination.origin == WebhookDelivery.destination,
+            ),
+        )
+        .where(
+            WebhookDelivery.status == DELIVERY_PENDING,
+            WebhookDestination.state != DESTINATION_HEALTHY,
+        )
+    )
+    return DatabaseLevels(by_state, by_status, due or 0, destinations, held or 0)

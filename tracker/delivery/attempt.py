@@ -22,6 +22,7 @@ countdowns. Nothing here knows about Celery.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -31,7 +32,7 @@ from functools import partial
 from typing import Any
 
 import requests
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,7 +41,15 @@ from tracker.config import Settings
 from tracker.db.engine import autocommit_engine, retry_while_unreachable, transaction
 from tracker.db.models import WebhookDelivery
 from tracker.delivery.netguard import Resolver
-from tracker.delivery.outbox import Claim, among_ids, claim_deliveries, older_event_unsettled
+from tracker.delivery.outbox import (
+    Claim,
+    among_ids,
+    claim_batch,
+    claim_next_due,
+    hand_over_slots,
+    next_due_ids,
+    older_event_unsettled,
+)
 from tracker.delivery.outcome import (
     Acknowledged,
     DeliveryOutcome,
@@ -53,6 +62,8 @@ from tracker.tracking.clients import secrets_in_force
 
 Sessions = Engine | sessionmaker[Session]
 
+log = logging.getLogger("tracker.delivery")
+
 
 def attempt_delivery(
     sessions: Sessions,
@@ -64,7 +75,7 @@ def attempt_delivery(
     clock: Callable[[], datetime] = utcnow,
 ) -> DeliveryOutcome:
     """One attempt of one due delivery: `attempt_deliveries` of a single id."""
-    (outcome,) = attempt_deliveries(
+    outcome, *_ = attempt_deliveries(
         sessions, [delivery_id], settings=settings, http=http, resolver=resolver, clock=clock
     )
     return outcome
@@ -78,78 +89,289 @@ def attempt_deliveries(
     http: requests.Session | None = None,
     resolver: Resolver | None = None,
     clock: Callable[[], datetime] = utcnow,
+    pump: bool = False,
+    hand_off_after: float | None = None,
+    on_outcomes: Callable[[list[DeliveryOutcome]], None] | None = None,
 ) -> list[DeliveryOutcome]:
     """One attempt of each due delivery of a batch; an outcome per id, in order.
 
-    A short transaction claims the batch and reads the payloads and the
-    clients' secrets; the requests then go out at once from the process's
-    sending threads (`tracker.delivery.sender.send_pool`), outside any transaction; the
-    answers are recorded as they come in (a 2xx by the thread that read it, on
-    PostgreSQL), so neither a slow receiver nor a dying worker holds back the
-    record of the others. Safe to call twice for the same ids at once (a duplicated
-    job): the lease lets one call send, the other returns `attempted=False`.
+    A short transaction claims the batch (within what each destination allows) and
+    reads the payloads and the clients' secrets; the requests then go out at once from
+    the process's sending threads (`tracker.delivery.sender.send_pool`), outside any
+    transaction; the answers are recorded as they come in (a 2xx by the thread that
+    read it, on PostgreSQL), so neither a slow receiver nor a dying worker holds back
+    the record of the others. Safe to call twice for the same ids at once (a
+    duplicated job): the lease lets one call send, the other returns `attempted=False`.
+
+    `pump`: as its answers free a destination's slots, the call takes that
+    destination's next due deliveries itself (`claim_next_due`), for up to
+    `PUMP_SECONDS`, so a destination with a backlog keeps its attempts in flight
+    without a round through the broker; their outcomes follow the batch's.
+    `hand_off_after`: once no answer has come for that many seconds and nothing is
+    left to take, the call returns; the attempts still in flight (a slow receiver)
+    record themselves from their sending threads and report to `on_outcomes`, so a
+    slow destination holds no job thread.
     """
     ids = list(dict.fromkeys(delivery_ids))
+    job = _Job(sessions, settings, http, resolver, clock, on_outcomes)
     with transaction(sessions) as session:
         now = clock()
-        claims = claim_deliveries(session, ids, now=now, lease_seconds=settings.webhook_lease)
-        lease_ends = time.monotonic() + settings.webhook_lease
-        claimed = {claim.id for claim in claims}
-        outcomes = {
-            outcome.delivery_id: outcome
-            for outcome in _not_claimed(session, [i for i in ids if i not in claimed], now)
-        }
-        secrets = secrets_in_force(session, {claim.client_id for claim in claims}, now=now)
+        claimed = claim_batch(
+            session,
+            ids,
+            now=now,
+            lease_seconds=settings.webhook_lease,
+            concurrency=settings.destination_concurrency,
+            probe_seconds=settings.destination_probe,
+        )
+        claimed_ids = {claim.id for claim in claimed.claims}
+        job.outcomes.update(
+            (outcome.delivery_id, outcome)
+            for outcome in _not_claimed(
+                session, [i for i in ids if i not in claimed_ids], now, claimed.held
+            )
+        )
+        job.read_secrets(session, claimed.claims, now)
+    job.submit(claimed.claims)
+    contended = set(claimed.contended) if pump else set()
+    pump_until = time.monotonic() + PUMP_SECONDS
+    if pump:
+        job.start_handing_over()
+    pumped: set[tuple[int, str]] = set()
+    looks = 0
+    while job.in_flight() or contended:
+        if job.waiting:
+            if not job.collect(timeout=hand_off_after):  # only slow answers are left:
+                job.stop_handing_over()
+                job.hand_off(ring_next=pump)  # they record themselves
+                break
+        elif looks < CONTENDED_LOOKS:  # another claim was counting these: look again
+            looks += 1
+            time.sleep(CONTENDED_PAUSE)
+        else:
+            break
+        pumping = pump and time.monotonic() < pump_until
+        if pumping:
+            # The slots just freed go to each destination's next due deliveries, whoever
+            # leased them: a job that found a destination full left them to this one.
+            # Those of 2xx answers were handed over by their sending threads already
+            # (PostgreSQL); the others' are free once this thread records them.
+            pumped |= job.answered_keys
+            contended = job.take_next(job.freed | contended)
+        failed = job.record_collected()
+        if pumping and failed:
+            contended |= job.take_next(failed)
+        elif not pumping:
+            job.stop_handing_over()  # what it hands over is still sent and collected
+            contended = set()
+    if pump and time.monotonic() >= pump_until:
+        job.ring_backlog(pumped)
+    job.raise_unsent()
+    extra = [o for key, o in job.outcomes.items() if key not in set(ids)]
+    return [job.outcomes[delivery_id] for delivery_id in ids] + extra
 
-    pool = send_pool()
-    autocommit = autocommit_engine(sessions)
-    settler = None if autocommit is None else Settler(autocommit, clock)
-    send = partial(
-        _send_and_settle,
-        settler=settler,
-        timeout=settings.webhook_timeout,
-        allow_private=settings.webhook_allow_private,
-        max_retry_after=settings.max_retry_after,
-        http=http,
-        resolver=resolver,
-        clock=clock,
-    )
-    sending = {
-        pool.submit(send, claim, secrets.get(claim.client_id, ())): claim for claim in claims
-    }
-    unsent: BaseException | None = None
-    waiting: set[Future[WebhookAnswer]] = set(sending)
-    while waiting:
-        # Every answer in so far, recorded at once (the 2xx ones by their sending threads
-        # already): an answer acknowledged but not yet recorded is sent again if the
-        # worker dies, so none waits for the others.
-        done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-        answered, settled = [], []
+
+# How long a pumping job keeps taking its destinations' next deliveries (then it rings
+# them for other jobs), and how often and how long it looks again at a destination whose
+# lock another claim held (a claim holds it for one short transaction).
+PUMP_SECONDS = 10.0
+CONTENDED_PAUSE = 0.01
+CONTENDED_LOOKS = 3
+
+
+class _Job:
+    """One `attempt_deliveries` call: its claims in flight, their answers, their outcomes."""
+
+    def __init__(
+        self,
+        sessions: Sessions,
+        settings: Settings,
+        http: requests.Session | None,
+        resolver: Resolver | None,
+        clock: Callable[[], datetime],
+        on_outcomes: Callable[[list[DeliveryOutcome]], None] | None,
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.clock = clock
+        self.on_outcomes = on_outcomes
+        self.outcomes: dict[str, DeliveryOutcome] = {}
+        self.secrets: dict[int, list[str]] = {}
+        self.sending: dict[Future[WebhookAnswer], Claim] = {}
+        self.waiting: set[Future[WebhookAnswer]] = set()
+        # Sent by a sending thread handing its slot over, not yet among `waiting`.
+        self.submitted: set[Future[WebhookAnswer]] = set()
+        self.submitted_lock = threading.Lock()
+        # Answers collected, not recorded yet, and the destinations whose slots they freed.
+        self.answered: list[tuple[Claim, WebhookAnswer]] = []
+        self.settled: list[Acknowledged] = []
+        self.freed: set[tuple[int, str]] = set()
+        self.answered_keys: set[tuple[int, str]] = set()
+        self.unsent: BaseException | None = None
+        self.lease_ends = time.monotonic() + settings.webhook_lease
+        autocommit = autocommit_engine(sessions)
+        self.settler = None if autocommit is None else Settler(autocommit, clock)
+        self.pool = send_pool()
+        self.send = partial(
+            _send_and_settle,
+            settler=self.settler,
+            timeout=settings.webhook_timeout,
+            allow_private=settings.webhook_allow_private,
+            max_retry_after=settings.max_retry_after,
+            http=http,
+            resolver=resolver,
+            clock=clock,
+        )
+
+    def read_secrets(self, session: Session, claims: Sequence[Claim], now: datetime) -> None:
+        wanted = {claim.client_id for claim in claims} - set(self.secrets)
+        self.secrets.update(secrets_in_force(session, wanted, now=now))
+
+    def submit(self, claims: Sequence[Claim]) -> None:
+        """Send these claims; from the job's thread, or a sending thread handing over."""
+        for claim in claims:
+            # Until answered, a claim's outcome says it is in flight.
+            self.outcomes[claim.id] = DeliveryOutcome(claim.id, attempted=True)
+            future = self.pool.submit(self.send, claim, self.secrets.get(claim.client_id, ()))
+            with self.submitted_lock:
+                self.sending[future] = claim
+                self.submitted.add(future)
+
+    def in_flight(self) -> bool:
+        """Whether attempts are in flight, those submitted meanwhile counted."""
+        with self.submitted_lock:
+            self.waiting |= self.submitted
+            self.submitted = set()
+        return bool(self.waiting)
+
+    def collect(self, *, timeout: float | None) -> bool:
+        """Take every answer in so far (the 2xx ones recorded by their sending threads
+        already: their destinations are in `freed`); False if none came within `timeout`.
+        `record_collected` records the others and logs them all."""
+        self.in_flight()
+        done, self.waiting = wait(self.waiting, timeout=timeout, return_when=FIRST_COMPLETED)
+        if not done:
+            return False
+        self.freed = set()
+        self.answered_keys = {self.sending[future].destination_key for future in done}
         for future in done:
             error = future.exception()
             if error is not None:  # a bug, not a receiver's answer: its lease expires, tried again
-                unsent = unsent or error
+                self.unsent = self.unsent or error
                 continue
-            claim, answer = sending[future], future.result()
+            claim, answer = self.sending[future], future.result()
             acknowledged = None
-            if settler is not None and answer.succeeded:
-                acknowledged = settler.recorded(claim.id)
+            if self.settler is not None and answer.succeeded and not claim.probe:
+                acknowledged = self.settler.recorded(claim.id)
             if acknowledged is None:
-                answered.append((claim, answer))
+                self.answered.append((claim, answer))
             else:
-                settled.append(acknowledged)
+                self.settled.append(acknowledged)
+                self.freed.add(claim.destination_key)
+        if self.settler is not None and self.settler.handing_over:
+            self.freed = set()  # their slots went to their destinations' next due already
+        return True
+
+    def start_handing_over(self) -> None:
+        if self.settler is not None:
+            self.settler.start_handing_over(self.settings.webhook_lease, self.submit)
+
+    def stop_handing_over(self) -> None:
+        """The pump is done: the answers' slots stay free (what was handed over is sent
+        and collected)."""
+        if self.settler is not None:
+            self.settler.stop_handing_over()
+
+    def record_collected(self) -> set[tuple[int, str]]:
+        """Record the answers `collect` took; the destinations of those it recorded now
+        (their slots were still leased until now)."""
+        answered, self.answered = self.answered, []
+        settled, self.settled = self.settled, []
         if answered or settled:
-            # Wait for the database rather than lose answers, up to one lease past the
-            # claim's (docs/decisions/0009-record-answers-through-outages.md).
-            recorded = retry_while_unreachable(
-                partial(_record_answers, sessions, answered, settled, settings, clock),
-                deadline=lease_ends + settings.webhook_lease,
-                what="recording webhook answers",
+            self.outcomes.update(
+                (outcome.delivery_id, outcome) for outcome in self.record(answered, settled)
             )
-            outcomes.update((outcome.delivery_id, outcome) for outcome in recorded)
-    if unsent is not None:
-        raise unsent
-    return [outcomes[delivery_id] for delivery_id in ids]
+        self.freed = set()
+        return {claim.destination_key for claim, _ in answered}
+
+    def record(
+        self,
+        answered: Sequence[tuple[Claim, WebhookAnswer]],
+        settled: Sequence[Acknowledged],
+    ) -> list[DeliveryOutcome]:
+        # Wait for the database rather than lose answers, up to one lease past the
+        # claim's (docs/decisions/0009-record-answers-through-outages.md).
+        return retry_while_unreachable(
+            partial(_record_answers, self.sessions, answered, settled, self.settings, self.clock),
+            deadline=self.lease_ends + self.settings.webhook_lease,
+            what="recording webhook answers",
+        )
+
+    def take_next(self, destinations: set[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Claim and send the next due deliveries of `destinations`, within the slots each
+        has free; those another claim was counting (to look at again)."""
+        if not destinations:
+            return set()
+        with transaction(self.sessions) as session:
+            now = self.clock()
+            claimed = claim_next_due(
+                session,
+                destinations,
+                now=now,
+                lease_seconds=self.settings.webhook_lease,
+                concurrency=self.settings.destination_concurrency,
+                probe_seconds=self.settings.destination_probe,
+            )
+            self.read_secrets(session, claimed.claims, now)
+        self.lease_ends = time.monotonic() + self.settings.webhook_lease
+        self.submit(claimed.claims)
+        return claimed.contended
+
+    def ring_backlog(self, destinations: set[tuple[int, str]]) -> None:
+        """The pump's time is up: hand the destinations' next due deliveries to other jobs."""
+        if not destinations or self.on_outcomes is None:
+            return
+        with transaction(self.sessions) as session:
+            due = next_due_ids(session, destinations, now=self.clock())
+        if due:
+            self.on_outcomes(
+                [
+                    DeliveryOutcome(
+                        due[0], attempted=False, skipped="claimed", follow_up_ids=tuple(due)
+                    )
+                ]
+            )
+
+    def hand_off(self, *, ring_next: bool) -> None:
+        """Let the attempts still in flight record themselves when their answer comes (and,
+        `ring_next`, ring their destination's next due deliveries: the slot is free)."""
+        self.in_flight()  # hand-overs are stopped: nothing is submitted after this
+        for future in list(self.waiting):
+            future.add_done_callback(
+                partial(self._record_alone, self.sending[future], ring_next=ring_next)
+            )
+        self.waiting = set()
+
+    def _record_alone(
+        self, claim: Claim, future: Future[WebhookAnswer], *, ring_next: bool
+    ) -> None:
+        try:
+            answer = future.result()
+            acknowledged = None
+            if self.settler is not None and answer.succeeded and not claim.probe:
+                acknowledged = self.settler.recorded(claim.id)
+            answered = [] if acknowledged else [(claim, answer)]
+            outcomes = self.record(answered, [acknowledged] if acknowledged else [])
+            if self.on_outcomes is not None:
+                self.on_outcomes(outcomes)
+            if ring_next:
+                self.ring_backlog({claim.destination_key})
+        except Exception:  # its lease expires and it is sent again: log, never raise here
+            log.exception("could not record the answer to delivery %s", claim.id)
+
+    def raise_unsent(self) -> None:
+        if self.unsent is not None:
+            raise self.unsent
 
 
 class Settler:
@@ -168,6 +390,27 @@ class Settler:
         self._waiting: list[tuple[Claim, WebhookAnswer]] = []
         self._in_flight = False
         self._outcomes: dict[str, Acknowledged | None] = {}
+        # While the job pumps: the lease of the deliveries its answers hand their slots
+        # to (`hand_over_slots`), and how to send them.
+        self._hand_over_lease: float | None = None
+        self._send: Callable[[list[Claim]], None] = lambda claims: None
+
+    def start_handing_over(self, lease_seconds: float, send: Callable[[list[Claim]], None]) -> None:
+        """From now, the slots of 2xx answers go to their destinations' next due
+        deliveries, which `send` sends at once, from the sending thread that answered."""
+        with self._lock:
+            self._hand_over_lease = lease_seconds
+            self._send = send
+
+    def stop_handing_over(self) -> None:
+        """No more hand-overs, once the statement in flight is done."""
+        with self._lock:
+            self._hand_over_lease = None
+            self._settled.wait_for(lambda: not self._in_flight)
+
+    @property
+    def handing_over(self) -> bool:
+        return self._hand_over_lease is not None
 
     def settle(self, claim: Claim, answer: WebhookAnswer) -> None:
         """Record one 2xx answer: now, with those waiting, or right after the statement in
@@ -192,7 +435,23 @@ class Settler:
         with self._lock:
             batch, self._waiting = self._waiting, []
             self._in_flight = bool(batch)
+            if not batch:
+                self._settled.notify_all()
             return batch
+
+    def _hand_over(self, connection: Connection, batch: list[tuple[Claim, WebhookAnswer]]) -> None:
+        """While the job pumps, the answers' slots go to their destinations' next due
+        deliveries before the answers free them, and those go out at once."""
+        with self._lock:
+            lease_seconds, send = self._hand_over_lease, self._send
+        if lease_seconds is None:
+            return
+        freed: dict[int, int] = {}
+        for claim, _ in batch:
+            freed[claim.destination_id] = freed.get(claim.destination_id, 0) + 1
+        handed = hand_over_slots(connection, freed, now=self._clock(), lease_seconds=lease_seconds)
+        if handed:
+            send(handed)
 
     def _publish(
         self, batch: list[tuple[Claim, WebhookAnswer]], acknowledged: list[Acknowledged]
@@ -212,6 +471,7 @@ class Settler:
     def _record(self, batch: list[tuple[Claim, WebhookAnswer]]) -> list[Acknowledged]:
         try:
             with self._engine.connect() as connection:
+                self._hand_over(connection, batch)
                 return settle_acknowledged(connection, batch, now=self._clock())
         except OperationalError:  # the database is away: the job's thread waits for it and records
             return []
@@ -229,7 +489,7 @@ def _send_and_settle(
     answer = send_webhook(
         claim.callback_url, claim.id, claim.payload, secrets, clock=clock, **request
     )
-    if settler is not None and answer.succeeded:
+    if settler is not None and answer.succeeded and not claim.probe:
         settler.settle(claim, answer)
     return answer
 
@@ -257,10 +517,17 @@ def _record_answers(
         return record_attempts(session, rest, settings=settings, now=now, settled=settled)
 
 
-def _not_claimed(session: Session, delivery_ids: list[str], now: datetime) -> list[DeliveryOutcome]:
+def _not_claimed(
+    session: Session, delivery_ids: list[str], now: datetime, held: dict[str, str]
+) -> list[DeliveryOutcome]:
     """Explain why deliveries could not be claimed, for logs and the caller."""
+    outcomes = [
+        DeliveryOutcome(delivery_id, attempted=False, status=DELIVERY_PENDING, skipped=reason)
+        for delivery_id, reason in held.items()
+    ]
+    delivery_ids = [delivery_id for delivery_id in delivery_ids if delivery_id not in held]
     if not delivery_ids:
-        return []
+        return outcomes
     rows = {
         row.id: row
         for row in session.execute(
@@ -272,7 +539,6 @@ def _not_claimed(session: Session, delivery_ids: list[str], now: datetime) -> li
             ).where(among_ids(delivery_ids, session))
         )
     }
-    outcomes = []
     for delivery_id in delivery_ids:
         row = rows.get(delivery_id)
         if row is None:

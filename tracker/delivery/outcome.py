@@ -22,14 +22,34 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, exists, insert, select, text, update
 from sqlalchemy.orm import Session, aliased
 
+from tracker.clock import isoformat_z
 from tracker.config import Settings
 from tracker.db.engine import is_postgresql
-from tracker.db.models import WebhookAttempt, WebhookDelivery
-from tracker.delivery.outbox import Claim, among, among_ids
+from tracker.db.models import Task, WebhookAttempt, WebhookDelivery
+from tracker.delivery.destinations import (
+    LAST_SUCCESS_RESOLUTION,
+    Tally,
+    record_destination_answers,
+)
+from tracker.delivery.operations import (
+    FAILING_AFTER_ATTEMPTS,
+    OperationalEvent,
+    destination_event,
+    queue_operational_events,
+)
+from tracker.delivery.outbox import Claim, among, among_ids, next_due_ids
 from tracker.delivery.retries import MANUAL_RETRY_HINT, next_retry_delay
 from tracker.delivery.sender import WebhookAnswer
 from tracker.observability import metrics
-from tracker.states import DELIVERY_FAILED, DELIVERY_PENDING, DELIVERY_SUCCEEDED
+from tracker.states import (
+    DELIVERY_EXHAUSTED,
+    DELIVERY_FAILED,
+    DELIVERY_FAILING,
+    DELIVERY_PENDING,
+    DELIVERY_SUCCEEDED,
+    DESTINATION_HEALTHY,
+    DESTINATION_RECOVERED,
+)
 
 # The attempt log lines keep the logger name operators filter on.
 log = logging.getLogger("tracker.delivery")
@@ -40,8 +60,12 @@ class DeliveryOutcome:
     """What became of one delivery of an `attempt_deliveries` batch.
 
     `attempted` is False when nothing was sent and `skipped` says why:
-    `not_found`, `not_pending`, `not_due`, `claimed` (another worker has it)
-    or `waiting_for_older` (an older event of the task is pending or in flight).
+    `not_found`, `not_pending`, `not_due`, `claimed` (another worker has it),
+    `waiting_for_older` (an older event of the task is pending or in flight),
+    `destination_busy` (its destination has as many attempts in flight as it may),
+    `destination_open` (held while its destination's circuit is open) or
+    `destination_disabled`. `attempted` with no `status`: the attempt was still in
+    flight when the job moved on; it records itself (`attempt_deliveries`'s `on_outcomes`).
     """
 
     delivery_id: str
@@ -52,7 +76,8 @@ class DeliveryOutcome:
     error: str | None = None
     next_attempt_at: datetime | None = None
     skipped: str | None = None
-    # Newer deliveries of the same task that waited for this attempt and are due: enqueue them.
+    # Due deliveries to enqueue: newer events of the same task that waited for this
+    # attempt, and operational events it caused.
     follow_up_ids: tuple[str, ...] = ()
 
 
@@ -61,8 +86,11 @@ class _Row:
     """The columns of a delivery that recording an attempt reads and writes."""
 
     id: str
-    task_row_id: int
+    task_row_id: int | None
     created_at: datetime
+    client_id: int
+    event: str
+    destination: str
     status: str
     attempts: int
     next_attempt_at: datetime | None
@@ -76,7 +104,9 @@ class _Row:
 
 _ROW_COLUMNS = tuple(getattr(WebhookDelivery, name) for name in _Row.__dataclass_fields__)
 _WRITTEN = tuple(
-    name for name in _Row.__dataclass_fields__ if name not in ("task_row_id", "created_at")
+    name
+    for name in _Row.__dataclass_fields__
+    if name not in ("task_row_id", "created_at", "client_id", "event", "destination")
 )
 _SHARED = tuple(name for name in _WRITTEN if name not in ("id", "attempts"))
 
@@ -103,11 +133,18 @@ def record_attempts(
     settled_rows = [row for row, _, _ in settled]
     newer_pending = {row.id for row, _, newer in settled if newer}
     outcomes: list[DeliveryOutcome] = []
+    operational: list[str] = []
     if answered:
-        outcomes += _record(session, answered, settings, now, recorded, settled_rows, newer_pending)
+        gone, operational = _record(
+            session, answered, settings, now, recorded, settled_rows, newer_pending
+        )
+        outcomes += gone
     follow_ups = _waiting_newer_events(
         session, [delivery for delivery in settled_rows if delivery.id in newer_pending], now
     )
+    if operational and recorded:
+        first = recorded[0][0].id
+        follow_ups[first] = (*follow_ups.get(first, ()), *operational)
     for delivery, answer in recorded:
         log.info(
             "webhook attempt",
@@ -144,9 +181,10 @@ def _record(
     recorded: list[tuple[_Row, WebhookAnswer]],
     settled: list[_Row],
     newer_pending: set[str],
-) -> list[DeliveryOutcome]:
-    """Write the attempts and new states of `answered` under lock; adds to `recorded`,
-    `settled` and `newer_pending`, returns the outcomes of deliveries gone meanwhile."""
+) -> tuple[list[DeliveryOutcome], list[str]]:
+    """Write the attempts and new states of `answered` under lock, and count them against
+    their destinations; adds to `recorded`, `settled` and `newer_pending`. Returns the
+    outcomes of deliveries gone meanwhile, and the operational events queued."""
     query = (
         select(*_ROW_COLUMNS, _newer_event_pending().label("newer_pending"))
         .where(among_ids([claim.id for claim, _ in answered], session))
@@ -162,7 +200,16 @@ def _record(
     attempt_rows: list[dict[str, Any]] = []
     gone: list[DeliveryOutcome] = []
     written: list[_Row] = []
+    tallies: dict[int, Tally] = {}
+    troubled: list[tuple[_Row, WebhookAnswer]] = []
     for claim, answer in answered:
+        if answer.refused is None and claim.destination_id:  # a refused one was never sent
+            tally = tallies.setdefault(claim.destination_id, Tally())
+            if answer.succeeded:
+                tally.successes += 1
+            else:
+                tally.failures += 1
+                tally.last_error = answer.error
         delivery = rows.get(claim.id)
         if delivery is None:  # the task (and its outbox) was deleted meanwhile
             gone.append(DeliveryOutcome(claim.id, attempted=True, error=answer.error))
@@ -182,7 +229,9 @@ def _record(
         if delivery.claimed_until == claim.lease:
             delivery.claimed_until = None
             if delivery.status == DELIVERY_PENDING:
-                _apply_outcome(delivery, answer, settings=settings, now=now)
+                _apply_outcome(delivery, answer, settings=settings, now=now, probe=claim.probe)
+                if not answer.succeeded:
+                    troubled.append((delivery, answer))
             if delivery.status != DELIVERY_PENDING:
                 settled.append(delivery)
         # Otherwise it was superseded, retried by hand or taken over meanwhile: only logged.
@@ -192,7 +241,66 @@ def _record(
     if written:
         _insert_attempts(session, attempt_rows)
         _write_rows(session, written)
-    return gone
+    changes = record_destination_answers(session, tallies, settings=settings, now=now)
+    events = _delivery_events(session, troubled, now) + [
+        destination_event(change) for change in changes
+    ]
+    # A recovered destination's held deliveries are due: rung at once with the events
+    # (the jobs that take its slots then take the rest), not left to the next sweep.
+    recovered = {
+        (change.client_id, change.origin)
+        for change in changes
+        if change.event == DESTINATION_RECOVERED
+    }
+    released = next_due_ids(session, recovered, now=now) if recovered else []
+    return gone, queue_operational_events(session, events, now=now) + released
+
+
+def _delivery_events(
+    session: Session, troubled: list[tuple[_Row, WebhookAnswer]], now: datetime
+) -> list[OperationalEvent]:
+    """`delivery.failing` for a task event that failed its 4th attempt, `delivery.exhausted`
+    for one that failed for good (never for an operational event itself)."""
+    events: list[tuple[str, _Row, WebhookAnswer]] = []
+    for delivery, answer in troubled:
+        if delivery.task_row_id is None:
+            continue
+        if delivery.attempts == FAILING_AFTER_ATTEMPTS:
+            events.append((DELIVERY_FAILING, delivery, answer))
+        if delivery.status == DELIVERY_FAILED:
+            events.append((DELIVERY_EXHAUSTED, delivery, answer))
+    if not events:
+        return []
+    tasks = {
+        row.id: row
+        for row in session.execute(
+            select(Task.id, Task.task_id, Task.service).where(
+                Task.id.in_({delivery.task_row_id for _, delivery, _ in events})
+            )
+        )
+    }
+    result = []
+    for event, delivery, answer in events:
+        task = tasks.get(delivery.task_row_id or 0)
+        data = {
+            "delivery": {
+                "id": delivery.id,
+                "event": delivery.event,
+                "task_id": task.task_id if task else None,
+                "service": task.service if task else None,
+                "status": delivery.status,
+                "attempts": delivery.attempts,
+                "next_attempt_at": isoformat_z(delivery.next_attempt_at),
+                "destination": delivery.destination,
+                "failure": None
+                if delivery.failure_code is None
+                else {"code": delivery.failure_code, "message": delivery.failure_message or ""},
+            },
+            "last_status_code": answer.status_code,
+            "last_error": answer.error,
+        }
+        result.append(OperationalEvent(delivery.client_id, event, data, delivery.destination))
+    return result
 
 
 def _count_attempt(delivery: _Row, answer: WebhookAnswer, now: datetime) -> None:
@@ -299,7 +407,7 @@ def _waiting_newer_events(
     return {
         delivery.id: tuple(
             delivery_id
-            for created_at, delivery_id in newer_by_task.get(delivery.task_row_id, ())
+            for created_at, delivery_id in newer_by_task.get(delivery.task_row_id or 0, ())
             if created_at > delivery.created_at
         )
         for delivery in settled
@@ -307,9 +415,17 @@ def _waiting_newer_events(
 
 
 def _apply_outcome(
-    delivery: _Row, answer: WebhookAnswer, *, settings: Settings, now: datetime
+    delivery: _Row,
+    answer: WebhookAnswer,
+    *,
+    settings: Settings,
+    now: datetime,
+    probe: bool = False,
 ) -> None:
-    """The outcome rules (docs/webhooks.md) for a pending delivery that was just attempted."""
+    """The outcome rules (docs/webhooks.md) for a pending delivery that was just attempted.
+
+    A probe of an open destination that fails never exhausts its delivery: it is held
+    with the others until the destination recovers (or is disabled)."""
     delivery.last_status_code = answer.status_code
     if answer.succeeded:
         delivery.status = DELIVERY_SUCCEEDED
@@ -332,6 +448,9 @@ def _apply_outcome(
     delay = next_retry_delay(
         settings.webhook_retry_schedule, delivery.attempts, retry_after=answer.retry_after
     )
+    if delay is None and probe:
+        delivery.next_attempt_at = now
+        return
     if delay is None:
         _fail(
             delivery,
@@ -388,6 +507,17 @@ _SETTLE_ACKNOWLEDGED_PG = text(
         SELECT settled.id, settled.attempts, answer.started_at, answer.duration_ms,
             answer.status_code, answer.response_excerpt, NULL
         FROM settled JOIN answer ON answer.id = settled.id
+    ), destination_answered AS (
+        UPDATE webhook_destinations
+        SET consecutive_failures = 0, failing_since = NULL, last_success_at = :now,
+            updated_at = :now
+        WHERE id IN (
+            SELECT id FROM webhook_destinations
+            WHERE id = ANY(CAST(:destination_ids AS bigint[])) AND state = :healthy
+              AND (consecutive_failures > 0 OR last_success_at IS NULL
+                   OR last_success_at < :fresh)
+            ORDER BY id FOR UPDATE
+        )
     )
     SELECT * FROM settled
     """
@@ -398,11 +528,16 @@ def settle_acknowledged(
     connection: Connection, answered: Sequence[tuple[Claim, WebhookAnswer]], *, now: datetime
 ) -> list[Acknowledged]:
     """PostgreSQL: record 2xx answers to rows still leased in one statement, autocommitted
-    by the caller (docs/decisions/0008-record-acknowledged-answers-at-once.md).
+    by the caller (docs/decisions/0008-record-acknowledged-answers-at-once.md). The same
+    statement resets their healthy destinations' failure counts (and notes the success,
+    at most once per `LAST_SUCCESS_RESOLUTION`).
 
-    The answers it leaves (errors, a lease taken over) go through `record_attempts`.
+    The answers it leaves (errors, a lease taken over, a probe of an open destination)
+    go through `record_attempts`.
     """
-    acknowledged = [(claim, answer) for claim, answer in answered if answer.succeeded]
+    acknowledged = [
+        (claim, answer) for claim, answer in answered if answer.succeeded and not claim.probe
+    ]
     if not acknowledged:
         return []
     answers = {claim.id: answer for claim, answer in acknowledged}
@@ -418,6 +553,9 @@ def settle_acknowledged(
             "now": now,
             "succeeded": DELIVERY_SUCCEEDED,
             "pending": DELIVERY_PENDING,
+            "destination_ids": sorted({claim.destination_id for claim, _ in acknowledged}),
+            "healthy": DESTINATION_HEALTHY,
+            "fresh": now - LAST_SUCCESS_RESOLUTION,
         },
     )
     settled = []

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import (
@@ -29,7 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from tracker.states import DELIVERY_FAILED, DELIVERY_STATUSES, TASK_STATES
+from tracker.states import DELIVERY_FAILED, DELIVERY_STATUSES, DESTINATION_STATES, TASK_STATES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LAG_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -121,6 +121,8 @@ class DatabaseLevels:
     tasks_by_state: Mapping[str, int]
     deliveries_by_status: Mapping[str, int]
     deliveries_due: int
+    destinations_by_state: Mapping[str, int] = field(default_factory=dict)
+    deliveries_held: int = 0  # pending deliveries of destinations not healthy
 
 
 class _LevelsCollector(Collector):
@@ -137,6 +139,15 @@ class _LevelsCollector(Collector):
             "Deliveries waiting: due now, or failed for good until retried by hand.",
             labels=["kind"],
         )
+        destinations = GaugeMetricFamily(
+            "tracker_destinations",
+            "Webhook destinations by circuit state (healthy, open, disabled).",
+            labels=["state"],
+        )
+        held = GaugeMetricFamily(
+            "tracker_deliveries_held",
+            "Pending deliveries held by destinations that are open or disabled.",
+        )
         levels = self._read_levels()
         for state in sorted(TASK_STATES):
             tasks.add_metric([state], levels.tasks_by_state.get(state, 0))
@@ -144,9 +155,14 @@ class _LevelsCollector(Collector):
             deliveries.add_metric([status], levels.deliveries_by_status.get(status, 0))
         backlog.add_metric(["due"], levels.deliveries_due)
         backlog.add_metric(["failed"], levels.deliveries_by_status.get(DELIVERY_FAILED, 0))
+        for state in sorted(DESTINATION_STATES):
+            destinations.add_metric([state], levels.destinations_by_state.get(state, 0))
+        held.add_metric([], levels.deliveries_held)
         yield tasks
         yield deliveries
         yield backlog
+        yield destinations
+        yield held
 
 
 def render(read_levels: Callable[[], DatabaseLevels] | None) -> bytes:

@@ -8,7 +8,7 @@ import hmac
 import secrets
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session
 from tracker.clock import utcnow
 from tracker.config import WEBHOOK_SECRET_PREFIX
 from tracker.db.models import Client, WebhookSecret
-from tracker.errors import ClientExists, ClientNotFound
+from tracker.errors import CallbackRefused, ClientExists, ClientNotFound
+from tracker.states import EVENTS
+from tracker.tracking.schemas import MAX_CALLBACK_URL, parse_callback_url
 
 API_KEY_PREFIX = "trk_"
 
@@ -64,6 +66,55 @@ def get_client(session: Session, name: str) -> Client:
     client = session.scalar(select(Client).where(Client.name == name))
     if client is None:
         raise ClientNotFound(f"no client named {name!r}; `tracker clients list` shows them")
+    return client
+
+
+CLIENT_SETTINGS = ("default_callback_url", "default_events", "operations_url")
+
+
+def client_settings(client: Client) -> dict[str, object]:
+    """A client's own settings, as `GET /v1/client` shows them."""
+    return {
+        "name": client.name,
+        "default_callback_url": client.default_callback_url,
+        "default_events": client.default_events,
+        "operations_url": client.operations_url,
+    }
+
+
+def update_client_settings(
+    session: Session, client_id: int, changes: Mapping[str, object]
+) -> Client:
+    """Set (or, with None, unset) a client's defaults and operations URL; vetted first.
+
+    `default_callback_url` and `operations_url` must be callback URLs
+    (`parse_callback_url`); `default_events` a list of task events.
+    """
+    client = session.get(Client, client_id, populate_existing=True)
+    if client is None:
+        raise ClientNotFound(f"no client {client_id!r}")
+    for name, value in changes.items():
+        if name not in CLIENT_SETTINGS:
+            raise ValueError(f"{name}: not a client setting (one of {', '.join(CLIENT_SETTINGS)})")
+        if name in ("default_callback_url", "operations_url") and value is not None:
+            if not isinstance(value, str) or len(value) > MAX_CALLBACK_URL:
+                raise CallbackRefused(
+                    f"{name}: must be an http(s) URL of at most {MAX_CALLBACK_URL} characters"
+                )
+            try:
+                parse_callback_url(value)
+            except CallbackRefused as exc:
+                raise CallbackRefused(f"{name}: {exc.message}") from None
+        if name == "default_events" and value is not None:
+            if not isinstance(value, list) or not set(value) <= EVENTS:
+                raise CallbackRefused(
+                    f"default_events: must be a list of {', '.join(sorted(EVENTS))} "
+                    f"(got {value!r})",
+                    code="invalid_events",
+                )
+            value = sorted(set(value))
+        setattr(client, name, value)
+    session.flush()
     return client
 
 

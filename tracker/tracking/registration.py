@@ -44,6 +44,18 @@ def _same_settings(task: Task, wanted: TaskRegistration, timeout: int) -> bool:
     )
 
 
+def with_client_defaults(registration: TaskRegistration, client: Client) -> TaskRegistration:
+    """The registration with the client's `default_callback_url` / `default_events` where it
+    leaves `callback_url` / `events` out (an explicit value, null included, is kept)."""
+    given = registration.model_fields_set
+    changes: dict[str, Any] = {}
+    if "callback_url" not in given and client.default_callback_url is not None:
+        changes["callback_url"] = client.default_callback_url
+    if "events" not in given and client.default_events is not None:
+        changes["events"] = sorted(set(client.default_events))
+    return registration.model_copy(update=changes) if changes else registration
+
+
 def register_task(
     session: Session,
     client: Client,
@@ -65,6 +77,7 @@ def register_task(
     """
     settings = settings or get_settings()
     now = now or utcnow()
+    registration = with_client_defaults(registration, client)
     timeout = registration.timeout_seconds or settings.task_timeout
     values = {
         "client_id": client.id,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from urllib.parse import SplitResult, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from typing_extensions import TypeAliasType
 
 from tracker.config import SEVEN_DAYS
@@ -45,6 +47,9 @@ _PORT = r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-
 CALLBACK_URL_PATTERN = (
     rf"^https?://(?:[A-Za-z0-9._~%!$&'()*+,;=:-]*@)?{_HOST}{_PORT}(?:[/?#][!-~]*)?$"
 )
+# Every URL the tracker will send to (callback, default callback, operations URL): the
+# OpenAPI document states what the validation enforces.
+CallbackUrl = Annotated[str, Field(max_length=MAX_CALLBACK_URL, pattern=CALLBACK_URL_PATTERN)]
 
 # Metadata is any JSON object without the NUL character (PostgreSQL's JSONB refuses it),
 # stated as a recursive schema so that the OpenAPI document says so too. Its size limit
@@ -139,6 +144,50 @@ def check_json_object(value: Any, *, max_bytes: int) -> Any:
     return value
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def destination_of(url: str) -> str:
+    """The destination of a callback URL: `scheme://host:port`, lower-case, the port explicit.
+
+    Webhooks to one destination share its concurrency limit and circuit breaker
+    (docs/webhooks.md). A URL `parse_callback_url` refuses keeps its text as its own
+    destination, so it can still be recorded (and refused at send time).
+    """
+    try:
+        parts = parse_callback_url(url)
+        host = parts.hostname or ""
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+    except CallbackRefused:
+        return url[:MAX_CALLBACK_URL]
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{parts.scheme.lower()}://{host.lower()}:{port}"
+
+
+# RFC 3339's date-time, as the OpenAPI document's `date-time` format says: a zone is
+# required (a bare time would mean UTC to one client and local time to another).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def _rfc3339(value: object) -> object:
+    if isinstance(value, str):
+        if not _RFC3339.fullmatch(value):
+            raise ValueError(
+                "must be an RFC 3339 date-time with its zone, e.g. 2024-08-31T04:12:46Z "
+                f"(got {value[:80]!r})"
+            )
+        return value.upper()
+    if isinstance(value, datetime):
+        return value
+    raise ValueError(f"must be an RFC 3339 date-time string (got {value!r})")
+
+
+DateTimeWithZone = Annotated[datetime, BeforeValidator(_rfc3339)]
+
+
 class TaskRegistration(BaseModel):
     """What a client asks the tracker to watch."""
 
@@ -152,9 +201,7 @@ class TaskRegistration(BaseModel):
     service: str = Field(
         "luma", pattern=SERVICE_PATTERN, description="Upstream service, e.g. luma, suno, kling."
     )
-    callback_url: (
-        Annotated[str, Field(max_length=MAX_CALLBACK_URL, pattern=CALLBACK_URL_PATTERN)] | None
-    ) = Field(
+    callback_url: CallbackUrl | None = Field(
         None,
         description=(
             "Where webhooks go: an http or https URL of printable ASCII with a host name "

@@ -23,9 +23,10 @@ from tracker.config import SEVEN_DAYS
 from tracker.db.models import Client, IdempotencyKey
 from tracker.states import DEFAULT_EVENTS
 from tracker.tracking.schemas import (
-    MAX_CALLBACK_URL,
     MAX_METADATA_BYTES,
+    CallbackUrl,
     EventName,
+    MetadataObject,
     check_callback_url,
     check_json_object,
 )
@@ -47,20 +48,21 @@ class SubmitRequest(BaseModel):
         description="The generation path under the service, e.g. `videos` for /luma/videos.",
         examples=["videos"],
     )
-    request: dict[str, Any] = Field(
+    request: MetadataObject = Field(
         description=(
-            "The vendor's request body, forwarded unchanged except `callback_url`, which the "
-            "tracker sets to its doorbell when TRACKER_PUBLIC_URL is set."
+            "The vendor's request body (a JSON object without the NUL character), forwarded "
+            "unchanged except `callback_url`, which the tracker sets to its doorbell when "
+            "TRACKER_PUBLIC_URL is set."
         ),
         examples=[{"action": "generate", "prompt": "A cat surfing a wave"}],
     )
-    callback_url: str | None = Field(
+    callback_url: CallbackUrl | None = Field(
         None,
-        max_length=MAX_CALLBACK_URL,
         description="Where the tracker's webhooks go (http or https). Without it, none is sent.",
     )
-    metadata: dict[str, Any] = Field(
-        default_factory=dict, description="A JSON object (<= 16 KiB) echoed in every webhook."
+    metadata: MetadataObject = Field(
+        default_factory=dict,
+        description="A JSON object (<= 16 KiB, no NUL character) echoed in every webhook.",
     )
     events: list[EventName] = Field(
         default_factory=lambda: list(DEFAULT_EVENTS),  # type: ignore[arg-type]
@@ -83,17 +85,17 @@ class SubmitRequest(BaseModel):
             )
         return value
 
-    @field_validator("request")
+    @field_validator("request", mode="before")
     @classmethod
     def _check_request(cls, value: Any) -> Any:
         return check_json_object(value, max_bytes=MAX_REQUEST_BYTES)
 
-    @field_validator("callback_url")
+    @field_validator("callback_url", mode="before")
     @classmethod
     def _check_callback_url(cls, value: Any) -> Any:
         return check_callback_url(value)
 
-    @field_validator("metadata")
+    @field_validator("metadata", mode="before")
     @classmethod
     def _check_metadata(cls, value: Any) -> Any:
         return check_json_object(value, max_bytes=MAX_METADATA_BYTES)

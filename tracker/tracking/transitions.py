@@ -29,6 +29,7 @@ from tracker.states import (
     is_terminal,
 )
 from tracker.tracking.normalise import Failure
+from tracker.tracking.schemas import destination_of
 
 
 def new_delivery_id() -> str:
@@ -116,6 +117,7 @@ def record_transition(
         task=task,
         event=event,
         callback_url=task.callback_url,
+        destination=destination_of(task.callback_url),
         payload=webhook_payload(
             task, event=event, previous_state=from_state, observed_at=observed_at
         ),

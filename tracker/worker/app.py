@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.schedules import crontab
 from celery.signals import setup_logging
 
 from tracker.config import Settings, get_settings
@@ -21,6 +22,8 @@ POLL_QUEUE = "polls"
 DELIVERY_QUEUE = "deliveries"
 SCHEDULE_QUEUE = "ticks"
 JOBS_MODULE = "tracker.worker.jobs"
+# When the daily retention sweep runs (UTC hour, minute).
+PRUNE_AT = (3, 17)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -56,6 +59,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": "tracker.sweep",
                 "schedule": settings.sweep_interval,
                 "options": {"expires": settings.sweep_interval * 2},
+            },
+            # Retention, once a day at a quiet hour (a no-op unless TRACKER_RETENTION_DAYS).
+            "prune": {
+                "task": "tracker.prune",
+                "schedule": crontab(minute=PRUNE_AT[1], hour=PRUNE_AT[0]),
+                "options": {"expires": 3600},
             },
         },
     }

@@ -24,7 +24,10 @@ from tracker.clock import utcnow
 from tracker.config import Settings, get_settings
 from tracker.db.engine import make_engine, session_factory
 from tracker.delivery.attempt import attempt_deliveries
-from tracker.delivery.outbox import delivery_batches
+from tracker.delivery.destinations import disable_failing_destinations
+from tracker.delivery.operations import destination_event, queue_operational_events
+from tracker.delivery.outbox import delivery_batches, due_delivery_ids
+from tracker.delivery.outcome import DeliveryOutcome
 from tracker.errors import TokenUnavailable
 from tracker.observability import metrics
 from tracker.polling import (
@@ -42,6 +45,7 @@ from tracker.polling import (
     time_out_overdue_tasks,
 )
 from tracker.states import DELIVERY_PENDING
+from tracker.tracking.retention import prune_history
 from tracker.upstream.budget import (
     Budget,
     DatabaseBudget,
@@ -410,26 +414,78 @@ def poll_now(task_row_ids: list[int]) -> int:
 
 @celery_app.task(name="tracker.sweep")  # type: ignore[untyped-decorator]
 def sweep() -> None:
-    """Beat tick: time out overdue tasks and ring again for deliveries whose doorbell was lost."""
-    from tracker.delivery.outbox import due_delivery_ids
-
+    """Beat tick: time out overdue tasks, disable destinations failing too long, and ring
+    again for deliveries whose doorbell was lost (fairly across destinations)."""
     ctx = worker_context()
     now = utcnow()
     with ctx.sessions.begin() as session:
         timed_out = time_out_overdue_tasks(session, now=now, settings=ctx.settings)
     ring_delivery_doorbells(timed_out)
     with ctx.sessions.begin() as session:
+        changes = disable_failing_destinations(session, settings=ctx.settings, now=now)
+        events = queue_operational_events(
+            session, [destination_event(change) for change in changes], now=now
+        )
+    for change in changes:
+        log.warning(
+            "destination %s of client %d failed without a success for %g s and is disabled; "
+            "its deliveries end failed until it is resumed or they are replayed",
+            change.origin,
+            change.client_id,
+            ctx.settings.destination_disable_after,
+        )
+    ring_delivery_doorbells(events)
+    with ctx.sessions.begin() as session:
         overdue = due_delivery_ids(
-            session, now=now - timedelta(seconds=OVERDUE_DELIVERY_GRACE), limit=SWEEP_DELIVERY_LIMIT
+            session,
+            now=now - timedelta(seconds=OVERDUE_DELIVERY_GRACE),
+            probes_at=now,  # a probe has no doorbell: it goes when due
+            limit=SWEEP_DELIVERY_LIMIT,
+            per_destination=ctx.settings.destination_concurrency,
         )
     ring_delivery_doorbells(overdue)
 
 
+@celery_app.task(name="tracker.prune")  # type: ignore[untyped-decorator]
+def prune() -> None:
+    """Daily beat tick: with TRACKER_RETENTION_DAYS set, prune terminal tasks older than that,
+    in bounded batches, each its own short transaction."""
+    ctx = worker_context()
+    days = ctx.settings.retention_days
+    if days <= 0:
+        return
+    pruned = prune_history(ctx.sessions, older_than=timedelta(days=days), now=utcnow())
+    log.info(
+        "retention: pruned %d tasks and %d operational events older than %g days",
+        pruned.tasks,
+        pruned.operational_events,
+        days,
+    )
+
+
+# A deliver job returns once no answer came for this long and nothing is left to take;
+# slower answers record themselves, so a slow destination holds no job thread.
+DELIVERY_HAND_OFF = 0.5
+
+
 @celery_app.task(name="tracker.deliver")  # type: ignore[untyped-decorator]
 def deliver(delivery_ids: list[str]) -> None:
-    """Attempt a batch of deliveries."""
+    """Attempt a batch of deliveries, and the next ones of destinations with a backlog."""
     ctx = worker_context()
-    outcomes = attempt_deliveries(ctx.sessions, delivery_ids, settings=ctx.settings)
+    outcomes = attempt_deliveries(
+        ctx.sessions,
+        delivery_ids,
+        settings=ctx.settings,
+        pump=True,
+        hand_off_after=DELIVERY_HAND_OFF,
+        on_outcomes=follow_up,
+    )
+    follow_up(outcomes)
+
+
+def follow_up(outcomes: Sequence[DeliveryOutcome]) -> None:
+    """Ring what attempts leave due: newer events they held back, operational events they
+    caused, and their retries due within a minute."""
     # Newer events of the tasks held back by the order rule are due now.
     ring_delivery_doorbells(i for outcome in outcomes for i in outcome.follow_up_ids)
     # Short retries are rung with a countdown, one doorbell per second they fall due in;
