@@ -24,7 +24,8 @@ from tracker.db.models import Client, Task, task_schedule_table
 from tracker.tracking.clients import NewClient, create_client
 from tracker.tracking.registration import register_task
 from tracker.tracking.schemas import TaskRegistration
-from tracker.worker.jobs import WorkerContext, claim_and_plan, poll_with_tokens
+from tracker.worker.jobs import claim_and_plan
+from tracker.worker.pollers import WorkerContext, poll_with_tokens
 
 
 @pytest.fixture

@@ -34,7 +34,8 @@ from tracker.upstream.credentials import (
     reencrypt_client_tokens,
     set_client_token,
 )
-from tracker.worker.jobs import WorkerContext, claim_and_plan, poll_with_tokens
+from tracker.worker.jobs import claim_and_plan
+from tracker.worker.pollers import WorkerContext, poll_with_tokens
 
 OLD_KEY = Fernet.generate_key().decode()
 NEW_KEY = Fernet.generate_key().decode()

@@ -28,11 +28,13 @@ from tracker.clock import utcnow
 from tracker.config import Settings
 from tracker.db.engine import autocommit_engine
 from tracker.db.models import Task, WebhookAttempt, WebhookDelivery
-from tracker.delivery.attempt import Settler, attempt_deliveries, attempt_delivery
-from tracker.delivery.outbox import claim_deliveries, claim_delivery, due_delivery_ids, redeliver
+from tracker.delivery.attempt import attempt_deliveries, attempt_delivery
+from tracker.delivery.claims import claim_deliveries, claim_delivery
+from tracker.delivery.outbox import due_delivery_ids, redeliver
 from tracker.delivery.outcome import DeliveryOutcome
 from tracker.delivery.retries import next_retry_delay
 from tracker.delivery.sender import WebhookAnswer, new_http_session
+from tracker.delivery.settler import Settler
 from tracker.errors import Conflict, DeliveryNotFound
 from tracker.tracking.clients import NewClient, create_client, rotate_secret
 from tracker.tracking.registration import register_task

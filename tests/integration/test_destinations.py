@@ -429,7 +429,7 @@ def test_destinations_are_listed_with_their_held_deliveries(
     with Session(engine) as fresh, fresh.begin():
         attempt_ids = due_delivery_ids(fresh, now=clock(), limit=10)
         assert attempt_ids
-        from tracker.delivery.outbox import claim_batch
+        from tracker.delivery.claims import claim_batch
 
         claim_batch(fresh, attempt_ids, now=clock(), lease_seconds=30)
     with Session(engine) as fresh:

@@ -51,7 +51,7 @@ from tracker.polling import PollBatch, apply_batch_answer
 from tracker.tracking.registration import register_task
 from tracker.tracking.schemas import SERVICE_PATTERN, TASK_ID_PATTERN, TaskRegistration
 from tracker.upstream.credentials import client_credential
-from tracker.worker.jobs import Poller, make_poller
+from tracker.worker.pollers import Poller, make_poller
 
 log = logging.getLogger("tracker.api")
 

@@ -3,6 +3,9 @@ and the dashboard's sign-ins.
 
 These tables are an interface too (users query them with SQL), so names are
 stable and change only through Alembic migrations. Every column: docs/database.md.
+
+Over ~400 lines for a reason: the tables are one interface, documented together in
+docs/database.md, and kept in one module so that they read (and change) as one.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ to the document is never refused, and any other string is.
 `client_id=None` reads across every client (the CLI); the API always passes the
 calling client, so nobody sees another client's rows. The serialisers turn rows
 into the resource dicts of docs/api.md, the same for API and CLI `--json`.
+
+Over ~400 lines for a reason: it is the one read side shared by the API, the CLI and
+the dashboard, kept together so that all three list, page and serialise rows alike.
 """
 
 from __future__ import annotations

@@ -20,9 +20,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tracker.clock import isoformat_z
-from tracker.db.models import Client, WebhookDelivery
+from tracker.db.models import Client, Task, WebhookDelivery
 from tracker.delivery.destinations import DestinationChange
+from tracker.delivery.rows import DeliveryRow
+from tracker.delivery.sender import WebhookAnswer
 from tracker.states import (
+    DELIVERY_EXHAUSTED,
+    DELIVERY_FAILED,
+    DELIVERY_FAILING,
     DELIVERY_PENDING,
     DESTINATION_DISABLED,
     DESTINATION_DISABLED_STATE,
@@ -120,3 +125,50 @@ def destination_event(change: DestinationChange) -> OperationalEvent:
         "last_error": change.last_error,
     }
     return OperationalEvent(change.client_id, change.event, data, change.origin)
+
+
+def delivery_events(
+    session: Session, troubled: list[tuple[DeliveryRow, WebhookAnswer]], now: datetime
+) -> list[OperationalEvent]:
+    """`delivery.failing` for a task event that failed its 4th attempt, `delivery.exhausted`
+    for one that failed for good (never for an operational event itself)."""
+    events: list[tuple[str, DeliveryRow, WebhookAnswer]] = []
+    for delivery, answer in troubled:
+        if delivery.task_row_id is None:
+            continue
+        if delivery.attempts == FAILING_AFTER_ATTEMPTS:
+            events.append((DELIVERY_FAILING, delivery, answer))
+        if delivery.status == DELIVERY_FAILED:
+            events.append((DELIVERY_EXHAUSTED, delivery, answer))
+    if not events:
+        return []
+    tasks = {
+        row.id: row
+        for row in session.execute(
+            select(Task.id, Task.task_id, Task.service).where(
+                Task.id.in_({delivery.task_row_id for _, delivery, _ in events})
+            )
+        )
+    }
+    result = []
+    for event, delivery, answer in events:
+        task = tasks.get(delivery.task_row_id or 0)
+        data = {
+            "delivery": {
+                "id": delivery.id,
+                "event": delivery.event,
+                "task_id": task.task_id if task else None,
+                "service": task.service if task else None,
+                "status": delivery.status,
+                "attempts": delivery.attempts,
+                "next_attempt_at": isoformat_z(delivery.next_attempt_at),
+                "destination": delivery.destination,
+                "failure": None
+                if delivery.failure_code is None
+                else {"code": delivery.failure_code, "message": delivery.failure_message or ""},
+            },
+            "last_status_code": answer.status_code,
+            "last_error": answer.error,
+        }
+        result.append(OperationalEvent(delivery.client_id, event, data, delivery.destination))
+    return result

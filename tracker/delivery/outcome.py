@@ -6,9 +6,11 @@ refused callback address or when the retry schedule is done; otherwise pending
 again at the next time of `TRACKER_WEBHOOK_RETRY_SCHEDULE` (jittered, honouring
 `Retry-After` within bounds: `tracker.delivery.retries`).
 
-Over 400 lines for a reason: the general path (`record_attempts`) and its
-single-statement PostgreSQL twin for 2xx answers (`settle_acknowledged`) must apply
-the same rule, and are kept side by side so that a change to one is seen in the other.
+The general path (`record_attempts`) and its single-statement PostgreSQL twin for 2xx
+answers (`settle_acknowledged`) must apply the same rule, and are kept side by side so
+that a change to one is seen in the other. The rows they read and write, and the
+attempt log, are `tracker.delivery.rows`; the operational events an attempt causes,
+`tracker.delivery.operations`.
 """
 
 from __future__ import annotations
@@ -19,32 +21,41 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, exists, insert, select, text, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Connection, select, text
+from sqlalchemy.orm import Session
 
-from tracker.clock import isoformat_z
 from tracker.config import Settings
 from tracker.db.engine import is_postgresql
-from tracker.db.models import Task, WebhookAttempt, WebhookDelivery
+from tracker.db.models import WebhookDelivery
+from tracker.delivery.claims import Claim
 from tracker.delivery.destinations import (
     LAST_SUCCESS_RESOLUTION,
     Tally,
     record_destination_answers,
 )
 from tracker.delivery.operations import (
-    FAILING_AFTER_ATTEMPTS,
-    OperationalEvent,
+    delivery_events,
     destination_event,
     queue_operational_events,
 )
-from tracker.delivery.outbox import Claim, among, among_ids, next_due_ids
+from tracker.delivery.outbox import (
+    among_ids,
+    newer_event_pending,
+    next_due_ids,
+    waiting_newer_events,
+)
 from tracker.delivery.retries import MANUAL_RETRY_HINT, next_retry_delay
+from tracker.delivery.rows import (
+    ATTEMPT_COLUMNS,
+    ROW_COLUMNS,
+    DeliveryRow,
+    insert_attempts,
+    write_rows,
+)
 from tracker.delivery.sender import WebhookAnswer
 from tracker.observability import metrics
 from tracker.states import (
-    DELIVERY_EXHAUSTED,
     DELIVERY_FAILED,
-    DELIVERY_FAILING,
     DELIVERY_PENDING,
     DELIVERY_SUCCEEDED,
     DESTINATION_HEALTHY,
@@ -81,36 +92,6 @@ class DeliveryOutcome:
     follow_up_ids: tuple[str, ...] = ()
 
 
-@dataclass
-class _Row:
-    """The columns of a delivery that recording an attempt reads and writes."""
-
-    id: str
-    task_row_id: int | None
-    created_at: datetime
-    client_id: int
-    event: str
-    destination: str
-    status: str
-    attempts: int
-    next_attempt_at: datetime | None
-    claimed_until: datetime | None
-    updated_at: datetime
-    delivered_at: datetime | None
-    last_status_code: int | None
-    failure_code: str | None
-    failure_message: str | None
-
-
-_ROW_COLUMNS = tuple(getattr(WebhookDelivery, name) for name in _Row.__dataclass_fields__)
-_WRITTEN = tuple(
-    name
-    for name in _Row.__dataclass_fields__
-    if name not in ("task_row_id", "created_at", "client_id", "event", "destination")
-)
-_SHARED = tuple(name for name in _WRITTEN if name not in ("id", "attempts"))
-
-
 def record_attempts(
     session: Session,
     answered: Sequence[tuple[Claim, WebhookAnswer]],
@@ -139,7 +120,7 @@ def record_attempts(
             session, answered, settings, now, recorded, settled_rows, newer_pending
         )
         outcomes += gone
-    follow_ups = _waiting_newer_events(
+    follow_ups = waiting_newer_events(
         session, [delivery for delivery in settled_rows if delivery.id in newer_pending], now
     )
     if operational and recorded:
@@ -178,30 +159,30 @@ def _record(
     answered: Sequence[tuple[Claim, WebhookAnswer]],
     settings: Settings,
     now: datetime,
-    recorded: list[tuple[_Row, WebhookAnswer]],
-    settled: list[_Row],
+    recorded: list[tuple[DeliveryRow, WebhookAnswer]],
+    settled: list[DeliveryRow],
     newer_pending: set[str],
 ) -> tuple[list[DeliveryOutcome], list[str]]:
     """Write the attempts and new states of `answered` under lock, and count them against
     their destinations; adds to `recorded`, `settled` and `newer_pending`. Returns the
     outcomes of deliveries gone meanwhile, and the operational events queued."""
     query = (
-        select(*_ROW_COLUMNS, _newer_event_pending().label("newer_pending"))
+        select(*ROW_COLUMNS, newer_event_pending().label("newer_pending"))
         .where(among_ids([claim.id for claim, _ in answered], session))
         .order_by(WebhookDelivery.id)  # rows locked in one order: no deadlock between batches
     )
     if is_postgresql(session):
         query = query.with_for_update(of=WebhookDelivery)
-    rows: dict[str, _Row] = {}
+    rows: dict[str, DeliveryRow] = {}
     for *columns, newer in session.execute(query):
-        row = rows[columns[0]] = _Row(*columns)
+        row = rows[columns[0]] = DeliveryRow(*columns)
         if newer:
             newer_pending.add(row.id)  # a row of a task with a newer event pending
     attempt_rows: list[dict[str, Any]] = []
     gone: list[DeliveryOutcome] = []
-    written: list[_Row] = []
+    written: list[DeliveryRow] = []
     tallies: dict[int, Tally] = {}
-    troubled: list[tuple[_Row, WebhookAnswer]] = []
+    troubled: list[tuple[DeliveryRow, WebhookAnswer]] = []
     for claim, answer in answered:
         if answer.refused is None and claim.destination_id:  # a refused one was never sent
             tally = tallies.setdefault(claim.destination_id, Tally())
@@ -239,10 +220,10 @@ def _record(
         recorded.append((delivery, answer))
         written.append(delivery)
     if written:
-        _insert_attempts(session, attempt_rows)
-        _write_rows(session, written)
+        insert_attempts(session, attempt_rows)
+        write_rows(session, written)
     changes = record_destination_answers(session, tallies, settings=settings, now=now)
-    events = _delivery_events(session, troubled, now) + [
+    events = delivery_events(session, troubled, now) + [
         destination_event(change) for change in changes
     ]
     # A recovered destination's held deliveries are due: rung at once with the events
@@ -256,54 +237,7 @@ def _record(
     return gone, queue_operational_events(session, events, now=now) + released
 
 
-def _delivery_events(
-    session: Session, troubled: list[tuple[_Row, WebhookAnswer]], now: datetime
-) -> list[OperationalEvent]:
-    """`delivery.failing` for a task event that failed its 4th attempt, `delivery.exhausted`
-    for one that failed for good (never for an operational event itself)."""
-    events: list[tuple[str, _Row, WebhookAnswer]] = []
-    for delivery, answer in troubled:
-        if delivery.task_row_id is None:
-            continue
-        if delivery.attempts == FAILING_AFTER_ATTEMPTS:
-            events.append((DELIVERY_FAILING, delivery, answer))
-        if delivery.status == DELIVERY_FAILED:
-            events.append((DELIVERY_EXHAUSTED, delivery, answer))
-    if not events:
-        return []
-    tasks = {
-        row.id: row
-        for row in session.execute(
-            select(Task.id, Task.task_id, Task.service).where(
-                Task.id.in_({delivery.task_row_id for _, delivery, _ in events})
-            )
-        )
-    }
-    result = []
-    for event, delivery, answer in events:
-        task = tasks.get(delivery.task_row_id or 0)
-        data = {
-            "delivery": {
-                "id": delivery.id,
-                "event": delivery.event,
-                "task_id": task.task_id if task else None,
-                "service": task.service if task else None,
-                "status": delivery.status,
-                "attempts": delivery.attempts,
-                "next_attempt_at": isoformat_z(delivery.next_attempt_at),
-                "destination": delivery.destination,
-                "failure": None
-                if delivery.failure_code is None
-                else {"code": delivery.failure_code, "message": delivery.failure_message or ""},
-            },
-            "last_status_code": answer.status_code,
-            "last_error": answer.error,
-        }
-        result.append(OperationalEvent(delivery.client_id, event, data, delivery.destination))
-    return result
-
-
-def _count_attempt(delivery: _Row, answer: WebhookAnswer, now: datetime) -> None:
+def _count_attempt(delivery: DeliveryRow, answer: WebhookAnswer, now: datetime) -> None:
     metrics.DELIVERY_LATENCY.observe(answer.duration_ms / 1000)
     outcome = "retry" if delivery.status == DELIVERY_PENDING else delivery.status
     metrics.DELIVERIES.labels(outcome=outcome).inc()
@@ -312,110 +246,8 @@ def _count_attempt(delivery: _Row, answer: WebhookAnswer, now: datetime) -> None
         metrics.COMPLETION_TO_DELIVERY.observe((now - delivery.created_at).total_seconds())
 
 
-_ATTEMPT_COLUMNS = (
-    "delivery_id",
-    "attempt",
-    "started_at",
-    "duration_ms",
-    "status_code",
-    "response_excerpt",
-    "error",
-)
-# PostgreSQL: the batch's attempts as one array per column, so the statement is the same
-# (compiled and converted once) whatever the batch size.
-_INSERT_ATTEMPTS_PG = text(
-    f"INSERT INTO {WebhookAttempt.__tablename__} ({', '.join(_ATTEMPT_COLUMNS)}) "
-    "SELECT * FROM unnest(CAST(:delivery_id AS varchar[]), CAST(:attempt AS integer[]), "
-    "CAST(:started_at AS timestamptz[]), CAST(:duration_ms AS integer[]), "
-    "CAST(:status_code AS integer[]), CAST(:response_excerpt AS text[]), "
-    "CAST(:error AS text[]))"
-)
-
-
-def _insert_attempts(session: Session, attempt_rows: list[dict[str, Any]]) -> None:
-    if is_postgresql(session):
-        session.execute(
-            _INSERT_ATTEMPTS_PG,
-            {name: [row[name] for row in attempt_rows] for name in _ATTEMPT_COLUMNS},
-        )
-    else:
-        session.execute(insert(WebhookAttempt), attempt_rows)
-
-
-def _write_rows(session: Session, deliveries: Sequence[_Row]) -> None:
-    """Write the rows back: one UPDATE per set of equal values (a batch that succeeded is
-    one statement), the rest (retries, each with its own jittered time) in one executemany."""
-    groups: dict[tuple[object, ...], list[_Row]] = {}
-    for delivery in deliveries:
-        groups.setdefault(tuple(getattr(delivery, name) for name in _SHARED), []).append(delivery)
-    singles = []
-    for values, group in groups.items():
-        if len(group) == 1:
-            singles.append({name: getattr(group[0], name) for name in _WRITTEN})
-            continue
-        # Each row's attempts were read under the lock and raised by one: the same as +1.
-        session.execute(
-            update(WebhookDelivery)
-            .where(among_ids([delivery.id for delivery in group], session))
-            .values(
-                {
-                    **dict(zip(_SHARED, values, strict=True)),
-                    "attempts": WebhookDelivery.attempts + 1,
-                }
-            )
-            .execution_options(synchronize_session=False)
-        )
-    if singles:
-        session.execute(update(WebhookDelivery), singles)
-
-
-def _newer_event_pending() -> ColumnElement[bool]:
-    """A newer delivery of the same task is pending: it may be waiting for this one."""
-    newer = _NEWER_DELIVERY
-    return exists().where(
-        newer.task_row_id == WebhookDelivery.task_row_id,
-        newer.created_at > WebhookDelivery.created_at,
-        newer.status == DELIVERY_PENDING,
-    )
-
-
-_NEWER_DELIVERY = aliased(WebhookDelivery, name="newer_delivery")
-
-
-def _waiting_newer_events(
-    session: Session, settled: Sequence[_Row], now: datetime
-) -> dict[str, tuple[str, ...]]:
-    """Per settled delivery, the due deliveries of its task created after it: the order
-    rule held them back. One query for the batch (a still pending one keeps them waiting)."""
-    if not settled:
-        return {}
-    newer_by_task: dict[int, list[tuple[datetime, str]]] = {}
-    for row in session.execute(
-        select(WebhookDelivery.task_row_id, WebhookDelivery.created_at, WebhookDelivery.id)
-        .where(
-            among(
-                WebhookDelivery.task_row_id,
-                {delivery.task_row_id for delivery in settled},
-                session,
-            ),
-            WebhookDelivery.status == DELIVERY_PENDING,
-            WebhookDelivery.next_attempt_at <= now,
-        )
-        .order_by(WebhookDelivery.created_at)
-    ):
-        newer_by_task.setdefault(row.task_row_id, []).append((row.created_at, row.id))
-    return {
-        delivery.id: tuple(
-            delivery_id
-            for created_at, delivery_id in newer_by_task.get(delivery.task_row_id or 0, ())
-            if created_at > delivery.created_at
-        )
-        for delivery in settled
-    }
-
-
 def _apply_outcome(
-    delivery: _Row,
+    delivery: DeliveryRow,
     answer: WebhookAnswer,
     *,
     settings: Settings,
@@ -462,7 +294,7 @@ def _apply_outcome(
     delivery.next_attempt_at = now + timedelta(seconds=delay)
 
 
-def _fail(delivery: _Row, code: str, message: str) -> None:
+def _fail(delivery: DeliveryRow, code: str, message: str) -> None:
     delivery.status = DELIVERY_FAILED
     delivery.next_attempt_at = None
     delivery.failure_code = code
@@ -472,7 +304,7 @@ def _fail(delivery: _Row, code: str, message: str) -> None:
 # A 2xx answer to a delivery still leased by its attempt (nearly every answer), as
 # `settle_acknowledged` reads it back: the row, its answer, and whether a newer event of
 # its task is pending (it may have waited for this one).
-Acknowledged = tuple[_Row, WebhookAnswer, bool]
+Acknowledged = tuple[DeliveryRow, WebhookAnswer, bool]
 
 # The delivery's new state and its attempt log row in one statement, for a batch of
 # answers: rows locked in id order (as `record_attempts` does), only those still pending
@@ -496,14 +328,14 @@ _SETTLE_ACKNOWLEDGED_PG = text(
         FROM answer
         WHERE d.id IN (SELECT id FROM locked) AND d.id = answer.id
           AND d.status = :pending AND d.claimed_until = answer.lease
-        RETURNING {", ".join(f"d.{name}" for name in _Row.__dataclass_fields__)},
+        RETURNING {", ".join(f"d.{name}" for name in DeliveryRow.__dataclass_fields__)},
             EXISTS (
                 SELECT 1 FROM webhook_deliveries AS newer
                 WHERE newer.task_row_id = d.task_row_id AND newer.created_at > d.created_at
                   AND newer.status = :pending
             ) AS newer_pending
     ), logged AS (
-        INSERT INTO webhook_attempts ({", ".join(_ATTEMPT_COLUMNS)})
+        INSERT INTO webhook_attempts ({", ".join(ATTEMPT_COLUMNS)})
         SELECT settled.id, settled.attempts, answer.started_at, answer.duration_ms,
             answer.status_code, answer.response_excerpt, NULL
         FROM settled JOIN answer ON answer.id = settled.id
@@ -560,6 +392,6 @@ def settle_acknowledged(
     )
     settled = []
     for *columns, newer in rows:
-        row = _Row(*columns)
+        row = DeliveryRow(*columns)
         settled.append((row, answers[row.id], bool(newer)))
     return settled
