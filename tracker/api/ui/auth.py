@@ -134,6 +134,12 @@ def _signed_in_response(request: Request, token: str, target: str) -> Response:
     # application or site starts a cross-site navigation, and only a navigation that this
     # page starts sends the new SameSite=Strict cookie.
     response = page("signed_in.html", {"title": "Signed in", "client": None, "next_path": target})
+    return _with_session_cookie(response, token, request)
+
+
+def _with_session_cookie(response: Response, token: str, request: Request) -> Response:
+    """The signed-in answer: the session cookie (HttpOnly, SameSite=Strict, Secure over
+    https, scoped to /ui), and the sign-in form's CSRF cookie gone."""
     response.set_cookie(
         SESSION_COOKIE,
         token,
@@ -199,17 +205,7 @@ def login(
         )
         return sign_in_page(request, next_path=target, message=message, status_code=401)
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(
-        SESSION_COOKIE,
-        token,
-        max_age=DASHBOARD_SESSION_SECONDS,
-        path=COOKIE_PATH,
-        httponly=True,
-        samesite="strict",
-        secure=_secure(request),
-    )
-    response.delete_cookie(SIGN_IN_CSRF_COOKIE, path=COOKIE_PATH)
-    return response
+    return _with_session_cookie(response, token, request)
 
 
 @router.post("/logout")
