@@ -321,7 +321,7 @@ def hand_over_slots(
     slot is never seen free by another claim and taken twice; the destination's attempts
     in flight stay within TRACKER_DESTINATION_CONCURRENCY without counting or locking
     them, and its next attempt goes without a claim of its own
-    (docs/decisions/1022-destination-isolation.md).
+    (docs/decisions/0016-destination-isolation.md).
     """
     if not freed:
         return []
