@@ -18,10 +18,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import requests
@@ -331,3 +332,28 @@ def configure_simulator(base_url: str, **knobs: object) -> None:
 
 def reset_simulator(base_url: str) -> None:
     requests.post(f"{base_url}/_sim/reset", timeout=30).raise_for_status()
+
+
+@contextmanager
+def api_process(env: Mapping[str, str], port: int, log_path: Path | str) -> Iterator[str]:
+    """`tracker api` in its own process with `env` on `port`, logging to `log_path`; its base
+    URL once it answers `/healthz` (or after 20 s)."""
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tracker", "api", "--port", str(port)],
+            env=dict(env),
+            stdout=log,
+            stderr=log,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                requests.get(f"{base_url}/healthz", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        yield base_url
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -20,21 +20,25 @@ a submission stores.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 
 import psycopg
 import requests
 from sqlalchemy.orm import sessionmaker
 
-from bench.common import Figure, clear_tasks, free_port, plain_url, reset_simulator
+from bench.common import (
+    Figure,
+    api_process,
+    clear_tasks,
+    free_port,
+    plain_url,
+    reset_simulator,
+)
 from bench.common import settle_database as vacuum_and_checkpoint
 from bench.freshness import delivered, percentile, settled_at
 from bench.roles import (
@@ -53,30 +57,6 @@ DRAIN = 60.0
 RUNNING_AGE = 10.0
 # AceData's own cap: the budget covers the two arms' polling (12,000 tasks every 5 s).
 DOORBELL_RPS = 60
-
-
-@contextlib.contextmanager
-def api_process(env: Mapping[str, str], port: int, logs: Path) -> Iterator[str]:
-    """`tracker api` with `env` on `port`, logging to `logs`; its base URL."""
-    with open(logs / "api.log", "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tracker", "api", "--port", str(port)],
-            env=dict(env),
-            stdout=log,
-            stderr=log,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                requests.get(f"{base_url}/healthz", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        yield base_url
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def store_doorbells(db_url: str, tokens: Mapping[str, str]) -> None:
@@ -134,7 +114,9 @@ def doorbell(
     port = free_port()
     public_url = f"http://127.0.0.1:{port}"
     with arrivals_receiver() as (hook, arrivals):
-        with api_process({**env, "TRACKER_PUBLIC_URL": public_url}, port, logs) as api_url:
+        with api_process(
+            {**env, "TRACKER_PUBLIC_URL": public_url}, port, logs / "api.log"
+        ) as api_url:
             with requests.Session() as http:
                 http.headers["Authorization"] = f"Bearer {api_key}"
                 register_batches(http, api_url, [{"task_id": i, "callback_url": hook} for i in ids])

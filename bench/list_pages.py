@@ -21,7 +21,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -184,25 +183,10 @@ def serving(url: str, log_path: str) -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "TRACKER_DATABASE_URL": url, "TRACKER_LOG_FORMAT": "json"}
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tracker", "api", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=log,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                requests.get(f"{base_url}/healthz", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+    from bench.common import api_process  # bench.common imports this module
+
+    with api_process(env, port, log_path) as base_url:
         yield base_url
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def server_side_times(log_path: str, path: str) -> list[float]:
